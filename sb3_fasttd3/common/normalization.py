@@ -1,0 +1,89 @@
+"""Empirical observation normalization that lives inside the policy (saved and loaded with it)."""
+
+import torch as th
+from gymnasium import spaces
+from torch import nn
+
+
+class EmpiricalNormalization(nn.Module):
+    """
+    Running mean and variance of observations, used to normalize them.
+
+    The statistics are buffers (``count``, ``mean``, ``var``), so they are part of the policy's
+    ``state_dict``: ``model.save`` carries them and ``predict`` on a loaded model normalizes.
+    They change only when :meth:`update` is called explicitly (FastTD3 calls it on the observations
+    collected in rollouts), never in ``forward``: evaluation and training batches leave them untouched.
+    Batches are merged with Chan et al.'s parallel algorithm, so the result equals the mean and
+    (population) variance of everything seen.
+
+    :param shape: shape of one observation
+    :param epsilon: added to the variance before the square root
+    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
+    """
+
+    count: th.Tensor
+    mean: th.Tensor
+    var: th.Tensor
+
+    def __init__(self, shape: tuple[int, ...], epsilon: float = 1e-8, clip_obs: float = 10.0):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.epsilon = epsilon
+        self.clip_obs = clip_obs
+        self.register_buffer("count", th.zeros((), dtype=th.int64))
+        self.register_buffer("mean", th.zeros(self.shape))
+        self.register_buffer("var", th.ones(self.shape))
+
+    @th.no_grad()
+    def update(self, batch: th.Tensor) -> None:
+        """
+        Merge a batch of observations into the statistics.
+
+        :param batch: observations, shape (n, *shape)
+        """
+        batch = batch.reshape(-1, *self.shape).to(self.mean.dtype)
+        batch_count = batch.shape[0]
+        batch_mean = batch.mean(dim=0)
+        batch_var = batch.var(dim=0, unbiased=False)
+        total = self.count + batch_count
+        # Fraction of the merged sample that comes from the new batch (1 on the first update)
+        weight = batch_count / total.to(self.mean.dtype)
+        delta = batch_mean - self.mean
+        self.mean.add_(delta * weight)
+        self.var.mul_(1 - weight).add_(batch_var * weight + delta.square() * weight * (1 - weight))
+        self.count.copy_(total)
+
+    def forward(self, obs: th.Tensor) -> th.Tensor:
+        """
+        :param obs: raw observations, shape (..., *shape)
+        :return: normalized and clipped observations
+        """
+        normalized = (obs - self.mean) / th.sqrt(self.var + self.epsilon)
+        return normalized.clamp(-self.clip_obs, self.clip_obs)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}, epsilon={self.epsilon}, clip_obs={self.clip_obs}"
+
+
+class DictNormalization(nn.Module):
+    """
+    One :class:`EmpiricalNormalization` per key of a ``Dict`` observation space.
+
+    :param observation_space: a ``Dict`` of ``Box`` spaces
+    :param epsilon: see :class:`EmpiricalNormalization`
+    :param clip_obs: see :class:`EmpiricalNormalization`
+    """
+
+    def __init__(self, observation_space: spaces.Dict, epsilon: float = 1e-8, clip_obs: float = 10.0):
+        super().__init__()
+        self.normalizers = nn.ModuleDict(
+            {key: EmpiricalNormalization(space.shape, epsilon, clip_obs) for key, space in observation_space.spaces.items()}
+        )
+
+    @th.no_grad()
+    def update(self, batch: dict[str, th.Tensor]) -> None:
+        for key, normalizer in self.normalizers.items():
+            normalizer.update(batch[key])
+
+    def forward(self, obs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
+        return {key: normalizer(obs[key]) for key, normalizer in self.normalizers.items()}

@@ -1,0 +1,576 @@
+"""FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
+
+from typing import Any, ClassVar, TypeVar
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
+from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor, should_collect_more_steps, update_learning_rate
+from stable_baselines3.common.vec_env import VecEnv
+from torch.nn import functional as F
+
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from sb3_fasttd3.common.distributional import categorical_projection
+from sb3_fasttd3.common.noise import MixedGaussianNoise
+from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
+
+SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
+
+
+def _named_parts(name: str, obs: Any) -> dict[str, np.ndarray]:
+    """``{name: obs}`` for an array, ``{name[key]: obs[key]}`` for a dict observation (None: nothing)."""
+    if obs is None:
+        return {}
+    if isinstance(obs, dict):
+        return {f"{name}[{key}]": np.asarray(value) for key, value in obs.items()}
+    return {name: np.asarray(obs)}
+
+
+VEC_NORMALIZE_ERROR = (
+    "FastTD3 normalizes observations itself (normalize_observations=True, statistics saved inside the model): "
+    "remove the VecNormalize wrapper (with the RL Zoo: drop `normalize` from the hyperparameters). "
+    "Wrapping would normalize twice and is not supported."
+)
+
+
+class FastTD3(OffPolicyAlgorithm):
+    """
+    FastTD3: TD3 scaled by parallel simulation, large batches and a distributional (C51) twin critic.
+
+    Paper: https://arxiv.org/abs/2505.22642 (Seo et al., 2025).
+    Differences with TD3: a categorical critic trained with cross-entropy towards the projected
+    (n-step) target distribution, clipped double Q chosen per sample on the projected distributions'
+    means, no target actor by default, per-environment exploration noise scales (mixed noise),
+    observation normalization inside the policy, AdamW, and updates after every vector step.
+
+    Counting follows SB3: ``total_timesteps``, ``learning_starts`` and ``buffer_size`` count transitions
+    over all environments (one vector step adds ``n_envs`` transitions). The reference implementation
+    counts vector steps and a per-env buffer: multiply its values by ``n_envs``.
+
+    Defaults follow the reference, except the batch size and network sizes which are sized for a CPU
+    (the reference uses ``batch_size=32768`` and critic ``1024-512-256``: see the README for GPU settings).
+
+    :param policy: the policy model to use (MlpPolicy, MultiInputPolicy)
+    :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
+    :param learning_rate: learning rate of both actor and critic unless overridden (float or schedule)
+    :param actor_learning_rate: learning rate of the actor (float or schedule); ``None``: ``learning_rate``
+    :param critic_learning_rate: learning rate of the critic (float or schedule); ``None``: ``learning_rate``
+    :param buffer_size: size of the replay buffer in transitions, over all envs
+    :param learning_starts: how many transitions to collect with uniform random actions before learning starts
+    :param batch_size: minibatch size of each gradient update
+    :param tau: soft update coefficient of the target critic, applied after every critic update
+    :param gamma: the discount factor
+    :param train_freq: update the model every ``train_freq`` vector steps (or ``(n, "episode")`` with one env)
+    :param gradient_steps: critic updates after each rollout (FastTD3's ``num_updates``)
+    :param n_steps: length of the n-step returns
+    :param policy_delay: the actor (and target actor) is updated once every ``policy_delay`` critic updates,
+        counted over the whole training
+    :param target_policy_noise: standard deviation of the target policy smoothing noise
+    :param target_noise_clip: limit for the absolute value of the target policy smoothing noise
+    :param std_min: smallest exploration noise scale (mixed noise: one scale per env in [std_min, std_max])
+    :param std_max: largest exploration noise scale
+    :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
+        and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
+    :param num_atoms: number of atoms of the critic's support
+    :param v_min: smallest value of the critic's support
+    :param v_max: largest value of the critic's support
+    :param use_target_actor: compute the next action with a soft-updated target actor (classic TD3);
+        FastTD3 uses the online actor
+    :param normalize_observations: normalize observations with running mean and variance kept in the policy
+    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
+    :param epsilon: added to the variance before the square root when normalizing
+    :param max_grad_norm: clip the gradient norm of each update to this value (``None``: no clipping)
+    :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
+    :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
+    :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
+        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...)
+    :param stats_window_size: window size for the rollout logging
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param verbose: verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
+    :param seed: seed for the pseudo random generators
+    :param device: device on which the code should run (``"auto"``: CUDA when available)
+    :param _init_setup_model: whether or not to build the network at the creation of the instance
+    """
+
+    policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
+        "MlpPolicy": MlpPolicy,
+        "MultiInputPolicy": MultiInputPolicy,
+    }
+    policy: FastTD3Policy
+    replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        policy: str | type[FastTD3Policy],
+        env: GymEnv | str,
+        learning_rate: float | Schedule = 3e-4,
+        actor_learning_rate: float | Schedule | None = None,
+        critic_learning_rate: float | Schedule | None = None,
+        buffer_size: int = 1_000_000,
+        learning_starts: int = 1_000,
+        batch_size: int = 4096,
+        tau: float = 0.1,
+        gamma: float = 0.99,
+        train_freq: int | tuple[int, str] = 1,
+        gradient_steps: int = 2,
+        n_steps: int = 1,
+        policy_delay: int = 2,
+        target_policy_noise: float = 0.001,
+        target_noise_clip: float = 0.5,
+        std_min: float = 0.001,
+        std_max: float = 0.4,
+        use_cdq: bool = True,
+        num_atoms: int = 101,
+        v_min: float = -250.0,
+        v_max: float = 250.0,
+        use_target_actor: bool = False,
+        normalize_observations: bool = True,
+        clip_obs: float = 10.0,
+        epsilon: float = 1e-8,
+        max_grad_norm: float | None = None,
+        replay_buffer_class: type[DeviceNStepReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        _init_setup_model: bool = True,
+    ):
+        super().__init__(
+            policy,
+            env,
+            learning_rate,
+            buffer_size,
+            learning_starts,
+            batch_size,
+            tau,
+            gamma,
+            train_freq,
+            gradient_steps,
+            replay_buffer_class=replay_buffer_class,  # type: ignore[arg-type]
+            replay_buffer_kwargs=replay_buffer_kwargs,
+            n_steps=n_steps,
+            policy_kwargs=policy_kwargs,
+            stats_window_size=stats_window_size,
+            tensorboard_log=tensorboard_log,
+            verbose=verbose,
+            device=device,
+            seed=seed,
+            sde_support=False,
+            support_multi_env=True,
+        )
+        self.actor_learning_rate = actor_learning_rate
+        self.critic_learning_rate = critic_learning_rate
+        self.policy_delay = policy_delay
+        self.target_policy_noise = target_policy_noise
+        self.target_noise_clip = target_noise_clip
+        self.std_min = std_min
+        self.std_max = std_max
+        self.use_cdq = use_cdq
+        self.num_atoms = num_atoms
+        self.v_min = v_min
+        self.v_max = v_max
+        self.use_target_actor = use_target_actor
+        self.normalize_observations = normalize_observations
+        self.clip_obs = clip_obs
+        self.epsilon = epsilon
+        self.max_grad_norm = max_grad_norm
+        # Per-run state, rebuilt by _setup_learn (never saved)
+        self.exploration_noise: MixedGaussianNoise | None = None
+        self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
+        self._train_stats: th.Tensor | None = None
+
+        if self.env is not None:
+            self._check_env(self.env)
+        if _init_setup_model:
+            self._setup_model()
+
+    # ------------------------------------------------------------------ checks
+    def _check_env(self, env: VecEnv) -> None:
+        """Refuse environments FastTD3 cannot learn from, with the reason."""
+        if self._vec_normalize_env is not None or env.__class__.__name__ == "VecNormalize":
+            raise ValueError(VEC_NORMALIZE_ERROR)
+        action_space = env.action_space
+        if not isinstance(action_space, spaces.Box):
+            raise TypeError(
+                f"FastTD3 supports only continuous (gymnasium.spaces.Box) action spaces, got {action_space} "
+                "for parameter env: use DQN/QR-DQN for Discrete or MultiDiscrete actions"
+            )
+        if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+            raise ValueError(
+                f"FastTD3 needs a bounded Box action space (finite low and high), got {action_space}: "
+                "wrap the env with gymnasium.wrappers.ClipAction/RescaleAction or give the Box finite bounds"
+            )
+        obs_space = env.observation_space
+        subspaces = obs_space.spaces.values() if isinstance(obs_space, spaces.Dict) else [obs_space]
+        if not all(isinstance(space, spaces.Box) for space in subspaces):
+            raise TypeError(
+                f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {obs_space}"
+            )
+
+    def _check_hyperparameters(self) -> None:
+        """Validate every knob with a message naming it and the accepted values."""
+
+        def require(ok: bool, name: str, accepted: str) -> None:
+            if not ok:
+                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
+
+        require(isinstance(self.num_atoms, int) and self.num_atoms >= 2, "num_atoms", "an integer >= 2")
+        if not self.v_min < self.v_max:
+            raise ValueError(f"v_min must be smaller than v_max, got v_min={self.v_min}, v_max={self.v_max}")
+        require(isinstance(self.n_steps, int) and self.n_steps >= 1, "n_steps", "an integer >= 1")
+        require(self.std_min >= 0.0, "std_min", "a float >= 0")
+        if not self.std_min <= self.std_max:
+            raise ValueError(f"std_min must be <= std_max, got std_min={self.std_min}, std_max={self.std_max}")
+        require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
+        require(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
+        require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
+        require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
+        require(isinstance(self.gradient_steps, int) and self.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
+        require(self.learning_starts >= 0, "learning_starts", "an integer >= 0")
+        require(self.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
+        require(self.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
+        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a float > 0")
+        require(self.clip_obs > 0, "clip_obs", "a float > 0")
+        require(self.epsilon > 0, "epsilon", "a float > 0")
+        if self.buffer_size // self.n_envs < self.n_steps + 1:
+            raise ValueError(
+                f"buffer_size={self.buffer_size} is too small for n_envs={self.n_envs} and n_steps={self.n_steps}: "
+                f"it counts transitions over all envs and must be at least n_envs * (n_steps + 1) = "
+                f"{self.n_envs * (self.n_steps + 1)}"
+            )
+
+    # ------------------------------------------------------------------ setup
+    def _setup_model(self) -> None:
+        self._check_hyperparameters()
+        self._setup_lr_schedule()
+        self.actor_lr_schedule = FloatSchedule(
+            self.learning_rate if self.actor_learning_rate is None else self.actor_learning_rate
+        )
+        self.critic_lr_schedule = FloatSchedule(
+            self.learning_rate if self.critic_learning_rate is None else self.critic_learning_rate
+        )
+        self.set_random_seed(self.seed)
+
+        if self.replay_buffer_class is None:
+            self.replay_buffer_class = DeviceNStepReplayBuffer  # type: ignore[assignment]
+        # Storage is allocated on the first add: loading a model to predict allocates nothing
+        self.replay_buffer = self.replay_buffer_class(  # type: ignore[misc]
+            self.buffer_size,
+            self.observation_space,
+            self.action_space,
+            device=self.device,
+            n_envs=self.n_envs,
+            n_steps=self.n_steps,
+            gamma=self.gamma,
+            **self.replay_buffer_kwargs,
+        )
+        self.policy = self.policy_class(
+            self.observation_space,
+            self.action_space,
+            self.critic_lr_schedule,
+            **self.policy_kwargs,
+            num_atoms=self.num_atoms,
+            v_min=self.v_min,
+            v_max=self.v_max,
+            use_target_actor=self.use_target_actor,
+            normalize_observations=self.normalize_observations,
+            clip_obs=self.clip_obs,
+            epsilon=self.epsilon,
+        ).to(self.device)
+        self._convert_train_freq()
+        self._create_aliases()
+
+    def _create_aliases(self) -> None:
+        self.actor = self.policy.actor
+        self.critic = self.policy.critic
+        self.critic_target = self.policy.critic_target
+        self.actor_target = self.policy.actor_target
+        self._critic_params = list(self.critic.parameters())
+        self._critic_target_params = list(self.critic_target.parameters())
+
+    def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        super().set_env(env, force_reset)
+        self._check_env(self.env)  # type: ignore[arg-type]
+        self._last_obs_tensor = None
+
+    def _setup_learn(
+        self,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        reset_num_timesteps: bool = True,
+        tb_log_name: str = "run",
+        progress_bar: bool = False,
+    ) -> tuple[int, BaseCallback]:
+        self._last_obs_tensor = None
+        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        noise = self.exploration_noise
+        if noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
+            self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
+        if self._train_stats is None:
+            self._train_stats = th.zeros(5, device=self.device)
+        return result
+
+    def _excluded_save_params(self) -> list[str]:
+        return [
+            *super()._excluded_save_params(),
+            "actor",
+            "critic",
+            "critic_target",
+            "actor_target",
+            "_critic_params",
+            "_critic_target_params",
+            "exploration_noise",
+            "_last_obs_tensor",
+            "_train_stats",
+        ]
+
+    def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
+        return ["policy", "actor.optimizer", "critic.optimizer"], []
+
+    def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
+        """
+        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device.
+
+        :param path: path to the pickled replay buffer
+        :param truncate_last_traj: unused (kept for SB3 compatibility)
+        """
+        from stable_baselines3.common.save_util import load_from_pkl
+
+        replay_buffer = load_from_pkl(path, self.verbose)
+        if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
+            raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
+        replay_buffer.to(self.device)
+        self.replay_buffer = replay_buffer
+
+    # ------------------------------------------------------------------ updates
+    def train(self, gradient_steps: int, batch_size: int) -> None:
+        self.policy.set_training_mode(True)
+        update_learning_rate(self.actor.optimizer, self.actor_lr_schedule(self._current_progress_remaining))
+        update_learning_rate(self.critic.optimizer, self.critic_lr_schedule(self._current_progress_remaining))
+        for _ in range(gradient_steps):
+            self._n_updates += 1
+            replay_data = self.replay_buffer.sample(batch_size)
+            self._update(replay_data, update_actor=self._n_updates % self.policy_delay == 0)
+        self.policy.set_training_mode(False)
+
+    def _update(self, replay_data: Any, update_actor: bool) -> None:
+        """One critic update, the delayed actor update when due, then the target soft updates."""
+        assert self._train_stats is not None
+        obs_actor = self.policy.actor_input(replay_data.observations)
+        obs_critic = self.policy.critic_input(replay_data.observations)
+        critic_loss, q_mean = self._critic_loss(obs_critic, replay_data)
+        self._optimize(self.critic.optimizer, critic_loss)
+        stats = [critic_loss.detach(), q_mean, th.ones((), device=self.device)]
+        if update_actor:
+            actor_loss = self._actor_loss(obs_actor, obs_critic)
+            self._optimize(self.actor.optimizer, actor_loss)
+            stats += [actor_loss.detach(), th.ones((), device=self.device)]
+            if self.actor_target is not None:
+                th._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), self.tau)
+        self._train_stats[: len(stats)] += th.stack(stats)
+        th._foreach_lerp_(self._critic_target_params, self._critic_params, self.tau)
+
+    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.max_grad_norm is not None:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        optimizer.step()
+
+    def _target_distribution(self, replay_data: Any) -> th.Tensor:
+        """Projected target distributions, shape (n_critics, batch, num_atoms) (all equal with CDQ)."""
+        with th.no_grad():
+            actor = self.actor_target if self.actor_target is not None else self.actor
+            next_actions = actor(self.policy.actor_input(replay_data.next_observations))
+            noise = (th.randn_like(next_actions) * self.target_policy_noise).clamp(
+                -self.target_noise_clip, self.target_noise_clip
+            )
+            next_actions = (next_actions + noise).clamp(-1.0, 1.0)
+            next_logits = self.critic_target(self.policy.critic_input(replay_data.next_observations), next_actions)
+            next_probs = th.softmax(next_logits.float(), dim=-1)
+            discounts = replay_data.discounts if replay_data.discounts is not None else self.gamma
+            projected = th.stack(
+                [
+                    categorical_projection(probs, replay_data.rewards, 1.0 - replay_data.dones, discounts, self.policy.support)
+                    for probs in next_probs
+                ]
+            )
+            if not self.use_cdq:
+                return projected
+            # Clipped double Q: per sample, the target distribution with the smallest mean, for every critic
+            smallest = (projected * self.policy.support).sum(dim=-1).argmin(dim=0)
+            target = projected.gather(0, smallest.view(1, -1, 1).expand(1, -1, self.num_atoms))
+            return target.expand_as(projected)
+
+    def _critic_loss(self, obs_critic: th.Tensor, replay_data: Any) -> tuple[th.Tensor, th.Tensor]:
+        """Cross-entropy of each critic against its target, batch mean, summed over critics; and the mean Q."""
+        target = self._target_distribution(replay_data)
+        logits = self.critic(obs_critic, replay_data.actions)
+        log_probs = F.log_softmax(logits.float(), dim=-1)
+        loss = -(target * log_probs).sum(dim=-1).mean(dim=-1).sum()
+        q_mean = (log_probs.detach().exp() * self.policy.support).sum(dim=-1).mean()
+        return loss, q_mean
+
+    def _actor_loss(self, obs_actor: th.Tensor, obs_critic: th.Tensor) -> th.Tensor:
+        q_values = self.policy.q_values(self.critic, obs_critic, self.actor(obs_actor))
+        q_value = q_values.min(dim=0).values if self.use_cdq else q_values.mean(dim=0)
+        return -q_value.mean()
+
+    # ------------------------------------------------------------------ rollouts
+    def collect_rollouts(  # type: ignore[override]
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """
+        Step the envs with the noisy actor (uniform random actions before ``learning_starts``) and store
+        the transitions, with the true final observation of every finished episode.
+        Observations cross to torch once per vector step; callbacks are called once per vector step.
+        """
+        assert self.exploration_noise is not None, "call learn() (which runs _setup_learn) first"
+        self.policy.set_training_mode(False)
+        num_collected_steps, num_collected_episodes = 0, 0
+        callback.on_rollout_start()
+        while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
+            obs_tensor = self._last_obs_tensor
+            if obs_tensor is None:
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+            buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
+            actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
+
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            num_collected_steps += 1
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
+
+            self._update_info_buffer(infos, dones)
+            new_obs_tensor = self._store_step(obs_tensor, buffer_actions, new_obs, rewards, dones, infos)
+            self._last_obs, self._last_obs_tensor = new_obs, new_obs_tensor
+            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+            self._on_step()
+
+            finished = int(np.count_nonzero(dones))
+            if finished > 0:
+                self.exploration_noise.reset(th.as_tensor(dones, device=self.device))
+                num_collected_episodes += finished
+                episodes_before = self._episode_num
+                self._episode_num += finished
+                # Dump once per vector step at most, when a multiple of log_interval episodes was crossed
+                if log_interval is not None and self._episode_num // log_interval > episodes_before // log_interval:
+                    self.dump_logs()
+        callback.on_rollout_end()
+        return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
+
+    def _exploration_actions(self, obs: th.Tensor | dict[str, th.Tensor], learning_starts: int) -> th.Tensor:
+        """Actions in [-1, 1] for every env: uniform during warm-up, noisy actor afterwards."""
+        assert self.exploration_noise is not None
+        self.policy.update_normalizer(obs)
+        action_dim = spaces.flatdim(self.action_space)
+        if self.num_timesteps < learning_starts:
+            return th.rand(self.n_envs, action_dim, device=self.device) * 2.0 - 1.0
+        with th.no_grad():
+            actions = self.policy._predict(obs)
+        return self.exploration_noise(actions)
+
+    def _store_step(
+        self,
+        obs: th.Tensor | dict[str, th.Tensor],
+        buffer_actions: th.Tensor,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> th.Tensor | dict[str, th.Tensor]:
+        """Check the step is finite, then store it with true final observations; return the new obs as torch."""
+        done_indices = np.flatnonzero(dones)
+        final_obs = {int(i): infos[i].get("terminal_observation") for i in done_indices}
+        self._check_finite(new_obs, rewards, final_obs)
+        new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
+        next_obs = self._replace_rows(new_obs_tensor, {i: o for i, o in final_obs.items() if o is not None})
+        truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
+        self.replay_buffer.add(obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
+        return new_obs_tensor
+
+    def _replace_rows(self, obs: th.Tensor | dict[str, th.Tensor], rows: dict[int, Any]) -> th.Tensor | dict[str, th.Tensor]:
+        """Copy of ``obs`` where env ``i``'s row is ``rows[i]`` (the true final observation of its episode)."""
+        if not rows:
+            return obs
+        if isinstance(obs, dict):
+            return {key: self._replace_rows(value, {i: row[key] for i, row in rows.items()}) for key, value in obs.items()}
+        obs = obs.clone()
+        indices = list(rows)
+        obs[indices] = th.as_tensor(np.stack([rows[i] for i in indices]), device=obs.device, dtype=obs.dtype)
+        return obs
+
+    def _check_finite(
+        self, new_obs: np.ndarray | dict[str, np.ndarray], rewards: np.ndarray, final_obs: dict[int, Any]
+    ) -> None:
+        """Refuse NaN or inf coming from the env before anything is stored: the buffer stays clean."""
+        batched = {"reward": np.asarray(rewards), **_named_parts("observation", new_obs)}
+        for name, array in batched.items():
+            bad = ~np.isfinite(array.reshape(self.n_envs, -1)).all(axis=1)
+            if bad.any():
+                self._raise_non_finite(name, int(np.flatnonzero(bad)[0]))
+        for env_idx, terminal in final_obs.items():
+            for name, array in _named_parts("terminal_observation", terminal).items():
+                if not np.isfinite(array).all():
+                    self._raise_non_finite(name, env_idx)
+
+    def _raise_non_finite(self, name: str, env_idx: int) -> None:
+        raise ValueError(
+            f"Env {env_idx} returned a non-finite (NaN or inf) {name} at timestep {self.num_timesteps}: "
+            "nothing of this step was stored in the replay buffer. Fix the environment (or wrap it, e.g. with "
+            "VecCheckNan to find the cause); the model and its buffer are intact and can be saved."
+        )
+
+    # ------------------------------------------------------------------ logging
+    def dump_logs(self) -> None:
+        """Read the training statistics accumulated on the device (one host sync per log) and dump."""
+        if self._train_stats is not None:
+            critic_loss, q_sum, n_critic, actor_loss, n_actor = self._train_stats.tolist()
+            if n_critic > 0:
+                self.logger.record("train/critic_loss", critic_loss / n_critic)
+                self.logger.record("train/q_mean", q_sum / n_critic)
+            if n_actor > 0:
+                self.logger.record("train/actor_loss", actor_loss / n_actor)
+            self._train_stats.zero_()
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+        self.logger.record("train/actor_learning_rate", self.actor_lr_schedule(self._current_progress_remaining))
+        self.logger.record("train/critic_learning_rate", self.critic_lr_schedule(self._current_progress_remaining))
+        super().dump_logs()
+
+    def learn(
+        self: SelfFastTD3,
+        total_timesteps: int,
+        callback: MaybeCallback = None,
+        log_interval: int = 4,
+        tb_log_name: str = "FastTD3",
+        reset_num_timesteps: bool = True,
+        progress_bar: bool = False,
+    ) -> SelfFastTD3:
+        return super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )

@@ -1,0 +1,238 @@
+"""FastTD3 as an SB3 algorithm: save/load/predict/set_env/resume, callbacks, logging, updates."""
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback, StopTrainingOnRewardThreshold
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
+
+from sb3_fasttd3 import FastTD3
+from tests.envs import CountingEnv
+
+TINY = dict(
+    batch_size=16,
+    learning_starts=20,
+    num_atoms=11,
+    v_min=-50.0,
+    v_max=10.0,
+    policy_kwargs=dict(net_arch=dict(pi=[16], qf=[32, 16])),
+)
+
+
+def counting_env(n_envs: int = 1, dict_obs: bool = False, **kwargs) -> DummyVecEnv:
+    return make_vec_env(CountingEnv, n_envs=n_envs, seed=0, env_kwargs=dict(dict_obs=dict_obs, **kwargs))
+
+
+def make_model(n_envs: int = 1, dict_obs: bool = False, **kwargs) -> FastTD3:
+    policy = "MultiInputPolicy" if dict_obs else "MlpPolicy"
+    return FastTD3(policy, counting_env(n_envs, dict_obs), **{"seed": 0, **TINY, **kwargs})
+
+
+def observations(env, n: int = 5):
+    env.reset()
+    samples = [env.observation_space.sample() for _ in range(n)]
+    if isinstance(samples[0], dict):
+        return {key: np.stack([s[key] for s in samples]) for key in samples[0]}
+    return np.stack(samples)
+
+
+@pytest.mark.parametrize("n_envs", [1, 4])
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_save_load_predict_resume(tmp_path, n_envs, dict_obs):
+    model = make_model(n_envs, dict_obs)
+    model.learn(120)
+    assert model._n_updates > 0
+    obs = observations(model.get_env())
+    actions, _ = model.predict(obs, deterministic=True)
+    model.save(tmp_path / "model")
+
+    # Another number of envs, device given explicitly
+    other_n_envs = 4 if n_envs == 1 else 1
+    loaded = FastTD3.load(tmp_path / "model", env=counting_env(other_n_envs, dict_obs), device="cpu")
+    assert loaded.n_envs == other_n_envs
+    # The loaded policy normalizes with the training statistics: same deterministic actions
+    np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], actions, rtol=1e-5, atol=1e-6)
+    normalizer = loaded.policy.obs_normalizer
+    counts = [normalizer.count] if not dict_obs else [n.count for n in normalizer.normalizers.values()]
+    assert all(count.item() > 0 for count in counts)
+    # Optimizers are restored: training resumes where it stopped
+    for name in ("actor", "critic"):
+        saved_state = getattr(model, name).optimizer.state_dict()["state"]
+        loaded_state = getattr(loaded, name).optimizer.state_dict()["state"]
+        assert saved_state.keys() == loaded_state.keys() and len(saved_state) > 0
+        for key in saved_state:
+            th.testing.assert_close(saved_state[key]["exp_avg"], loaded_state[key]["exp_avg"])
+    n_updates, num_timesteps = loaded._n_updates, loaded.num_timesteps
+    loaded.learn(40 * other_n_envs, reset_num_timesteps=False)
+    assert loaded._n_updates > n_updates and loaded.num_timesteps == num_timesteps + 40 * other_n_envs
+    assert loaded.exploration_noise.sigmas.shape == (other_n_envs, 1)
+
+
+def test_predict_only_load_allocates_no_replay_buffer(tmp_path):
+    model = make_model()
+    model.learn(60)
+    model.save(tmp_path / "model")
+    loaded = FastTD3.load(tmp_path / "model")
+    assert loaded.replay_buffer.size() == 0 and not loaded.replay_buffer.is_allocated
+    loaded.predict(np.zeros((2, 3), dtype=np.float32), deterministic=True)
+    assert not loaded.replay_buffer.is_allocated
+
+
+def test_load_overrides_hyperparameters(tmp_path):
+    make_model().save(tmp_path / "model")
+    loaded = FastTD3.load(tmp_path / "model", std_max=0.2, gradient_steps=3, target_policy_noise=0.3)
+    assert (loaded.std_max, loaded.gradient_steps, loaded.target_policy_noise) == (0.2, 3, 0.3)
+    with pytest.raises(ValueError, match="num_atoms"):
+        FastTD3.load(tmp_path / "model", num_atoms=1)
+
+
+def test_set_env_and_parameters_round_trip():
+    model = make_model(2)
+    model.learn(60)
+    params = model.get_parameters()
+    other = make_model(2, seed=1)
+    other.set_parameters(params)
+    obs = observations(model.get_env())
+    np.testing.assert_allclose(other.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    model.set_env(counting_env(2))
+    model.learn(40, reset_num_timesteps=False)
+    assert model.num_timesteps == 100
+
+
+def test_replay_buffer_save_load_round_trip(tmp_path):
+    model = make_model(2)
+    model.learn(60)
+    model.save_replay_buffer(tmp_path / "buffer")
+    other = make_model(2)
+    other.load_replay_buffer(tmp_path / "buffer")
+    assert other.replay_buffer.size() == model.replay_buffer.size() == 30
+    th.testing.assert_close(other.replay_buffer.observations, model.replay_buffer.observations)
+    th.testing.assert_close(other.replay_buffer.rewards, model.replay_buffer.rewards)
+
+
+def test_same_seed_same_results():
+    # As in SB3's own test: build and train one model, then the other (they share the global RNGs)
+    first = make_model(2).learn(100)
+    second = make_model(2).learn(100)
+    for a, b in zip(first.policy.state_dict().values(), second.policy.state_dict().values(), strict=True):
+        assert th.equal(a, b)
+
+
+def test_std_range_reaches_the_noise_and_sigmas_are_not_saved():
+    model = make_model(8, std_min=0.3, std_max=0.35)
+    model.learn(16)
+    noise = model.exploration_noise
+    assert (noise.std_min, noise.std_max) == (0.3, 0.35)
+    assert ((noise.sigmas >= 0.3) & (noise.sigmas <= 0.35)).all()
+    assert not any("sigma" in key for key in model.policy.state_dict())
+
+
+def test_actor_is_updated_every_policy_delay_critic_updates_counted_globally():
+    # 3 critic updates per vector step, actor every 2: 1, 2, 1, 2 actor updates over 4 steps (6 in total)
+    model = make_model(gradient_steps=3, policy_delay=2, learning_starts=16)
+    model.learn(20)
+    critic_steps = next(iter(model.critic.optimizer.state.values()))["step"].item()
+    actor_steps = next(iter(model.actor.optimizer.state.values()))["step"].item()
+    assert model._n_updates == critic_steps == 12
+    assert actor_steps == 6
+
+
+def test_truncation_stores_true_final_observation():
+    model = make_model(2, learning_starts=1000)  # random actions: only the collection matters
+    model.learn(24)  # 12 vector steps, episodes of at most 10 steps
+    buffer = model.replay_buffer
+    for env_idx in range(2):
+        obs, next_obs = buffer.observations[env_idx, :12], buffer.next_observations[env_idx, :12]
+        dones, timeouts = buffer.dones[env_idx, :12], buffer.timeouts[env_idx, :12]
+        # next obs continues the same episode (t + 1, same episode id), including at done steps
+        th.testing.assert_close(next_obs[:, 0], obs[:, 0] + 1)
+        th.testing.assert_close(next_obs[:, 1], obs[:, 1])
+        assert dones.any()
+        # A truncation happens at t == 10 exactly; terminations happen when |x| > 5
+        assert th.equal(timeouts, dones & (next_obs[:, 0] == 10) & (next_obs[:, 2].abs() <= 5))
+
+
+def test_critic_targets_with_and_without_cdq():
+    for use_cdq in (True, False):
+        model = make_model(use_cdq=use_cdq)
+        model.learn(40)
+        data = model.replay_buffer.sample(8)
+        target = model._target_distribution(data)
+        assert target.shape == (2, 8, model.num_atoms)
+        means = (target * model.policy.support).sum(-1)
+        if use_cdq:
+            assert th.equal(target[0], target[1])
+            # ... and it is the one with the smaller mean among the two critics' own targets
+            model.use_cdq = False
+            th.manual_seed(0)
+            own = model._target_distribution(data)
+            th.manual_seed(0)
+            model.use_cdq = True
+            cdq = model._target_distribution(data)
+            th.testing.assert_close(
+                (cdq[0] * model.policy.support).sum(-1), (own * model.policy.support).sum(-1).min(0).values
+            )
+        else:
+            assert not th.equal(target[0], target[1])
+        th.testing.assert_close(target.sum(-1), th.ones(2, 8))
+        assert means.shape == (2, 8)
+
+
+def test_terminal_targets_ignore_the_next_state():
+    model = make_model()
+    model.learn(40)
+    data = model.replay_buffer.sample(4)
+    data = ReplayBufferSamples(
+        data.observations, data.actions, data.next_observations, th.ones(4, 1), th.full((4, 1), -3.0), data.discounts
+    )
+    target = model._target_distribution(data)
+    # Reward -3 on the support linspace(-50, 10, 11) (step 6): between atoms -8 and -2, 1/6 and 5/6
+    expected = th.zeros(model.num_atoms)
+    expected[7], expected[8] = 1 / 6, 5 / 6
+    th.testing.assert_close(target[0], expected.expand(4, -1))
+
+
+def test_callbacks_progress_bar_and_logs(tmp_path):
+    model = make_model(2)
+    model.set_logger(configure(str(tmp_path), ["csv"]))
+    eval_env = counting_env(1)
+    stop = StopTrainingOnRewardThreshold(reward_threshold=1e9)
+    callbacks = [
+        EvalCallback(eval_env, eval_freq=20, n_eval_episodes=2, callback_on_new_best=stop, best_model_save_path=str(tmp_path)),
+        CheckpointCallback(save_freq=30, save_path=str(tmp_path / "ckpt")),
+    ]
+    model.learn(120, callback=callbacks, progress_bar=True, log_interval=1)
+    assert (tmp_path / "best_model.zip").exists()
+    assert len(list((tmp_path / "ckpt").glob("*.zip"))) == 2  # callbacks run once per vector step (60 steps)
+    header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
+    for key in ("train/critic_loss", "train/actor_loss", "train/q_mean", "train/n_updates", "time/fps", "rollout/ep_rew_mean"):
+        assert key in header
+
+
+def test_stop_training_on_reward_threshold():
+    model = make_model()
+    stop = StopTrainingOnRewardThreshold(reward_threshold=-1e9)
+    model.learn(1000, callback=EvalCallback(counting_env(1), eval_freq=30, n_eval_episodes=1, callback_on_new_best=stop))
+    assert model.num_timesteps == 30
+
+
+def test_subproc_and_vec_monitor():
+    env = VecMonitor(SubprocVecEnv([lambda: CountingEnv() for _ in range(2)]))
+    try:
+        model = FastTD3("MlpPolicy", env, seed=0, **TINY)
+        model.learn(60)
+        assert len(model.ep_info_buffer) > 0
+    finally:
+        env.close()
+
+
+def test_dict_observations_use_actor_and_critic_keys():
+    model = make_model(dict_obs=True)
+    assert model.policy.actor_keys == ["state"] and model.policy.critic_keys == ["privileged_state"]
+    assert model.actor.mu[0].in_features == 3
+    assert model.critic.q_networks[0][0].in_features == 4 + 1
+    explicit = make_model(dict_obs=True, policy_kwargs=dict(TINY["policy_kwargs"], critic_keys=["state", "privileged_state"]))
+    assert explicit.critic.q_networks[0][0].in_features == 3 + 4 + 1

@@ -1,0 +1,39 @@
+"""Tests of the mixed per-env exploration noise."""
+
+import pytest
+import torch as th
+
+from sb3_fasttd3.common.noise import MixedGaussianNoise
+
+
+def test_sigmas_lie_in_range_and_differ_between_envs():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(1000, std_min=0.2, std_max=0.3)
+    assert noise.sigmas.min() >= 0.2 and noise.sigmas.max() <= 0.3
+    assert noise.sigmas.std() > 0.02  # spread over the range, one sigma per env
+
+
+def test_sigmas_redrawn_only_for_finished_episodes():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(6, std_min=0.0, std_max=1.0)
+    before = noise.sigmas.clone()
+    dones = th.tensor([True, False, False, True, False, False])
+    noise.reset(dones)
+    assert th.equal(noise.sigmas[~dones], before[~dones])
+    assert (noise.sigmas[dones] != before[dones]).all()
+
+
+def test_noise_scale_follows_sigma_and_is_clipped():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(2, std_min=0.05, std_max=0.5)
+    noise.sigmas.copy_(th.tensor([[0.05], [0.25]]))
+    actions = th.zeros(2, 20_000)
+    noisy = noise(actions)
+    th.testing.assert_close(noisy.std(dim=1), th.tensor([0.05, 0.25]), atol=0.01, rtol=0)
+    assert noise(th.ones(2, 1000)).max() <= 1.0 and noise(-th.ones(2, 1000)).min() >= -1.0
+
+
+@pytest.mark.parametrize(("std_min", "std_max"), [(-0.1, 0.5), (0.6, 0.5)])
+def test_bad_range(std_min, std_max):
+    with pytest.raises(ValueError, match="std_min"):
+        MixedGaussianNoise(2, std_min, std_max)

@@ -1,0 +1,49 @@
+"""Tests of the empirical observation normalizer."""
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+
+from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization
+
+
+def test_statistics_equal_numpy_over_everything_seen():
+    rng = np.random.default_rng(0)
+    normalizer = EmpiricalNormalization((3,))
+    batches = [rng.normal(loc=[1, -5, 20], scale=[0.1, 3, 7], size=(n, 3)) for n in (1, 7, 64, 3, 200)]
+    for batch in batches:
+        normalizer.update(th.as_tensor(batch, dtype=th.float32))
+    everything = np.concatenate(batches)
+    assert normalizer.count.item() == len(everything)
+    np.testing.assert_allclose(normalizer.mean.numpy(), everything.mean(axis=0), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(normalizer.var.numpy(), everything.var(axis=0), rtol=1e-4)
+
+
+def test_forward_normalizes_clips_and_never_updates():
+    normalizer = EmpiricalNormalization((2,), epsilon=1e-8, clip_obs=3.0)
+    normalizer.update(th.tensor([[0.0, 10.0], [2.0, 30.0]]))  # mean (1, 20), var (1, 100)
+    state = {key: value.clone() for key, value in normalizer.state_dict().items()}
+    out = normalizer(th.tensor([[2.0, 30.0], [1.0, 1000.0]]))
+    th.testing.assert_close(out, th.tensor([[1.0, 1.0], [0.0, 3.0]]))
+    normalizer.train()
+    normalizer(th.randn(5, 2))
+    for key, value in normalizer.state_dict().items():
+        assert th.equal(value, state[key]), key
+
+
+def test_identity_before_any_update():
+    normalizer = EmpiricalNormalization((4,))
+    x = th.randn(3, 4)
+    th.testing.assert_close(normalizer(x), x)
+
+
+def test_dict_normalization_per_key():
+    space = spaces.Dict({"a": spaces.Box(-1, 1, (2,)), "b": spaces.Box(-1, 1, (3,))})
+    normalizer = DictNormalization(space)
+    a, b = th.randn(50, 2) * 4 + 1, th.randn(50, 3) * 0.5 - 2
+    normalizer.update({"a": a, "b": b})
+    out = normalizer({"a": a, "b": b})
+    for key in ("a", "b"):
+        th.testing.assert_close(out[key].mean(0), th.zeros(out[key].shape[1]), atol=1e-5, rtol=0)
+        th.testing.assert_close(out[key].var(0, unbiased=False), th.ones(out[key].shape[1]), atol=1e-4, rtol=0)
+    assert set(normalizer.state_dict()) == {f"normalizers.{k}.{s}" for k in "ab" for s in ("count", "mean", "var")}
