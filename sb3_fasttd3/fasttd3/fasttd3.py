@@ -39,6 +39,30 @@ VEC_NORMALIZE_ERROR = (
 )
 
 
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """
+    Raise if FastTD3 cannot use these spaces, naming the space and what is accepted.
+
+    :param observation_space: must be a ``Box`` or a ``Dict`` of ``Box``
+    :param action_space: must be a ``Box`` with finite bounds
+    """
+    if not isinstance(action_space, spaces.Box):
+        raise TypeError(
+            f"FastTD3 supports only continuous (gymnasium.spaces.Box) action spaces, got {action_space} "
+            "for parameter env: use DQN/QR-DQN for Discrete or MultiDiscrete actions"
+        )
+    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+        raise ValueError(
+            f"FastTD3 needs a bounded Box action space (finite low and high), got {action_space}: "
+            "give the Box finite bounds or wrap the env with gymnasium.wrappers.RescaleAction"
+        )
+    subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+    if not all(isinstance(space, spaces.Box) for space in subspaces):
+        raise TypeError(
+            f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {observation_space}"
+        )
+
+
 class FastTD3(OffPolicyAlgorithm):
     """
     FastTD3: TD3 scaled by parallel simulation, large batches and a distributional (C51) twin critic.
@@ -53,8 +77,10 @@ class FastTD3(OffPolicyAlgorithm):
     over all environments (one vector step adds ``n_envs`` transitions). The reference implementation
     counts vector steps and a per-env buffer: multiply its values by ``n_envs``.
 
-    Defaults follow the reference, except the batch size and network sizes which are sized for a CPU
-    (the reference uses ``batch_size=32768`` and critic ``1024-512-256``: see the README for GPU settings).
+    Defaults follow the reference, except the batch size and the network sizes, which are sized for a CPU
+    (``batch_size=256``, actor and critic ``256-256``); the reference's GPU settings are ``batch_size=32768``,
+    actor ``512-256-128`` and critic ``1024-512-256`` (see the README). Tuned per-task values for a CPU are in
+    ``hyperparams/fasttd3.yml``.
 
     :param policy: the policy model to use (MlpPolicy, MultiInputPolicy)
     :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
@@ -114,7 +140,7 @@ class FastTD3(OffPolicyAlgorithm):
         critic_learning_rate: float | Schedule | None = None,
         buffer_size: int = 1_000_000,
         learning_starts: int = 1_000,
-        batch_size: int = 4096,
+        batch_size: int = 256,
         tau: float = 0.1,
         gamma: float = 0.99,
         train_freq: int | tuple[int, str] = 1,
@@ -144,6 +170,9 @@ class FastTD3(OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
+        if hasattr(env, "action_space") and hasattr(env, "observation_space"):
+            # Before SB3's own (assert-based) checks, so the user gets our explicit message
+            check_spaces(env.observation_space, env.action_space)  # type: ignore[union-attr]
         super().__init__(
             policy,
             env,
@@ -196,25 +225,9 @@ class FastTD3(OffPolicyAlgorithm):
     # ------------------------------------------------------------------ checks
     def _check_env(self, env: VecEnv) -> None:
         """Refuse environments FastTD3 cannot learn from, with the reason."""
-        if self._vec_normalize_env is not None or env.__class__.__name__ == "VecNormalize":
+        if self._vec_normalize_env is not None:
             raise ValueError(VEC_NORMALIZE_ERROR)
-        action_space = env.action_space
-        if not isinstance(action_space, spaces.Box):
-            raise TypeError(
-                f"FastTD3 supports only continuous (gymnasium.spaces.Box) action spaces, got {action_space} "
-                "for parameter env: use DQN/QR-DQN for Discrete or MultiDiscrete actions"
-            )
-        if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-            raise ValueError(
-                f"FastTD3 needs a bounded Box action space (finite low and high), got {action_space}: "
-                "wrap the env with gymnasium.wrappers.ClipAction/RescaleAction or give the Box finite bounds"
-            )
-        obs_space = env.observation_space
-        subspaces = obs_space.spaces.values() if isinstance(obs_space, spaces.Dict) else [obs_space]
-        if not all(isinstance(space, spaces.Box) for space in subspaces):
-            raise TypeError(
-                f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {obs_space}"
-            )
+        check_spaces(env.observation_space, env.action_space)
 
     def _check_hyperparameters(self) -> None:
         """Validate every knob with a message naming it and the accepted values."""

@@ -96,6 +96,7 @@ class FastTD3Policy(BasePolicy):
     :param action_space: bounded ``Box`` action space
     :param lr_schedule: learning rate schedule (the algorithm sets the actor's and critic's rates)
     :param net_arch: hidden sizes, ``dict(pi=[...], qf=[...])`` or one list for both
+        (default ``[256, 256]`` for both, sized for a CPU)
     :param activation_fn: activation function
     :param layer_norm: LayerNorm after each hidden layer of the critic
     :param actor_keys: observation keys the actor reads (``Dict`` spaces only)
@@ -144,7 +145,8 @@ class FastTD3Policy(BasePolicy):
             normalize_images=False,
         )
         if net_arch is None:
-            net_arch = {"pi": [512, 256, 128], "qf": [1024, 512, 256]}
+            # Sized for a CPU; FastTD3's GPU setting is dict(pi=[512, 256, 128], qf=[1024, 512, 256])
+            net_arch = {"pi": [256, 256], "qf": [256, 256]}
         if isinstance(net_arch, list):
             net_arch = {"pi": net_arch, "qf": net_arch}
         self.net_arch = net_arch

@@ -1,0 +1,113 @@
+"""Bad input is refused early, with the parameter's name and the accepted values."""
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
+
+from sb3_fasttd3 import FastTD3
+from tests.envs import CountingEnv
+from tests.test_fasttd3 import TINY, counting_env, make_model
+
+
+class SpaceEnv(gym.Env):
+    def __init__(self, action_space: spaces.Space, observation_space: spaces.Space | None = None):
+        self.action_space = action_space
+        self.observation_space = observation_space or spaces.Box(-1, 1, (2,), np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        return self.observation_space.sample(), {}
+
+    def step(self, action):
+        return self.observation_space.sample(), 0.0, False, False, {}
+
+
+@pytest.mark.parametrize(
+    ("action_space", "error", "match"),
+    [
+        (spaces.Discrete(3), TypeError, "Box"),
+        (spaces.MultiDiscrete([2, 3]), TypeError, "Box"),
+        (spaces.Box(-np.inf, np.inf, (2,), np.float32), ValueError, "bounded"),
+    ],
+)
+def test_unsupported_action_spaces(action_space, error, match):
+    with pytest.raises(error, match=match):
+        FastTD3("MlpPolicy", make_vec_env(lambda: SpaceEnv(action_space)))
+
+
+def test_unsupported_observation_space():
+    obs_space = spaces.Dict({"a": spaces.Discrete(3)})
+    with pytest.raises(TypeError, match="observation"):
+        FastTD3("MultiInputPolicy", make_vec_env(lambda: SpaceEnv(spaces.Box(-1, 1, (1,)), obs_space)))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(v_min=10.0, v_max=10.0), "v_min must be smaller than v_max"),
+        (dict(v_min=5.0, v_max=-5.0), "v_min must be smaller than v_max"),
+        (dict(num_atoms=1), "num_atoms must be an integer >= 2"),
+        (dict(n_steps=0), "n_steps must be an integer >= 1"),
+        (dict(std_min=0.5, std_max=0.1), "std_min must be <= std_max"),
+        (dict(std_min=-0.1), "std_min must be a float >= 0"),
+        (dict(tau=0.0), r"tau must be in \(0, 1\]"),
+        (dict(tau=1.5), r"tau must be in \(0, 1\]"),
+        (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),
+        (dict(gamma=1.01), r"gamma must be in \(0, 1\]"),
+        (dict(batch_size=0), "batch_size must be an integer >= 1"),
+        (dict(policy_delay=0), "policy_delay must be an integer >= 1"),
+        (dict(buffer_size=7, n_steps=3), r"buffer_size=7 is too small .* at least n_envs \* \(n_steps \+ 1\) = 8"),
+        (dict(max_grad_norm=0.0), "max_grad_norm must be None or a float > 0"),
+        (dict(target_policy_noise=-1.0), "target_policy_noise must be a float >= 0"),
+    ],
+)
+def test_bad_hyperparameters(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_model(2, **kwargs)
+
+
+def test_bad_observation_keys():
+    with pytest.raises(ValueError, match="actor_keys must be a non-empty list of observation keys"):
+        make_model(dict_obs=True, policy_kwargs=dict(actor_keys=["missing"]))
+    with pytest.raises(ValueError, match="only accepted with a Dict observation space"):
+        make_model(policy_kwargs=dict(critic_keys=["state"]))
+
+
+def test_vec_normalize_is_refused_with_a_pointer_to_the_builtin_normalizer():
+    with pytest.raises(ValueError, match="normalize_observations"):
+        FastTD3("MlpPolicy", VecNormalize(counting_env(1)))
+    model = make_model()
+    with pytest.raises(ValueError, match="VecNormalize"):
+        model.set_env(VecNormalize(counting_env(1)))
+
+
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_non_finite_observation_fails_with_env_and_step_and_stores_nothing(tmp_path, dict_obs):
+    # Env 1 returns NaN at its 7th step (global steps start at 1)
+    env = make_vec_env(CountingEnv, n_envs=2, seed=0, env_kwargs=dict(dict_obs=dict_obs, max_steps=100))
+    env.envs[1].unwrapped.nan_at = 7
+    policy = "MultiInputPolicy" if dict_obs else "MlpPolicy"
+    model = FastTD3(policy, env, seed=0, **TINY)
+    with pytest.raises(ValueError, match=r"Env 1 returned a non-finite .*observation.* at timestep 14"):
+        model.learn(100)
+    # The six good steps are in the buffer, nothing of the bad one
+    assert model.replay_buffer.size() == 6
+    storage = model.replay_buffer.next_observations
+    for tensor in storage.values() if dict_obs else [storage]:
+        assert th.isfinite(tensor[:, :6]).all()
+    model.save(tmp_path / "model")  # the model is intact
+    FastTD3.load(tmp_path / "model")
+
+
+def test_non_finite_reward_fails():
+    class NanRewardEnv(CountingEnv):
+        def step(self, action):
+            obs, reward, terminated, truncated, info = super().step(action)
+            return obs, (np.inf if self.global_step == 3 else reward), terminated, truncated, info
+
+    model = FastTD3("MlpPolicy", make_vec_env(NanRewardEnv, n_envs=1), **TINY)
+    with pytest.raises(ValueError, match=r"Env 0 returned a non-finite .*reward at timestep 3"):
+        model.learn(50)
