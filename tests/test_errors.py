@@ -38,6 +38,11 @@ def test_unsupported_action_spaces(action_space, error, match):
         FastTD3("MlpPolicy", make_vec_env(lambda: SpaceEnv(action_space)))
 
 
+def test_unsupported_action_space_of_an_env_id():
+    with pytest.raises(TypeError, match="Box"):
+        FastTD3("MlpPolicy", "CartPole-v1")
+
+
 def test_unsupported_observation_space():
     obs_space = spaces.Dict({"a": spaces.Discrete(3)})
     with pytest.raises(TypeError, match="observation"):
@@ -80,8 +85,10 @@ def test_vec_normalize_is_refused_with_a_pointer_to_the_builtin_normalizer():
     with pytest.raises(ValueError, match="normalize_observations"):
         FastTD3("MlpPolicy", VecNormalize(counting_env(1)))
     model = make_model()
+    env = model.get_env()
     with pytest.raises(ValueError, match="VecNormalize"):
         model.set_env(VecNormalize(counting_env(1)))
+    assert model.get_env() is env  # the model keeps its env
 
 
 @pytest.mark.parametrize("dict_obs", [False, True])

@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch as th
-from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback, StopTrainingOnRewardThreshold
+from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
@@ -236,3 +237,44 @@ def test_dict_observations_use_actor_and_critic_keys():
     assert model.critic.q_networks[0][0].in_features == 4 + 1
     explicit = make_model(dict_obs=True, policy_kwargs=dict(TINY["policy_kwargs"], critic_keys=["state", "privileged_state"]))
     assert explicit.critic.q_networks[0][0].in_features == 3 + 4 + 1
+
+
+class RecordSigmas(BaseCallback):
+    """Record the exploration sigmas and the dones seen at every vector step."""
+
+    def __init__(self):
+        super().__init__()
+        self.sigmas, self.dones = [], []
+
+    def _on_step(self) -> bool:
+        self.sigmas.append(self.model.exploration_noise.sigmas.squeeze(1).clone())
+        self.dones.append(th.as_tensor(self.locals["dones"]))
+        return True
+
+
+def test_sigmas_are_redrawn_during_learning_only_where_episodes_end():
+    model = make_model(3, learning_starts=0)
+    recorder = RecordSigmas()
+    model.learn(90, callback=recorder)  # 30 vector steps, episodes of at most 10 steps
+    # The callback sees the sigmas before the step's dones are handled: compare consecutive steps
+    changed = th.stack([after != before for before, after in zip(recorder.sigmas, recorder.sigmas[1:], strict=False)])
+    ended = th.stack(recorder.dones[:-1])
+    assert ended.any() and not ended.all()
+    assert th.equal(changed, ended)
+
+
+def test_normalizer_sees_collected_observations_only():
+    model = make_model(2)
+    model.learn(60)
+    normalizer = model.policy.obs_normalizer
+    # Every observation acted upon is the `observations` row of a stored transition (no wrap-around yet)
+    collected = model.replay_buffer.observations[:, :30].reshape(-1, 3).double()
+    assert normalizer.count.item() == 60
+    th.testing.assert_close(normalizer.mean.double(), collected.mean(0), rtol=1e-5, atol=1e-5)
+    th.testing.assert_close(normalizer.var.double(), collected.var(0, unbiased=False), rtol=1e-4, atol=1e-5)
+    state = {key: value.clone() for key, value in normalizer.state_dict().items()}
+    model.train(gradient_steps=5, batch_size=16)
+    evaluate_policy(model, counting_env(1), n_eval_episodes=2)
+    model.predict(observations(model.get_env()))
+    for key, value in normalizer.state_dict().items():
+        assert th.equal(value, state[key]), key

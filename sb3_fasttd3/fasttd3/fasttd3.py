@@ -12,7 +12,7 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor, should_collect_more_steps, update_learning_rate
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 from torch.nn import functional as F
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
@@ -61,6 +61,18 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         raise TypeError(
             f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {observation_space}"
         )
+
+
+def check_env(env: GymEnv | str | None) -> None:
+    """
+    Raise if FastTD3 cannot learn from ``env`` (an env id is checked once SB3 has made it).
+
+    :param env: the environment given to FastTD3
+    """
+    if isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None:
+        raise ValueError(VEC_NORMALIZE_ERROR)
+    if env is not None and not isinstance(env, str):
+        check_spaces(env.observation_space, env.action_space)
 
 
 class FastTD3(OffPolicyAlgorithm):
@@ -170,9 +182,8 @@ class FastTD3(OffPolicyAlgorithm):
         device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
-        if hasattr(env, "action_space") and hasattr(env, "observation_space"):
-            # Before SB3's own (assert-based) checks, so the user gets our explicit message
-            check_spaces(env.observation_space, env.action_space)  # type: ignore[union-attr]
+        # Before SB3's own (assert-based) checks, so the user gets our explicit message
+        check_env(env)
         super().__init__(
             policy,
             env,
@@ -217,18 +228,12 @@ class FastTD3(OffPolicyAlgorithm):
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
         self._train_stats: th.Tensor | None = None
 
-        if self.env is not None:
-            self._check_env(self.env)
+        if self.env is not None:  # an env given by its id was made by SB3: check what it made
+            check_env(self.env)
         if _init_setup_model:
             self._setup_model()
 
     # ------------------------------------------------------------------ checks
-    def _check_env(self, env: VecEnv) -> None:
-        """Refuse environments FastTD3 cannot learn from, with the reason."""
-        if self._vec_normalize_env is not None:
-            raise ValueError(VEC_NORMALIZE_ERROR)
-        check_spaces(env.observation_space, env.action_space)
-
     def _check_hyperparameters(self) -> None:
         """Validate every knob with a message naming it and the accepted values."""
 
@@ -311,8 +316,8 @@ class FastTD3(OffPolicyAlgorithm):
         self._critic_target_params = list(self.critic_target.parameters())
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
+        check_env(env)  # before the model lets go of its current env
         super().set_env(env, force_reset)
-        self._check_env(self.env)  # type: ignore[arg-type]
         self._last_obs_tensor = None
 
     def _setup_learn(
