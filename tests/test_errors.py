@@ -64,7 +64,7 @@ def test_unsupported_observation_space():
         (dict(gamma=1.01), r"gamma must be in \(0, 1\]"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(policy_delay=0), "policy_delay must be an integer >= 1"),
-        (dict(buffer_size=7, n_steps=3), r"buffer_size=7 is too small .* at least n_envs \* \(n_steps \+ 1\) = 8"),
+        (dict(buffer_size=7, n_steps=3), r"buffer_size=7 is too small.* at least n_envs \* \(n_steps \+ 1\) = 8"),
         (dict(max_grad_norm=0.0), "max_grad_norm must be None or a float > 0"),
         (dict(target_policy_noise=-1.0), "target_policy_noise must be a float >= 0"),
     ],

@@ -141,12 +141,18 @@ def test_actor_is_updated_every_policy_delay_critic_updates_counted_globally():
     assert actor_steps == 6
 
 
-def test_truncation_stores_true_final_observation():
-    model = make_model(2, learning_starts=1000)  # random actions: only the collection matters
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_truncation_stores_true_final_observation(dict_obs):
+    model = make_model(2, dict_obs, learning_starts=1000)  # random actions: only the collection matters
     model.learn(24)  # 12 vector steps, episodes of at most 10 steps
     buffer = model.replay_buffer
+    all_obs, all_next_obs = buffer.observations, buffer.next_observations
+    if dict_obs:
+        th.testing.assert_close(all_obs["privileged_state"][..., :3], all_obs["state"])
+        th.testing.assert_close(all_next_obs["privileged_state"][..., :3], all_next_obs["state"])
+        all_obs, all_next_obs = all_obs["state"], all_next_obs["state"]
     for env_idx in range(2):
-        obs, next_obs = buffer.observations[env_idx, :12], buffer.next_observations[env_idx, :12]
+        obs, next_obs = all_obs[env_idx, :12], all_next_obs[env_idx, :12]
         dones, timeouts = buffer.dones[env_idx, :12], buffer.timeouts[env_idx, :12]
         # next obs continues the same episode (t + 1, same episode id), including at done steps
         th.testing.assert_close(next_obs[:, 0], obs[:, 0] + 1)

@@ -1,5 +1,6 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
+from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import numpy as np
@@ -31,6 +32,9 @@ def _named_parts(name: str, obs: Any) -> dict[str, np.ndarray]:
         return {f"{name}[{key}]": np.asarray(value) for key, value in obs.items()}
     return {name: np.asarray(obs)}
 
+
+# Mixed precision: the name accepted by ``amp_dtype`` and the torch dtype of the autocast regions
+AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
 
 VEC_NORMALIZE_ERROR = (
     "FastTD3 normalizes observations itself (normalize_observations=True, statistics saved inside the model): "
@@ -124,6 +128,10 @@ class FastTD3(OffPolicyAlgorithm):
     :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
     :param epsilon: added to the variance before the square root when normalizing
     :param max_grad_norm: clip the gradient norm of each update to this value (``None``: no clipping)
+    :param compile: compile the loss computations with ``torch.compile`` (CPU: inductor's default mode;
+        CUDA: ``reduce-overhead``, i.e. CUDA graphs)
+    :param amp_dtype: mixed precision for the network forward passes: ``None`` (fp32), ``"bf16"`` (CPU and CUDA)
+        or ``"fp16"`` (CUDA only, with a gradient scaler). Softmax, the projection and the losses stay fp32.
     :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
     :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
@@ -172,6 +180,8 @@ class FastTD3(OffPolicyAlgorithm):
         clip_obs: float = 10.0,
         epsilon: float = 1e-8,
         max_grad_norm: float | None = None,
+        compile: bool = False,
+        amp_dtype: str | None = None,
         replay_buffer_class: type[DeviceNStepReplayBuffer] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         policy_kwargs: dict[str, Any] | None = None,
@@ -223,6 +233,8 @@ class FastTD3(OffPolicyAlgorithm):
         self.clip_obs = clip_obs
         self.epsilon = epsilon
         self.max_grad_norm = max_grad_norm
+        self.compile = compile
+        self.amp_dtype = amp_dtype
         # Per-run state, rebuilt by _setup_learn (never saved)
         self.exploration_noise: MixedGaussianNoise | None = None
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
@@ -259,12 +271,10 @@ class FastTD3(OffPolicyAlgorithm):
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a float > 0")
         require(self.clip_obs > 0, "clip_obs", "a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
-        if self.buffer_size // self.n_envs < self.n_steps + 1:
-            raise ValueError(
-                f"buffer_size={self.buffer_size} is too small for n_envs={self.n_envs} and n_steps={self.n_steps}: "
-                f"it counts transitions over all envs and must be at least n_envs * (n_steps + 1) = "
-                f"{self.n_envs * (self.n_steps + 1)}"
-            )
+        require(self.amp_dtype in AMP_DTYPES, "amp_dtype", f"one of {list(AMP_DTYPES)}")
+        if self.amp_dtype == "fp16" and self.device.type != "cuda":
+            raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
+        # buffer_size is checked against n_envs * (n_steps + 1) by the replay buffer, created next
 
     # ------------------------------------------------------------------ setup
     def _setup_model(self) -> None:
@@ -306,6 +316,7 @@ class FastTD3(OffPolicyAlgorithm):
         ).to(self.device)
         self._convert_train_freq()
         self._create_aliases()
+        self._setup_fast_path()
 
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
@@ -314,6 +325,21 @@ class FastTD3(OffPolicyAlgorithm):
         self.actor_target = self.policy.actor_target
         self._critic_params = list(self.critic.parameters())
         self._critic_target_params = list(self.critic_target.parameters())
+        self._actor_params = list(self.actor.parameters())
+        self._actor_target_params = [] if self.actor_target is None else list(self.actor_target.parameters())
+        self._one = th.ones((), device=self.device)
+
+    def _setup_fast_path(self) -> None:
+        """The one place where speed switches apply: autocast, gradient scaling and compilation."""
+        dtype = AMP_DTYPES[self.amp_dtype]
+        self._autocast = partial(th.autocast, device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
+        self._grad_scaler = th.amp.GradScaler("cuda") if self.amp_dtype == "fp16" else None
+        self._critic_loss_fn, self._actor_loss_fn, self._act_fn = self._critic_loss, self._actor_loss, self._noisy_actions
+        if self.compile:
+            mode = "reduce-overhead" if self.device.type == "cuda" else None
+            self._critic_loss_fn = th.compile(self._critic_loss, mode=mode)
+            self._actor_loss_fn = th.compile(self._actor_loss, mode=mode)
+            self._act_fn = th.compile(self._noisy_actions, mode=mode)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         check_env(env)  # before the model lets go of its current env
@@ -346,9 +372,17 @@ class FastTD3(OffPolicyAlgorithm):
             "actor_target",
             "_critic_params",
             "_critic_target_params",
+            "_actor_params",
+            "_actor_target_params",
+            "_one",
             "exploration_noise",
             "_last_obs_tensor",
             "_train_stats",
+            "_autocast",
+            "_grad_scaler",
+            "_critic_loss_fn",
+            "_actor_loss_fn",
+            "_act_fn",
         ]
 
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
@@ -383,27 +417,37 @@ class FastTD3(OffPolicyAlgorithm):
     def _update(self, replay_data: Any, update_actor: bool) -> None:
         """One critic update, the delayed actor update when due, then the target soft updates."""
         assert self._train_stats is not None
-        obs_actor = self.policy.actor_input(replay_data.observations)
-        obs_critic = self.policy.critic_input(replay_data.observations)
-        critic_loss, q_mean = self._critic_loss(obs_critic, replay_data)
+        if self.compile and self.device.type == "cuda":
+            th.compiler.cudagraph_mark_step_begin()
+        with self._autocast():
+            critic_loss, q_mean = self._critic_loss_fn(replay_data)
         self._optimize(self.critic.optimizer, critic_loss)
-        stats = [critic_loss.detach(), q_mean, th.ones((), device=self.device)]
+        self._train_stats[:3] += th.stack([critic_loss.detach(), q_mean.detach(), self._one])
         if update_actor:
-            actor_loss = self._actor_loss(obs_actor, obs_critic)
+            with self._autocast():
+                actor_loss = self._actor_loss_fn(replay_data.observations)
             self._optimize(self.actor.optimizer, actor_loss)
-            stats += [actor_loss.detach(), th.ones((), device=self.device)]
+            self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
             if self.actor_target is not None:
-                th._foreach_lerp_(list(self.actor_target.parameters()), list(self.actor.parameters()), self.tau)
-        self._train_stats[: len(stats)] += th.stack(stats)
+                th._foreach_lerp_(self._actor_target_params, self._actor_params, self.tau)
         th._foreach_lerp_(self._critic_target_params, self._critic_params, self.tau)
 
     def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        scaler = self._grad_scaler
+        if scaler is None:
+            loss.backward()
+        else:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
         if self.max_grad_norm is not None:
             params = [p for group in optimizer.param_groups for p in group["params"]]
             th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
 
     def _target_distribution(self, replay_data: Any) -> th.Tensor:
         """Projected target distributions, shape (n_critics, batch, num_atoms) (all equal with CDQ)."""
@@ -430,17 +474,19 @@ class FastTD3(OffPolicyAlgorithm):
             target = projected.gather(0, smallest.view(1, -1, 1).expand(1, -1, self.num_atoms))
             return target.expand_as(projected)
 
-    def _critic_loss(self, obs_critic: th.Tensor, replay_data: Any) -> tuple[th.Tensor, th.Tensor]:
+    def _critic_loss(self, replay_data: Any) -> tuple[th.Tensor, th.Tensor]:
         """Cross-entropy of each critic against its target, batch mean, summed over critics; and the mean Q."""
         target = self._target_distribution(replay_data)
-        logits = self.critic(obs_critic, replay_data.actions)
+        logits = self.critic(self.policy.critic_input(replay_data.observations), replay_data.actions)
         log_probs = F.log_softmax(logits.float(), dim=-1)
         loss = -(target * log_probs).sum(dim=-1).mean(dim=-1).sum()
         q_mean = (log_probs.detach().exp() * self.policy.support).sum(dim=-1).mean()
         return loss, q_mean
 
-    def _actor_loss(self, obs_actor: th.Tensor, obs_critic: th.Tensor) -> th.Tensor:
-        q_values = self.policy.q_values(self.critic, obs_critic, self.actor(obs_actor))
+    def _actor_loss(self, observations: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
+        """Minus the (CDQ: smaller, else mean) expected Q of the actor's actions."""
+        actions = self.actor(self.policy.actor_input(observations))
+        q_values = self.policy.q_values(self.critic, self.policy.critic_input(observations), actions)
         q_value = q_values.min(dim=0).values if self.use_cdq else q_values.mean(dim=0)
         return -q_value.mean()
 
@@ -504,9 +550,13 @@ class FastTD3(OffPolicyAlgorithm):
         action_dim = spaces.flatdim(self.action_space)
         if self.num_timesteps < learning_starts:
             return th.rand(self.n_envs, action_dim, device=self.device) * 2.0 - 1.0
-        with th.no_grad():
-            actions = self.policy._predict(obs)
-        return self.exploration_noise(actions)
+        with th.no_grad(), self._autocast():
+            return self._act_fn(obs).float()
+
+    def _noisy_actions(self, obs: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
+        """The actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
+        assert self.exploration_noise is not None
+        return self.exploration_noise(self.policy._predict(obs))
 
     def _store_step(
         self,

@@ -1,0 +1,76 @@
+"""Shared pieces of the benchmarks: a cheap environment, machine facts, result files."""
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import gymnasium as gym
+import numpy as np
+import stable_baselines3
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+class RandomBoxEnv(gym.Env):
+    """Random observations and rewards, 1000-step episodes: costs next to nothing to step."""
+
+    def __init__(self, obs_dim: int, action_dim: int):
+        self.observation_space = spaces.Box(-np.inf, np.inf, (obs_dim,), np.float32)
+        self.action_space = spaces.Box(-1.0, 1.0, (action_dim,), np.float32)
+        self.t = 0
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.t = 0
+        return self.observation_space.sample(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        self.t += 1
+        return self.observation_space.sample(), float(self.np_random.normal()), False, self.t >= 1000, {}
+
+
+def BoxEnv(obs_dim: int, action_dim: int, n_envs: int) -> VecEnv:
+    """A DummyVecEnv of :class:`RandomBoxEnv`."""
+    return make_vec_env(RandomBoxEnv, n_envs=n_envs, seed=0, env_kwargs=dict(obs_dim=obs_dim, action_dim=action_dim))
+
+
+def machine_info() -> dict[str, Any]:
+    """What the numbers were measured on, and the command that measured them."""
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        names = [
+            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
+        ]
+        cpu = names[0] if names else cpu
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout
+    except OSError:
+        commit = ""
+    return {
+        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "commit": commit.strip(),
+        "cpu": cpu,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": th.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": th.__version__,
+        "stable_baselines3": stable_baselines3.__version__,
+        "cuda": th.cuda.get_device_name() if th.cuda.is_available() else None,
+    }
+
+
+def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
+    """Write ``results/<name>.json`` and ``results/<name>.md`` (the Markdown ends with the machine facts)."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    machine = "\n".join(f"- {key}: {value}" for key, value in results["machine"].items())
+    (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n## Machine\n\n" + machine + "\n")
+    print(f"wrote {RESULTS_DIR / name}.json and .md")

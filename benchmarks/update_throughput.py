@@ -1,0 +1,195 @@
+"""
+Update throughput of FastTD3 (eager/compiled, fp32/bf16) next to the GEMM peak of the same dtype,
+SB3 TD3's ``train()`` at the same network and batch sizes, and replay sampling against SB3's buffers.
+
+    python -m benchmarks.update_throughput                       # the full grid (slow on a CPU)
+    python -m benchmarks.update_throughput --batch-sizes 8192 --widths 1024 --repeats 3
+
+Writes ``benchmarks/results/update_throughput.{json,md}``. Timings are medians over ``--repeats``
+repetitions; ratios are taken between variants measured in the same run.
+"""
+
+import argparse
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3 import TD3
+from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import BoxEnv, machine_info, write_results
+from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+
+VARIANTS = {
+    "eager fp32": dict(compile=False, amp_dtype=None),
+    "compiled fp32": dict(compile=True, amp_dtype=None),
+    "eager bf16": dict(compile=False, amp_dtype="bf16"),
+    "compiled bf16": dict(compile=True, amp_dtype="bf16"),
+}
+OBS_DIM, ACTION_DIM = 17, 6  # HalfCheetah's sizes
+
+
+def median_time(fn: Callable[[], Any], repeats: int, inner: int) -> float:
+    """Median over ``repeats`` of the mean time of ``inner`` calls (after one warm-up call)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        times.append((time.perf_counter() - start) / inner)
+    return float(np.median(times))
+
+
+def gemm_peak(dtype: th.dtype, repeats: int, size: int = 4096) -> float:
+    """FLOP/s of a square matrix product in ``dtype``."""
+    a, b = th.randn(size, size, dtype=dtype), th.randn(size, size, dtype=dtype)
+    return 2 * size**3 / median_time(lambda: a @ b, repeats, inner=3)
+
+
+def critic_net_arch(width: int) -> list[int]:
+    return [width, width // 2, width // 4]
+
+
+def fasttd3_model(batch_size: int, width: int, **kwargs) -> FastTD3:
+    """A FastTD3 model with a filled replay buffer, ready for ``train()``."""
+    model = FastTD3(
+        "MlpPolicy",
+        BoxEnv(OBS_DIM, ACTION_DIM, n_envs=64),
+        batch_size=batch_size,
+        learning_starts=0,
+        policy_kwargs=dict(net_arch=dict(pi=[512, 256, 128], qf=critic_net_arch(width))),
+        **kwargs,
+    )
+    model.learn(64 * 16)
+    return model
+
+
+def update_flops(batch_size: int, width: int) -> float:
+    """Floating point operations of one update (averaged over the actor's delay), counted on the eager path."""
+    model = fasttd3_model(batch_size, width)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.train(gradient_steps=model.policy_delay, batch_size=batch_size)
+    return counter.get_total_flops() / model.policy_delay
+
+
+def bench_updates(batch_size: int, width: int, repeats: int) -> dict[str, Any]:
+    flops = update_flops(batch_size, width)
+    row: dict[str, Any] = {"batch_size": batch_size, "critic": critic_net_arch(width), "gflop_per_update": flops / 1e9}
+    for name, kwargs in VARIANTS.items():
+        model = fasttd3_model(batch_size, width, **kwargs)
+        model.train(gradient_steps=4, batch_size=batch_size)  # compile and warm up both update kinds
+        seconds = median_time(lambda model=model: model.train(gradient_steps=2, batch_size=batch_size), repeats, 1) / 2
+        row[name] = {"updates_per_s": 1 / seconds, "gflop_per_s": flops / seconds / 1e9}
+    td3 = TD3(
+        "MlpPolicy",
+        BoxEnv(OBS_DIM, ACTION_DIM, n_envs=64),
+        batch_size=batch_size,
+        learning_starts=0,
+        policy_kwargs=dict(net_arch=dict(pi=[512, 256, 128], qf=critic_net_arch(width))),
+    )
+    td3.learn(64 * 16)
+    seconds = median_time(lambda: td3.train(gradient_steps=2, batch_size=batch_size), repeats, 1) / 2
+    row["sb3 td3 eager fp32"] = {"updates_per_s": 1 / seconds}
+    return row
+
+
+def bench_sampling(batch_size: int, repeats: int, n_steps: int = 3) -> dict[str, Any]:
+    """Transitions sampled per second from 1M stored transitions (64 envs)."""
+    obs_space = spaces.Box(-1, 1, (OBS_DIM,), np.float32)
+    action_space = spaces.Box(-1, 1, (ACTION_DIM,), np.float32)
+    n_envs, rows = 64, 1_000_000 // 64
+    buffers = {
+        "ours (n-step)": DeviceNStepReplayBuffer(rows * n_envs, obs_space, action_space, "cpu", n_envs, n_steps=n_steps),
+        "sb3 ReplayBuffer": ReplayBuffer(rows * n_envs, obs_space, action_space, "cpu", n_envs),
+        "sb3 NStepReplayBuffer": NStepReplayBuffer(rows * n_envs, obs_space, action_space, "cpu", n_envs, n_steps=n_steps),
+    }
+    rng = np.random.default_rng(0)
+    obs = rng.normal(size=(n_envs, OBS_DIM)).astype(np.float32)
+    action = rng.uniform(-1, 1, size=(n_envs, ACTION_DIM)).astype(np.float32)
+    reward, done = rng.normal(size=n_envs).astype(np.float32), rng.random((rows, n_envs)) < 0.001
+    infos = [{} for _ in range(n_envs)]
+    for buffer in buffers.values():
+        for row in range(rows):
+            buffer.add(obs, obs, action, reward, done[row], infos)
+    result: dict[str, Any] = {"batch_size": batch_size, "stored": rows * n_envs, "n_steps": n_steps}
+    for name, buffer in buffers.items():
+        seconds = median_time(lambda buffer=buffer: buffer.sample(batch_size), repeats, inner=3)
+        result[name] = {"transitions_per_s": batch_size / seconds}
+    result["ours / sb3 NStepReplayBuffer"] = (
+        result["ours (n-step)"]["transitions_per_s"] / (result["sb3 NStepReplayBuffer"]["transitions_per_s"])
+    )
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1024, 8192, 32768])
+    parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024], help="first critic layer width")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sampling-batch", type=int, default=32768)
+    args = parser.parse_args()
+
+    results: dict[str, Any] = {
+        "machine": machine_info(),
+        "gemm_peak_gflop_per_s": {
+            "fp32": gemm_peak(th.float32, args.repeats) / 1e9,
+            "bf16": gemm_peak(th.bfloat16, args.repeats) / 1e9,
+        },
+        "updates": [],
+    }
+    for batch_size in args.batch_sizes:
+        for width in args.widths:
+            row = bench_updates(batch_size, width, args.repeats)
+            eager = row["eager fp32"]["updates_per_s"]
+            row["compiled bf16 / eager fp32"] = row["compiled bf16"]["updates_per_s"] / eager
+            row["compiled bf16 / bf16 GEMM peak"] = (
+                row["compiled bf16"]["gflop_per_s"] / results["gemm_peak_gflop_per_s"]["bf16"]
+            )
+            results["updates"].append(row)
+            print(row, flush=True)
+    results["sampling"] = bench_sampling(args.sampling_batch, args.repeats)
+    print(results["sampling"], flush=True)
+    write_results("update_throughput", results, markdown(results))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    peak = results["gemm_peak_gflop_per_s"]
+    lines = [
+        "# Update throughput",
+        "",
+        f"GEMM peak in the same run: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s.",
+        "",
+        "| batch | critic | GFLOP/update | "
+        + " | ".join(f"{name} (upd/s, GFLOP/s)" for name in VARIANTS)
+        + " | SB3 TD3 (upd/s) | compiled bf16 / eager fp32 | compiled bf16 / bf16 peak |",
+        "|" + " --- |" * (len(VARIANTS) + 6),
+    ]
+    for row in results["updates"]:
+        cells = [str(row["batch_size"]), "-".join(map(str, row["critic"])), f"{row['gflop_per_update']:.2f}"]
+        cells += [f"{row[name]['updates_per_s']:.2f}, {row[name]['gflop_per_s']:.0f}" for name in VARIANTS]
+        cells += [f"{row['sb3 td3 eager fp32']['updates_per_s']:.2f}", f"{row['compiled bf16 / eager fp32']:.2f}x"]
+        cells += [f"{row['compiled bf16 / bf16 GEMM peak']:.0%}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    sampling = results["sampling"]
+    lines += [
+        "",
+        f"## Replay sampling (batch {sampling['batch_size']}, {sampling['stored']} stored, n_steps={sampling['n_steps']})",
+        "",
+        "| buffer | transitions/s |",
+        "| --- | --- |",
+    ]
+    for name in ("ours (n-step)", "sb3 ReplayBuffer", "sb3 NStepReplayBuffer"):
+        lines.append(f"| {name} | {sampling[name]['transitions_per_s']:.3g} |")
+    lines.append(f"\nOurs / SB3 NStepReplayBuffer: {sampling['ours / sb3 NStepReplayBuffer']:.1f}x")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()

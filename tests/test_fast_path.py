@@ -1,0 +1,120 @@
+"""Every fast path computes what the plain eager fp32 update computes (tiny networks, so CI stays fast)."""
+
+import copy
+
+import pytest
+import torch as th
+from torch._dynamo.utils import counters
+from torch._inductor import config as inductor_config
+
+from tests.test_fasttd3 import make_model
+
+LEARNING_RATE = 3e-4
+
+
+@pytest.fixture(autouse=True)
+def same_random_numbers():
+    # Compiled code draws the same random numbers as eager code only with fallback_random
+    with inductor_config.patch(fallback_random=True):
+        yield
+
+
+def paired_models(**fast_kwargs):
+    """An eager fp32 model and a fast-path model with the same weights, optimizer state and replay buffer."""
+    plain = make_model(2, learning_starts=40)
+    plain.learn(44)  # two vector steps of updates: optimizer states exist
+    fast = make_model(2, learning_starts=40, **fast_kwargs)
+    fast.set_parameters(plain.get_parameters())
+    fast.replay_buffer = plain.replay_buffer
+    fast._n_updates, fast._train_stats = plain._n_updates, th.zeros_like(plain._train_stats)
+    plain._train_stats.zero_()
+    return plain, fast
+
+
+def losses_and_gradients(model, replay_data) -> list[th.Tensor]:
+    """Critic loss, mean Q, actor loss and every gradient, on the same batch and random numbers."""
+    results = []
+    for loss_fn, module, arg in (
+        (model._critic_loss_fn, model.critic, replay_data),
+        (model._actor_loss_fn, model.actor, replay_data.observations),
+    ):
+        th.manual_seed(0)
+        module.zero_grad()
+        with model._autocast():
+            output = loss_fn(arg)
+        loss = output[0] if isinstance(output, tuple) else output
+        loss.backward()
+        results += [value.detach().float() for value in (output if isinstance(output, tuple) else (output,))]
+        results += [param.grad.clone() for param in module.parameters()]
+    return results
+
+
+def test_compiled_fp32_losses_and_gradients_match_eager():
+    plain, fast = paired_models(compile=True)
+    replay_data = plain.replay_buffer.sample(32)
+    counters.clear()
+    for call in range(3):  # the first call compiles, the next ones reuse the graphs
+        expected, actual = losses_and_gradients(plain, replay_data), losses_and_gradients(fast, replay_data)
+        # Inductor fuses and reorders float32 reductions: agreement to float32 rounding
+        for a, b in zip(expected, actual, strict=True):
+            th.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+        if call == 0:
+            graphs_after_first_call = counters["stats"]["unique_graphs"]
+    # Whole functions captured (no graph break), and no recompilation in the steady state
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_call == 2
+
+
+def test_bf16_losses_and_gradients_close_to_fp32():
+    plain, fast = paired_models(amp_dtype="bf16")
+    replay_data = plain.replay_buffer.sample(32)
+    expected, actual = losses_and_gradients(plain, replay_data), losses_and_gradients(fast, replay_data)
+    # bf16 keeps 8 bits of mantissa (~0.4% per operation): losses within 2%, gradients pointing the same way
+    for a, b in zip(expected[:2], actual[:2], strict=True):
+        th.testing.assert_close(b, a, rtol=2e-2, atol=1e-2)
+    for a, b in zip(expected[2:], actual[2:], strict=True):
+        if a.norm() > 1e-6:
+            assert th.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+
+
+@pytest.mark.parametrize("fast_kwargs", [dict(compile=True), dict(amp_dtype="bf16", compile=True)])
+def test_fast_train_calls_follow_the_plain_ones(fast_kwargs):
+    plain, fast = paired_models(**fast_kwargs)
+    n_calls = 3
+    for seed in range(n_calls):  # each call: one critic-only and one critic+actor update
+        for model in (plain, fast):
+            th.manual_seed(seed)
+            model.train(gradient_steps=2, batch_size=16)
+    tolerance = 2e-2 if "amp_dtype" in fast_kwargs else 1e-4
+    th.testing.assert_close(fast._train_stats, plain._train_stats, rtol=tolerance, atol=tolerance)
+    # Adam's step is at most about lr per parameter and update: where a gradient is ~0 its sign is
+    # rounding noise, so parameters may differ by up to 2 * lr per update
+    bound = 2 * LEARNING_RATE * 2 * n_calls + 1e-6
+    for name, value in plain.policy.state_dict().items():
+        assert (fast.policy.state_dict()[name] - value).abs().max() <= bound, name
+
+
+def test_amp_dtype_is_validated():
+    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+        make_model(amp_dtype="fp8")
+    with pytest.raises(ValueError, match="needs a CUDA device"):
+        make_model(amp_dtype="fp16", device="cpu")
+
+
+def test_compiled_acting_matches_eager_and_shares_the_actor_weights():
+    plain, fast = paired_models(compile=True)
+    fast.exploration_noise = copy.deepcopy(plain.exploration_noise)
+    obs = plain.replay_buffer.sample(2).observations
+    for _ in range(2):
+        th.manual_seed(0)
+        expected = plain._noisy_actions(obs)
+        th.manual_seed(0)
+        th.testing.assert_close(fast._act_fn(obs), expected, rtol=1e-5, atol=1e-6)
+    # No copy of the weights: a change of the actor shows in the next compiled action
+    with th.no_grad():
+        for model in (plain, fast):
+            model.actor.mu[-2].bias.add_(0.5)
+    th.manual_seed(1)
+    expected = plain._noisy_actions(obs)
+    th.manual_seed(1)
+    th.testing.assert_close(fast._act_fn(obs), expected, rtol=1e-5, atol=1e-6)
