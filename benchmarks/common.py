@@ -44,12 +44,15 @@ def BoxEnv(obs_dim: int, action_dim: int, n_envs: int) -> VecEnv:
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on, and the command that measured them."""
-    cpu = platform.processor()
-    if Path("/proc/cpuinfo").exists():
-        names = [
-            line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if "model name" in line
-        ]
+    cpu, flags = platform.processor(), []
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = cpuinfo.read_text().splitlines()
+        names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
         cpu = names[0] if names else cpu
+        all_flags = next((line.split(":", 1)[1].split() for line in lines if line.startswith("flags")), [])
+        # What decides the bf16 speed: AVX512-BF16 or AMX (without them bf16 GEMMs are emulated)
+        flags = sorted(flag for flag in all_flags if flag.startswith(("avx512", "amx")))
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout
     except OSError:
@@ -58,6 +61,7 @@ def machine_info() -> dict[str, Any]:
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "commit": commit.strip(),
         "cpu": cpu,
+        "cpu_flags": flags,
         "cpu_count": os.cpu_count(),
         "torch_threads": th.get_num_threads(),
         "python": platform.python_version(),

@@ -14,6 +14,11 @@ ArrayLike = np.ndarray | th.Tensor
 ObsLike = ArrayLike | dict[str, ArrayLike]
 
 
+def _gather_rows(storage: th.Tensor, flat_rows: th.Tensor) -> th.Tensor:
+    """Rows ``flat_rows`` of ``storage`` of shape (n_envs, capacity, ...), indexed as env * capacity + row."""
+    return storage.flatten(0, 1).index_select(0, flat_rows)
+
+
 class DeviceNStepReplayBuffer(BaseBuffer):
     """
     Replay buffer for off-policy algorithms that keeps all of its storage as torch tensors
@@ -225,35 +230,44 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         """
         if env is not None:
             raise ValueError("DeviceNStepReplayBuffer does not support normalizing with a VecNormalize, pass env=None")
-        upper_bound = self.size()
-        if upper_bound == 0:
+        rows = self.size()
+        if rows == 0:
             raise ValueError("Cannot sample from an empty buffer, call add() first")
-        batch_inds = th.randint(0, upper_bound, (batch_size,), device=self.device)
-        return self._get_samples(batch_inds)
+        # One draw over every stored (env, row) pair, as flat indices env * capacity + row
+        drawn = th.randint(0, self.n_envs * rows, (batch_size,), device=self.device)
+        env_inds, batch_inds = drawn // rows, drawn % rows
+        return self._get_samples(batch_inds, env_inds=env_inds)
 
     @th.no_grad()
     def _get_samples(  # type: ignore[override]
-        self, batch_inds: th.Tensor, env: VecNormalize | None = None
+        self, batch_inds: th.Tensor, env: VecNormalize | None = None, env_inds: th.Tensor | None = None
     ) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
-        Gather the n-step transitions starting at rows ``batch_inds`` of randomly chosen envs.
+        Gather the n-step transitions starting at rows ``batch_inds`` of envs ``env_inds``.
+
+        All gathers index the storage flattened over (env, row): ``take`` / ``index_select`` with one
+        flat index are several times faster than advanced indexing with two index tensors.
 
         :param batch_inds: Starting rows, int64 tensor of shape ``(batch_size,)`` on ``self.device``
         :param env: Unused (must be None)
+        :param env_inds: Envs of the samples (drawn uniformly when None)
         :return: The samples
         """
         assert self.observations is not None and self.next_observations is not None
         assert self.actions is not None and self.rewards is not None
         assert self.dones is not None and self.timeouts is not None
-        env_inds = th.randint(0, self.n_envs, batch_inds.shape, device=self.device)
+        if env_inds is None:
+            env_inds = th.randint(0, self.n_envs, batch_inds.shape, device=self.device)
+        env_offsets = env_inds * self.buffer_size
 
-        # Rows of the n-step windows, shape (batch, n_steps)
+        # Rows of the n-step windows, shape (batch, n_steps), and their flat indices
         steps = th.arange(self.n_steps, device=self.device)
-        window = (batch_inds[:, None] + steps[None, :]) % self.buffer_size
-        window_envs = env_inds[:, None]
-        rewards_seq = self.rewards[window_envs, window]
-        dones_seq = self.dones[window_envs, window]
-        timeouts_seq = self.timeouts[window_envs, window]
+        window = batch_inds[:, None] + steps[None, :]
+        window = th.where(window >= self.buffer_size, window - self.buffer_size, window)  # wrap (cheaper than %)
+        flat_window = env_offsets[:, None] + window
+        rewards_seq = th.take(self.rewards, flat_window)
+        dones_seq = th.take(self.dones, flat_window)
+        timeouts_seq = th.take(self.timeouts, flat_window)
 
         # The newest row acts as a truncation: never read past the write pointer
         newest_row = (self.pos - 1) % self.buffer_size
@@ -275,12 +289,13 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         last_timeout = timeouts_seq.gather(1, last_step)
         final_dones = (last_done & ~last_timeout).to(th.float32)
 
-        last_rows = window.gather(1, last_step).squeeze(1)
-        actions = self.actions[env_inds, batch_inds]
+        first_rows = env_offsets + batch_inds
+        last_rows = flat_window.gather(1, last_step).squeeze(1)
+        actions = _gather_rows(self.actions, first_rows)
         if isinstance(self.observations, dict):
             assert isinstance(self.next_observations, dict)
-            observations = {key: obs[env_inds, batch_inds] for key, obs in self.observations.items()}
-            next_observations = {key: obs[env_inds, last_rows] for key, obs in self.next_observations.items()}
+            observations = {key: _gather_rows(obs, first_rows) for key, obs in self.observations.items()}
+            next_observations = {key: _gather_rows(obs, last_rows) for key, obs in self.next_observations.items()}
             return DictReplayBufferSamples(
                 observations=observations,
                 actions=actions,
@@ -289,11 +304,11 @@ class DeviceNStepReplayBuffer(BaseBuffer):
                 rewards=n_step_returns,
                 discounts=target_discounts,
             )
-        assert isinstance(self.next_observations, th.Tensor)
+        assert isinstance(self.observations, th.Tensor) and isinstance(self.next_observations, th.Tensor)
         return ReplayBufferSamples(
-            observations=self.observations[env_inds, batch_inds],
+            observations=_gather_rows(self.observations, first_rows),
             actions=actions,
-            next_observations=self.next_observations[env_inds, last_rows],
+            next_observations=_gather_rows(self.next_observations, last_rows),
             dones=final_dones,
             rewards=n_step_returns,
             discounts=target_discounts,
