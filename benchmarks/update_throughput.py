@@ -83,6 +83,9 @@ def bench_updates(batch_size: int, width: int, repeats: int) -> dict[str, Any]:
     flops = update_flops(batch_size, width)
     row: dict[str, Any] = {"batch_size": batch_size, "critic": critic_net_arch(width), "gflop_per_update": flops / 1e9}
     for name, kwargs in VARIANTS.items():
+        # Each model compiles its own functions: start from a clean dynamo cache so that earlier models'
+        # graphs do not use up the recompilation limit (which would silently fall back to eager)
+        th._dynamo.reset()
         model = fasttd3_model(batch_size, width, **kwargs)
         model.train(gradient_steps=4, batch_size=batch_size)  # compile and warm up both update kinds
         seconds = median_time(lambda model=model: model.train(gradient_steps=2, batch_size=batch_size), repeats, 1) / 2
