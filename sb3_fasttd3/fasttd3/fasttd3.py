@@ -13,70 +13,19 @@ from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor, should_collect_more_steps, update_learning_rate
-from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
+from stable_baselines3.common.vec_env import VecEnv
 from torch.nn import functional as F
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
+from sb3_fasttd3.fasttd3.checks import check_env, check_finite
 from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
 
-
-def _named_parts(name: str, obs: Any) -> dict[str, np.ndarray]:
-    """``{name: obs}`` for an array, ``{name[key]: obs[key]}`` for a dict observation (None: nothing)."""
-    if obs is None:
-        return {}
-    if isinstance(obs, dict):
-        return {f"{name}[{key}]": np.asarray(value) for key, value in obs.items()}
-    return {name: np.asarray(obs)}
-
-
 # Mixed precision: the name accepted by ``amp_dtype`` and the torch dtype of the autocast regions
 AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
-
-VEC_NORMALIZE_ERROR = (
-    "FastTD3 normalizes observations itself (normalize_observations=True, statistics saved inside the model): "
-    "remove the VecNormalize wrapper (with the RL Zoo: drop `normalize` from the hyperparameters). "
-    "Wrapping would normalize twice and is not supported."
-)
-
-
-def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
-    """
-    Raise if FastTD3 cannot use these spaces, naming the space and what is accepted.
-
-    :param observation_space: must be a ``Box`` or a ``Dict`` of ``Box``
-    :param action_space: must be a ``Box`` with finite bounds
-    """
-    if not isinstance(action_space, spaces.Box):
-        raise TypeError(
-            f"FastTD3 supports only continuous (gymnasium.spaces.Box) action spaces, got {action_space} "
-            "for parameter env: use DQN/QR-DQN for Discrete or MultiDiscrete actions"
-        )
-    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
-        raise ValueError(
-            f"FastTD3 needs a bounded Box action space (finite low and high), got {action_space}: "
-            "give the Box finite bounds or wrap the env with gymnasium.wrappers.RescaleAction"
-        )
-    subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
-    if not all(isinstance(space, spaces.Box) for space in subspaces):
-        raise TypeError(
-            f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {observation_space}"
-        )
-
-
-def check_env(env: GymEnv | str | None) -> None:
-    """
-    Raise if FastTD3 cannot learn from ``env`` (an env id is checked once SB3 has made it).
-
-    :param env: the environment given to FastTD3
-    """
-    if isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None:
-        raise ValueError(VEC_NORMALIZE_ERROR)
-    if env is not None and not isinstance(env, str):
-        check_spaces(env.observation_space, env.action_space)
 
 
 class FastTD3(OffPolicyAlgorithm):
@@ -570,7 +519,7 @@ class FastTD3(OffPolicyAlgorithm):
         """Check the step is finite, then store it with true final observations; return the new obs as torch."""
         done_indices = np.flatnonzero(dones)
         final_obs = {int(i): infos[i].get("terminal_observation") for i in done_indices}
-        self._check_finite(new_obs, rewards, final_obs)
+        check_finite(new_obs, rewards, final_obs, self.num_timesteps)
         new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
         next_obs = self._replace_rows(new_obs_tensor, {i: o for i, o in final_obs.items() if o is not None})
         truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
@@ -587,27 +536,6 @@ class FastTD3(OffPolicyAlgorithm):
         indices = list(rows)
         obs[indices] = th.as_tensor(np.stack([rows[i] for i in indices]), device=obs.device, dtype=obs.dtype)
         return obs
-
-    def _check_finite(
-        self, new_obs: np.ndarray | dict[str, np.ndarray], rewards: np.ndarray, final_obs: dict[int, Any]
-    ) -> None:
-        """Refuse NaN or inf coming from the env before anything is stored: the buffer stays clean."""
-        batched = {"reward": np.asarray(rewards), **_named_parts("observation", new_obs)}
-        for name, array in batched.items():
-            bad = ~np.isfinite(array.reshape(self.n_envs, -1)).all(axis=1)
-            if bad.any():
-                self._raise_non_finite(name, int(np.flatnonzero(bad)[0]))
-        for env_idx, terminal in final_obs.items():
-            for name, array in _named_parts("terminal_observation", terminal).items():
-                if not np.isfinite(array).all():
-                    self._raise_non_finite(name, env_idx)
-
-    def _raise_non_finite(self, name: str, env_idx: int) -> None:
-        raise ValueError(
-            f"Env {env_idx} returned a non-finite (NaN or inf) {name} at timestep {self.num_timesteps}: "
-            "nothing of this step was stored in the replay buffer. Fix the environment (or wrap it, e.g. with "
-            "VecCheckNan to find the cause); the model and its buffer are intact and can be saved."
-        )
 
     # ------------------------------------------------------------------ logging
     def dump_logs(self) -> None:

@@ -1,0 +1,91 @@
+"""Checks of what FastTD3 is given: environments, their spaces and the data they return."""
+
+from typing import Any
+
+import numpy as np
+from gymnasium import spaces
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
+
+
+def _named_parts(name: str, obs: Any) -> dict[str, np.ndarray]:
+    """``{name: obs}`` for an array, ``{name[key]: obs[key]}`` for a dict observation (None: nothing)."""
+    if obs is None:
+        return {}
+    if isinstance(obs, dict):
+        return {f"{name}[{key}]": np.asarray(value) for key, value in obs.items()}
+    return {name: np.asarray(obs)}
+
+
+VEC_NORMALIZE_ERROR = (
+    "FastTD3 normalizes observations itself (normalize_observations=True, statistics saved inside the model): "
+    "remove the VecNormalize wrapper (with the RL Zoo: drop `normalize` from the hyperparameters). "
+    "Wrapping would normalize twice and is not supported."
+)
+
+
+def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) -> None:
+    """
+    Raise if FastTD3 cannot use these spaces, naming the space and what is accepted.
+
+    :param observation_space: must be a ``Box`` or a ``Dict`` of ``Box``
+    :param action_space: must be a ``Box`` with finite bounds
+    """
+    if not isinstance(action_space, spaces.Box):
+        raise TypeError(
+            f"FastTD3 supports only continuous (gymnasium.spaces.Box) action spaces, got {action_space} "
+            "for parameter env: use DQN/QR-DQN for Discrete or MultiDiscrete actions"
+        )
+    if not (np.all(np.isfinite(action_space.low)) and np.all(np.isfinite(action_space.high))):
+        raise ValueError(
+            f"FastTD3 needs a bounded Box action space (finite low and high), got {action_space}: "
+            "give the Box finite bounds or wrap the env with gymnasium.wrappers.RescaleAction"
+        )
+    subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
+    if not all(isinstance(space, spaces.Box) for space in subspaces):
+        raise TypeError(
+            f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {observation_space}"
+        )
+
+
+def check_env(env: GymEnv | str | None) -> None:
+    """
+    Raise if FastTD3 cannot learn from ``env`` (an env id is checked once SB3 has made it).
+
+    :param env: the environment given to FastTD3
+    """
+    if isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None:
+        raise ValueError(VEC_NORMALIZE_ERROR)
+    if env is not None and not isinstance(env, str):
+        check_spaces(env.observation_space, env.action_space)
+
+
+def check_finite(
+    new_obs: np.ndarray | dict[str, np.ndarray], rewards: np.ndarray, final_obs: dict[int, Any], timestep: int
+) -> None:
+    """
+    Refuse NaN or inf coming from the envs, before anything of the step is stored.
+
+    :param new_obs: observations returned by the vector env's step (leading dimension n_envs)
+    :param rewards: rewards of the step, shape (n_envs,)
+    :param final_obs: true final observation of each env whose episode ended, by env index
+    :param timestep: the model's timestep, for the message
+    """
+    n_envs = len(rewards)
+    batched = {"reward": np.asarray(rewards), **_named_parts("observation", new_obs)}
+    for name, array in batched.items():
+        bad = ~np.isfinite(array.reshape(n_envs, -1)).all(axis=1)
+        if bad.any():
+            _raise_non_finite(name, int(np.flatnonzero(bad)[0]), timestep)
+    for env_idx, terminal in final_obs.items():
+        for name, array in _named_parts("terminal_observation", terminal).items():
+            if not np.isfinite(array).all():
+                _raise_non_finite(name, env_idx, timestep)
+
+
+def _raise_non_finite(name: str, env_idx: int, timestep: int) -> None:
+    raise ValueError(
+        f"Env {env_idx} returned a non-finite (NaN or inf) {name} at timestep {timestep}: "
+        "nothing of this step was stored in the replay buffer. Fix the environment (or wrap it, e.g. with "
+        "VecCheckNan to find the cause); the model and its buffer are intact and can be saved."
+    )
