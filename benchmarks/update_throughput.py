@@ -56,9 +56,9 @@ def critic_net_arch(width: int) -> list[int]:
     return [width, width // 2, width // 4]
 
 
-def fasttd3_model(batch_size: int, width: int, **kwargs) -> FastTD3:
-    """A FastTD3 model with a filled replay buffer, ready for ``train()``."""
-    model = FastTD3(
+def filled_model(batch_size: int, width: int, algo: type[FastTD3] | type[TD3] = FastTD3, **kwargs) -> Any:
+    """A model with a filled replay buffer, ready for ``train()`` (the same networks for FastTD3 and TD3)."""
+    model = algo(
         "MlpPolicy",
         BoxEnv(OBS_DIM, ACTION_DIM, n_envs=64),
         batch_size=batch_size,
@@ -72,7 +72,7 @@ def fasttd3_model(batch_size: int, width: int, **kwargs) -> FastTD3:
 
 def update_flops(batch_size: int, width: int) -> float:
     """Floating point operations of one update (averaged over the actor's delay), counted on the eager path."""
-    model = fasttd3_model(batch_size, width)
+    model = filled_model(batch_size, width)
     counter = FlopCounterMode(display=False)
     with counter:
         model.train(gradient_steps=model.policy_delay, batch_size=batch_size)
@@ -86,18 +86,11 @@ def bench_updates(batch_size: int, width: int, repeats: int) -> dict[str, Any]:
         # Each model compiles its own functions: start from a clean dynamo cache so that earlier models'
         # graphs do not use up the recompilation limit (which would silently fall back to eager)
         th._dynamo.reset()
-        model = fasttd3_model(batch_size, width, **kwargs)
+        model = filled_model(batch_size, width, **kwargs)
         model.train(gradient_steps=4, batch_size=batch_size)  # compile and warm up both update kinds
         seconds = median_time(lambda model=model: model.train(gradient_steps=2, batch_size=batch_size), repeats, 1) / 2
         row[name] = {"updates_per_s": 1 / seconds, "gflop_per_s": flops / seconds / 1e9}
-    td3 = TD3(
-        "MlpPolicy",
-        BoxEnv(OBS_DIM, ACTION_DIM, n_envs=64),
-        batch_size=batch_size,
-        learning_starts=0,
-        policy_kwargs=dict(net_arch=dict(pi=[512, 256, 128], qf=critic_net_arch(width))),
-    )
-    td3.learn(64 * 16)
+    td3 = filled_model(batch_size, width, algo=TD3)
     seconds = median_time(lambda: td3.train(gradient_steps=2, batch_size=batch_size), repeats, 1) / 2
     row["sb3 td3 eager fp32"] = {"updates_per_s": 1 / seconds}
     return row
