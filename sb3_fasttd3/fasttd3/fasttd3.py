@@ -11,6 +11,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
+from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
 from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor, should_collect_more_steps, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv
@@ -344,8 +345,6 @@ class FastTD3(OffPolicyAlgorithm):
         :param path: path to the pickled replay buffer
         :param truncate_last_traj: unused (kept for SB3 compatibility)
         """
-        from stable_baselines3.common.save_util import load_from_pkl
-
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
