@@ -112,6 +112,12 @@ def test_replay_buffer_save_load_round_trip(tmp_path):
     assert other.replay_buffer.size() == model.replay_buffer.size() == 30
     th.testing.assert_close(other.replay_buffer.observations, model.replay_buffer.observations)
     th.testing.assert_close(other.replay_buffer.rewards, model.replay_buffer.rewards)
+    # A buffer stored per env cannot go into a model with another number of envs: refused, nothing replaced
+    third = make_model(3)
+    kept = third.replay_buffer
+    with pytest.raises(ValueError, match="n_envs=2 envs but the model has n_envs=3"):
+        third.load_replay_buffer(tmp_path / "buffer")
+    assert third.replay_buffer is kept
 
 
 def test_same_seed_same_results():

@@ -348,6 +348,12 @@ class FastTD3(OffPolicyAlgorithm):
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
+        if replay_buffer.n_envs != self.n_envs:
+            raise ValueError(
+                f"The replay buffer in {path} stores n_envs={replay_buffer.n_envs} envs but the model has "
+                f"n_envs={self.n_envs}: load it into a model whose env has {replay_buffer.n_envs} envs "
+                "(the buffer is stored per env). The model's current buffer was kept."
+            )
         replay_buffer.to(self.device)
         self.replay_buffer = replay_buffer
 
