@@ -290,3 +290,30 @@ def test_normalizer_sees_collected_observations_only():
     model.predict(observations(model.get_env()))
     for key, value in normalizer.state_dict().items():
         assert th.equal(value, state[key]), key
+
+
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_one_gather_serves_every_update_of_a_train_call(dict_obs, monkeypatch):
+    model = make_model(2, dict_obs, learning_starts=40)
+    model.learn(40)
+    calls = []
+    sample = model.replay_buffer.sample
+    monkeypatch.setattr(model.replay_buffer, "sample", lambda n: calls.append(n) or sample(n))
+    th.manual_seed(0)
+    batches = list(model._sample_batches(3, 16))
+    assert calls == [48] and len(batches) == 3
+    th.manual_seed(0)
+    whole = sample(48)
+    for i, batch in enumerate(batches):
+        rows = slice(16 * i, 16 * (i + 1))
+        th.testing.assert_close(batch.rewards, whole.rewards[rows])
+        th.testing.assert_close(batch.discounts, whole.discounts[rows])
+        if dict_obs:
+            th.testing.assert_close(batch.observations["state"], whole.observations["state"][rows])
+        else:
+            th.testing.assert_close(batch.observations, whole.observations[rows])
+    # Groups never exceed MAX_SAMPLES_PER_GATHER transitions
+    monkeypatch.setattr("sb3_fasttd3.fasttd3.fasttd3.MAX_SAMPLES_PER_GATHER", 32)
+    calls.clear()
+    assert len(list(model._sample_batches(5, 16))) == 5
+    assert calls == [32, 32, 16]
