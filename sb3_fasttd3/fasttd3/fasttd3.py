@@ -203,7 +203,6 @@ class FastTD3(OffPolicyAlgorithm):
         # Per-run state, rebuilt by _setup_learn (never saved)
         self.exploration_noise: MixedGaussianNoise | None = None
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
-        self._train_stats: th.Tensor | None = None
 
         if self.env is not None:  # an env given by its id was made by SB3: check what it made
             check_env(self.env)
@@ -293,6 +292,8 @@ class FastTD3(OffPolicyAlgorithm):
         self._actor_params = list(self.actor.parameters())
         self._actor_target_params = [] if self.actor_target is None else list(self.actor_target.parameters())
         self._one = th.ones((), device=self.device)
+        # Sums read at each log dump: critic loss, mean Q, critic updates, actor loss, actor updates
+        self._train_stats = th.zeros(5, device=self.device)
 
     def _setup_fast_path(self) -> None:
         """The one place where speed switches apply: autocast, gradient scaling and compilation."""
@@ -324,8 +325,6 @@ class FastTD3(OffPolicyAlgorithm):
         noise = self.exploration_noise
         if noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
             self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
-        if self._train_stats is None:
-            self._train_stats = th.zeros(5, device=self.device)
         return result
 
     def _excluded_save_params(self) -> list[str]:
@@ -397,7 +396,6 @@ class FastTD3(OffPolicyAlgorithm):
 
     def _update(self, replay_data: Any, update_actor: bool) -> None:
         """One critic update, the delayed actor update when due, then the target soft updates."""
-        assert self._train_stats is not None
         if self.compile and self.device.type == "cuda":
             th.compiler.cudagraph_mark_step_begin()
         with self._autocast():
@@ -572,14 +570,13 @@ class FastTD3(OffPolicyAlgorithm):
     # ------------------------------------------------------------------ logging
     def dump_logs(self) -> None:
         """Read the training statistics accumulated on the device (one host sync per log) and dump."""
-        if self._train_stats is not None:
-            critic_loss, q_sum, n_critic, actor_loss, n_actor = self._train_stats.tolist()
-            if n_critic > 0:
-                self.logger.record("train/critic_loss", critic_loss / n_critic)
-                self.logger.record("train/q_mean", q_sum / n_critic)
-            if n_actor > 0:
-                self.logger.record("train/actor_loss", actor_loss / n_actor)
-            self._train_stats.zero_()
+        critic_loss, q_sum, n_critic, actor_loss, n_actor = self._train_stats.tolist()
+        if n_critic > 0:
+            self.logger.record("train/critic_loss", critic_loss / n_critic)
+            self.logger.record("train/q_mean", q_sum / n_critic)
+        if n_actor > 0:
+            self.logger.record("train/actor_loss", actor_loss / n_actor)
+        self._train_stats.zero_()
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
         self.logger.record("train/actor_learning_rate", self.actor_lr_schedule(self._current_progress_remaining))
         self.logger.record("train/critic_learning_rate", self.critic_lr_schedule(self._current_progress_remaining))
