@@ -4,7 +4,10 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
+import torch as th
 from gymnasium import spaces
+
+from sb3_fasttd3.vec_env import TorchStep, TorchVecEnv
 
 
 class CountingEnv(gym.Env):
@@ -51,3 +54,56 @@ class CountingEnv(gym.Env):
         terminated = abs(self.x) > 5
         truncated = self.t >= self.max_steps and not terminated
         return self._obs(), reward, terminated, truncated, {}
+
+
+class CountingTorchVecEnv(TorchVecEnv):
+    """
+    :class:`CountingEnv` batched in torch: env ``i`` observes ``[t, episode, x]`` (or the same dict), terminates
+    when ``x`` leaves [-bound, bound] and is truncated after ``max_steps`` steps, resetting itself. ``nan_at``
+    makes the observations NaN at that vector step.
+    """
+
+    def __init__(
+        self, num_envs: int = 4, max_steps: int = 10, dict_obs: bool = False, nan_at: int | None = None, bound: float = 5.0
+    ):
+        env = CountingEnv(max_steps=max_steps, dict_obs=dict_obs)
+        super().__init__(num_envs, env.observation_space, env.action_space, device="cpu")
+        self.max_steps, self.dict_obs, self.nan_at, self.bound = max_steps, dict_obs, nan_at, bound
+        self.generator = th.Generator().manual_seed(0)
+        self.t = th.zeros(num_envs, dtype=th.int64)
+        self.episode = th.zeros(num_envs, dtype=th.int64)
+        self.x = th.zeros(num_envs)
+        self.steps = 0
+
+    def _obs(self) -> th.Tensor | dict[str, th.Tensor]:
+        obs = th.stack([self.t.float(), self.episode.float(), self.x], dim=1)
+        if self.nan_at is not None and self.steps == self.nan_at:
+            obs = obs * th.nan
+        if self.dict_obs:
+            return {"state": obs, "privileged_state": th.cat([obs, th.ones(self.num_envs, 1)], dim=1)}
+        return obs
+
+    def _draw_x(self) -> th.Tensor:
+        return th.rand(self.num_envs, generator=self.generator) * 2.0 - 1.0
+
+    def _reset(self, seed: int | None) -> th.Tensor | dict[str, th.Tensor]:
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.t.zero_()
+        self.episode.zero_()
+        self.x = self._draw_x()
+        return self._obs()
+
+    def _step(self, actions: th.Tensor) -> TorchStep:
+        self.steps += 1
+        self.t += 1
+        self.x = self.x + actions[:, 0].clamp(-2.0, 2.0)
+        reward = -self.x.abs()
+        terminated = self.x.abs() > self.bound
+        truncated = (self.t >= self.max_steps) & ~terminated
+        final_obs = self._obs()
+        done = terminated | truncated
+        self.t = th.where(done, 0, self.t)
+        self.episode = self.episode + done.long()
+        self.x = th.where(done, self._draw_x(), self.x)
+        return TorchStep(self._obs(), reward, terminated, truncated, final_obs)

@@ -3,18 +3,19 @@
 from typing import Any
 
 import numpy as np
+import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
 
-def _named_parts(name: str, obs: Any) -> dict[str, np.ndarray]:
+def _named_parts(name: str, obs: Any) -> dict[str, Any]:
     """``{name: obs}`` for an array, ``{name[key]: obs[key]}`` for a dict observation (None: nothing)."""
     if obs is None:
         return {}
     if isinstance(obs, dict):
-        return {f"{name}[{key}]": np.asarray(value) for key, value in obs.items()}
-    return {name: np.asarray(obs)}
+        return {f"{name}[{key}]": value for key, value in obs.items()}
+    return {name: obs}
 
 
 VEC_NORMALIZE_ERROR = (
@@ -89,3 +90,20 @@ def _raise_non_finite(name: str, env_idx: int, timestep: int) -> None:
         "nothing of this step was stored in the replay buffer. Fix the environment (or wrap it, e.g. with "
         "VecCheckNan to find the cause); the model and its buffer are intact and can be saved."
     )
+
+
+def check_finite_on_device(new_obs: Any, rewards: Any, final_obs: Any, timestep: int) -> None:
+    """
+    :func:`check_finite` for tensors: one scalar read from the device when everything is finite.
+
+    :param new_obs: observations (tensor or dict of tensors, leading dimension n_envs)
+    :param rewards: rewards, shape (n_envs,)
+    :param final_obs: the observations the step reached before any reset, like ``new_obs``
+    :param timestep: the model's timestep, for the message
+    """
+    parts = {"reward": rewards, **_named_parts("observation", new_obs), **_named_parts("terminal_observation", final_obs)}
+    rows_finite = {name: th.isfinite(value.reshape(value.shape[0], -1)).all(dim=1) for name, value in parts.items()}
+    if th.stack([finite.all() for finite in rows_finite.values()]).all().item():
+        return
+    name, finite = next((name, finite) for name, finite in rows_finite.items() if not finite.all())
+    _raise_non_finite(name, int(th.nonzero(~finite)[0, 0]), timestep)

@@ -4,25 +4,20 @@ from collections.abc import Iterator
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
-import numpy as np
 import torch as th
-from gymnasium import spaces
-from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.noise import ActionNoise
-from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, RolloutReturn, Schedule, TrainFreq
-from stable_baselines3.common.utils import FloatSchedule, obs_as_tensor, should_collect_more_steps, update_learning_rate
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.utils import FloatSchedule, update_learning_rate
 from torch.nn import functional as F
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
-from sb3_fasttd3.fasttd3.checks import check_env, check_finite
+from sb3_fasttd3.fasttd3.checks import check_env
 from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
+from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
 
@@ -44,7 +39,7 @@ def _split_batches(value: Any, batch_size: int, n_batches: int) -> list[Any]:
 AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
 
 
-class FastTD3(OffPolicyAlgorithm):
+class FastTD3(RolloutCollection):
     """
     FastTD3: TD3 scaled by parallel simulation, large batches and a distributional (C51) twin critic.
 
@@ -325,6 +320,7 @@ class FastTD3(OffPolicyAlgorithm):
         noise = self.exploration_noise
         if noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
             self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
+        self._setup_device_rollouts()
         return result
 
     def _excluded_save_params(self) -> list[str]:
@@ -469,107 +465,10 @@ class FastTD3(OffPolicyAlgorithm):
         q_value = q_values.min(dim=0).values if self.use_cdq else q_values.mean(dim=0)
         return -q_value.mean()
 
-    # ------------------------------------------------------------------ rollouts
-    def collect_rollouts(  # type: ignore[override]
-        self,
-        env: VecEnv,
-        callback: BaseCallback,
-        train_freq: TrainFreq,
-        replay_buffer: ReplayBuffer,
-        action_noise: ActionNoise | None = None,
-        learning_starts: int = 0,
-        log_interval: int | None = None,
-    ) -> RolloutReturn:
-        """
-        Step the envs with the noisy actor (uniform random actions before ``learning_starts``) and store
-        the transitions, with the true final observation of every finished episode.
-        Observations cross to torch once per vector step; callbacks are called once per vector step.
-        """
-        assert self.exploration_noise is not None, "call learn() (which runs _setup_learn) first"
-        self.policy.set_training_mode(False)
-        num_collected_steps, num_collected_episodes = 0, 0
-        callback.on_rollout_start()
-        while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
-            obs_tensor = self._last_obs_tensor
-            if obs_tensor is None:
-                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
-            buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
-            actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
-
-            new_obs, rewards, dones, infos = env.step(actions)
-            self.num_timesteps += env.num_envs
-            num_collected_steps += 1
-
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
-
-            self._update_info_buffer(infos, dones)
-            new_obs_tensor = self._store_step(obs_tensor, buffer_actions, new_obs, rewards, dones, infos)
-            self._last_obs, self._last_obs_tensor = new_obs, new_obs_tensor
-            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
-            self._on_step()
-
-            finished = int(np.count_nonzero(dones))
-            if finished > 0:
-                self.exploration_noise.reset(th.as_tensor(dones, device=self.device))
-                num_collected_episodes += finished
-                episodes_before = self._episode_num
-                self._episode_num += finished
-                # Dump once per vector step at most, when a multiple of log_interval episodes was crossed
-                if log_interval is not None and self._episode_num // log_interval > episodes_before // log_interval:
-                    self.dump_logs()
-        callback.on_rollout_end()
-        return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
-
-    def _exploration_actions(self, obs: th.Tensor | dict[str, th.Tensor], learning_starts: int) -> th.Tensor:
-        """Actions in [-1, 1] for every env: uniform during warm-up, noisy actor afterwards."""
-        assert self.exploration_noise is not None
-        self.policy.update_normalizer(obs)
-        action_dim = spaces.flatdim(self.action_space)
-        if self.num_timesteps < learning_starts:
-            return th.rand(self.n_envs, action_dim, device=self.device) * 2.0 - 1.0
-        with th.no_grad(), self._autocast():
-            return self._act_fn(obs).float()
-
-    def _noisy_actions(self, obs: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
-        """The actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
-        assert self.exploration_noise is not None
-        return self.exploration_noise(self.policy._predict(obs))
-
-    def _store_step(
-        self,
-        obs: th.Tensor | dict[str, th.Tensor],
-        buffer_actions: th.Tensor,
-        new_obs: np.ndarray | dict[str, np.ndarray],
-        rewards: np.ndarray,
-        dones: np.ndarray,
-        infos: list[dict[str, Any]],
-    ) -> th.Tensor | dict[str, th.Tensor]:
-        """Check the step is finite, then store it with true final observations; return the new obs as torch."""
-        done_indices = np.flatnonzero(dones)
-        final_obs = {int(i): infos[i].get("terminal_observation") for i in done_indices}
-        check_finite(new_obs, rewards, final_obs, self.num_timesteps)
-        new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
-        next_obs = self._replace_rows(new_obs_tensor, {i: o for i, o in final_obs.items() if o is not None})
-        truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
-        self.replay_buffer.add(obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
-        return new_obs_tensor
-
-    def _replace_rows(self, obs: th.Tensor | dict[str, th.Tensor], rows: dict[int, Any]) -> th.Tensor | dict[str, th.Tensor]:
-        """Copy of ``obs`` where env ``i``'s row is ``rows[i]`` (the true final observation of its episode)."""
-        if not rows:
-            return obs
-        if isinstance(obs, dict):
-            return {key: self._replace_rows(value, {i: row[key] for i, row in rows.items()}) for key, value in obs.items()}
-        obs = obs.clone()
-        indices = list(rows)
-        obs[indices] = th.as_tensor(np.stack([rows[i] for i in indices]), device=obs.device, dtype=obs.dtype)
-        return obs
-
     # ------------------------------------------------------------------ logging
     def dump_logs(self) -> None:
         """Read the training statistics accumulated on the device (one host sync per log) and dump."""
+        self._read_device_episodes()
         critic_loss, q_sum, n_critic, actor_loss, n_actor = self._train_stats.tolist()
         if n_critic > 0:
             self.logger.record("train/critic_loss", critic_loss / n_critic)
@@ -591,7 +490,7 @@ class FastTD3(OffPolicyAlgorithm):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfFastTD3:
-        return super().learn(
+        super().learn(
             total_timesteps=total_timesteps,
             callback=callback,
             log_interval=log_interval,
@@ -599,3 +498,5 @@ class FastTD3(OffPolicyAlgorithm):
             reset_num_timesteps=reset_num_timesteps,
             progress_bar=progress_bar,
         )
+        self._read_device_episodes()  # ep_info_buffer up to date when learn() returns
+        return self

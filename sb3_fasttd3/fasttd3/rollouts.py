@@ -1,0 +1,194 @@
+"""How FastTD3 steps its environments and stores transitions: from NumPy VecEnvs, and from TorchVecEnvs on device."""
+
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.buffers import ReplayBuffer
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.type_aliases import RolloutReturn, TrainFreq, TrainFrequencyUnit
+from stable_baselines3.common.utils import obs_as_tensor, should_collect_more_steps
+from stable_baselines3.common.vec_env import VecEnv
+
+from sb3_fasttd3.fasttd3.checks import check_finite, check_finite_on_device
+from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
+
+# With a TorchVecEnv, finished episodes are read from the device once every this many vector steps
+# (episode statistics reach the logs at most this late)
+DEVICE_SYNC_STEPS = 100
+
+
+class RolloutCollection(OffPolicyAlgorithm):
+    """
+    FastTD3's ``collect_rollouts``: uniform random actions before ``learning_starts``, the noisy actor after,
+    true final observations stored for finished episodes, callbacks once per vector step.
+    A :class:`~sb3_fasttd3.vec_env.TorchVecEnv` keeps the whole loop on the device.
+    """
+
+    def _setup_device_rollouts(self) -> None:
+        """Checks and constants for the on-device loop (called by ``_setup_learn``)."""
+        env = self.env
+        if not isinstance(env, TorchVecEnv):
+            return
+        if self.train_freq.unit == TrainFrequencyUnit.EPISODE:
+            raise ValueError(
+                f"train_freq={tuple(self.train_freq)} counts episodes, which with a TorchVecEnv would need a host "
+                "sync every step: use a number of steps, e.g. train_freq=1"
+            )
+        low = th.as_tensor(self.action_space.low, device=env.device, dtype=th.float32)
+        high = th.as_tensor(self.action_space.high, device=env.device, dtype=th.float32)
+        self._env_action_low, self._env_action_half_range = low, (high - low) / 2.0
+
+    def collect_rollouts(  # type: ignore[override]
+        self,
+        env: VecEnv,
+        callback: BaseCallback,
+        train_freq: TrainFreq,
+        replay_buffer: ReplayBuffer,
+        action_noise: ActionNoise | None = None,
+        learning_starts: int = 0,
+        log_interval: int | None = None,
+    ) -> RolloutReturn:
+        """
+        Step the envs with the noisy actor (uniform random actions before ``learning_starts``) and store
+        the transitions, with the true final observation of every finished episode.
+        Observations cross to torch once per vector step; callbacks are called once per vector step.
+        """
+        assert self.exploration_noise is not None, "call learn() (which runs _setup_learn) first"
+        self.policy.set_training_mode(False)
+        if isinstance(env, TorchVecEnv):
+            return self._collect_on_device(env, callback, train_freq, learning_starts, log_interval)
+        num_collected_steps, num_collected_episodes = 0, 0
+        callback.on_rollout_start()
+        while should_collect_more_steps(train_freq, num_collected_steps, num_collected_episodes):
+            obs_tensor = self._last_obs_tensor
+            if obs_tensor is None:
+                obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
+            buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
+            actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
+
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            num_collected_steps += 1
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
+
+            self._update_info_buffer(infos, dones)
+            new_obs_tensor = self._store_step(obs_tensor, buffer_actions, new_obs, rewards, dones, infos)
+            self._last_obs, self._last_obs_tensor = new_obs, new_obs_tensor
+            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+            self._on_step()
+
+            finished = int(np.count_nonzero(dones))
+            if finished > 0:
+                self.exploration_noise.reset(th.as_tensor(dones, device=self.device))
+                num_collected_episodes += finished
+                self._count_episodes(finished, log_interval)
+        callback.on_rollout_end()
+        return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
+
+    def _collect_on_device(
+        self, env: TorchVecEnv, callback: BaseCallback, train_freq: TrainFreq, learning_starts: int, log_interval: int | None
+    ) -> RolloutReturn:
+        """
+        The same loop for a TorchVecEnv, without NumPy or per-env Python. One scalar is read from the device
+        per vector step: the finite check, so that nothing non-finite is ever stored. Episode statistics are
+        read every :data:`DEVICE_SYNC_STEPS` vector steps.
+        """
+        assert self.exploration_noise is not None
+        num_collected_steps = 0
+        callback.on_rollout_start()
+        while should_collect_more_steps(train_freq, num_collected_steps, 0):
+            obs: TorchObs = self._last_obs  # type: ignore[assignment]
+            buffer_actions = self._exploration_actions(self._to_model_device(obs), learning_starts)
+            actions = self._env_action_low + (buffer_actions.to(env.device) + 1.0) * self._env_action_half_range
+
+            new_obs, rewards, dones, infos = env.step(actions)
+            self.num_timesteps += env.num_envs
+            num_collected_steps += 1
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps * env.num_envs, 0, continue_training=False)
+
+            final_obs = infos["final_observation"]
+            check_finite_on_device(new_obs, rewards, final_obs, self.num_timesteps)
+            self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])
+            self.exploration_noise.reset(dones.to(self.device))
+            self._last_obs = new_obs  # type: ignore[assignment]
+            self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
+            self._on_step()
+            if (self.num_timesteps // env.num_envs) % DEVICE_SYNC_STEPS == 0:
+                self._read_device_episodes(log_interval)
+        callback.on_rollout_end()
+        return RolloutReturn(num_collected_steps * env.num_envs, 0, True)
+
+    def _read_device_episodes(self, log_interval: int | None = None) -> None:
+        """Read the episodes that finished on the device (one host sync) and log them."""
+        env = self.env
+        if not isinstance(env, TorchVecEnv):
+            return
+        episodes, finished = env.episode_tracker.drain()
+        self.ep_info_buffer.extend(episodes)  # type: ignore[union-attr]
+        self._count_episodes(finished, log_interval)
+
+    def _count_episodes(self, finished: int, log_interval: int | None) -> None:
+        """Count finished episodes; dump the logs (once at most) when a multiple of ``log_interval`` is crossed."""
+        episodes_before = self._episode_num
+        self._episode_num += finished
+        if log_interval is not None and self._episode_num // log_interval > episodes_before // log_interval:
+            self.dump_logs()
+
+    def _to_model_device(self, obs: TorchObs) -> TorchObs:
+        if isinstance(obs, dict):
+            return {key: value.to(self.device) for key, value in obs.items()}
+        return obs.to(self.device)
+
+    def _exploration_actions(self, obs: TorchObs, learning_starts: int) -> th.Tensor:
+        """Actions in [-1, 1] for every env: uniform during warm-up, noisy actor afterwards."""
+        self.policy.update_normalizer(obs)
+        action_dim = spaces.flatdim(self.action_space)
+        if self.num_timesteps < learning_starts:
+            return th.rand(self.n_envs, action_dim, device=self.device) * 2.0 - 1.0
+        with th.no_grad(), self._autocast():
+            return self._act_fn(obs).float()
+
+    def _noisy_actions(self, obs: TorchObs) -> th.Tensor:
+        """The actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
+        assert self.exploration_noise is not None
+        return self.exploration_noise(self.policy._predict(obs))
+
+    def _store_step(
+        self,
+        obs: TorchObs,
+        buffer_actions: th.Tensor,
+        new_obs: np.ndarray | dict[str, np.ndarray],
+        rewards: np.ndarray,
+        dones: np.ndarray,
+        infos: list[dict[str, Any]],
+    ) -> TorchObs:
+        """Check the step is finite, then store it with true final observations; return the new obs as torch."""
+        done_indices = np.flatnonzero(dones)
+        final_obs = {int(i): infos[i].get("terminal_observation") for i in done_indices}
+        check_finite(new_obs, rewards, final_obs, self.num_timesteps)
+        new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
+        next_obs = self._replace_rows(new_obs_tensor, {i: o for i, o in final_obs.items() if o is not None})
+        truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
+        self.replay_buffer.add(obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
+        return new_obs_tensor
+
+    def _replace_rows(self, obs: TorchObs, rows: dict[int, Any]) -> TorchObs:
+        """Copy of ``obs`` where env ``i``'s row is ``rows[i]`` (the true final observation of its episode)."""
+        if not rows:
+            return obs
+        if isinstance(obs, dict):
+            return {key: self._replace_rows(value, {i: row[key] for i, row in rows.items()}) for key, value in obs.items()}
+        obs = obs.clone()
+        indices = list(rows)
+        obs[indices] = th.as_tensor(np.stack([rows[i] for i in indices]), device=obs.device, dtype=obs.dtype)
+        return obs
