@@ -1,0 +1,172 @@
+"""EnvPool's C++ batched simulators (MuJoCo, DM Control, MuJoCo Playground ports) as a :class:`TorchVecEnv`."""
+
+import warnings
+from typing import Any
+
+import numpy as np
+import torch as th
+from gymnasium import spaces
+
+from sb3_fasttd3.vec_env.base import TorchObs, TorchStep, TorchVecEnv
+
+NumpyObs = np.ndarray | dict[str, np.ndarray]
+
+
+def _import_envpool() -> Any:
+    try:
+        import envpool
+    except ImportError as error:
+        raise ImportError("EnvpoolVecEnv needs envpool: pip install 'sb3_fasttd3[envpool]' (envpool==1.2.5)") from error
+    return envpool
+
+
+def _box(shape: tuple[int, ...]) -> spaces.Box:
+    return spaces.Box(-np.inf, np.inf, shape, np.float32)
+
+
+def _observation_space(space: spaces.Space, flatten: bool) -> spaces.Space:
+    """float32 version of envpool's observation space (a ``Dict`` flattened to one ``Box`` if ``flatten``)."""
+    if isinstance(space, spaces.Box):
+        return _box(space.shape)
+    if not isinstance(space, spaces.Dict) or not all(isinstance(s, spaces.Box) for s in space.spaces.values()):
+        raise TypeError(f"EnvpoolVecEnv supports Box or Dict-of-Box observation spaces, got {space}")
+    if flatten:
+        return _box((sum(int(np.prod(s.shape)) for s in space.spaces.values()),))
+    return spaces.Dict({key: _box(s.shape) for key, s in space.spaces.items()})
+
+
+class EnvpoolVecEnv(TorchVecEnv):
+    """
+    An envpool (1.2.5, gymnasium API, synchronous mode) pool of environments with torch tensors on ``device``.
+
+    envpool resets a finished env on its NEXT step (that step ignores the action, returns reward 0 and the
+    first observation). Here, right after a step where some envs finished, those envs alone are reset with
+    ``reset(env_id)``: the step reports the true final observation as ``final_obs`` and the reset observation
+    as ``obs``, the other envs are untouched, and envpool's next step is a real transition for every env.
+
+    The time limit is applied here, not by envpool: when an episode terminates on its last allowed step,
+    envpool reports it as truncated; here termination wins (the pool is made with ``max_episode_steps + 1``).
+    For a pool made by the caller, envpool's own limit and flags are used as they are.
+
+    Observations are float32. DM Control tasks return a dict of features of one state (``position``,
+    ``velocity``, ...): by default they are concatenated into one ``Box`` (the keys' order in envpool's space),
+    the vector MLP policies and dm_control's ``flatten_observation`` use. The MuJoCo Playground ports return
+    ``state`` / ``privileged_state``: kept as a ``Dict`` for the asymmetric actor-critic.
+
+    envpool seeds at creation (env ``i`` gets ``seed + i``): a seed given with :meth:`seed` re-makes the pool at
+    the next :meth:`reset`, so the same seed gives the same trajectories. A pool made by the caller cannot be
+    re-seeded (a warning is issued).
+
+    :param env: an envpool task id (``envpool.list_all_envs()``: ``HalfCheetah-v4``/``-v5``, ``CheetahRun-v1``,
+        ``Go1JoystickFlatTerrain-v1``, ...) or a pool made with ``envpool.make(..., env_type="gymnasium")``
+    :param num_envs: number of environments (task id only)
+    :param seed: seed of the pool (task id only)
+    :param device: the device of every tensor
+    :param max_episode_steps: time limit (task id only; None: the task's default)
+    :param flatten_obs: concatenate a ``Dict`` observation into one ``Box``
+        (None: flatten unless it has a ``state`` key, as the Playground ports do)
+    :param make_kwargs: further keyword arguments of ``envpool.make`` (task id only), e.g. ``num_threads``
+    """
+
+    def __init__(
+        self,
+        env: str | Any,
+        num_envs: int = 1,
+        seed: int = 0,
+        device: th.device | str = "cpu",
+        max_episode_steps: int | None = None,
+        flatten_obs: bool | None = None,
+        **make_kwargs: Any,
+    ):
+        self.task_id = env if isinstance(env, str) else None
+        self._make_kwargs = dict(num_envs=num_envs, **make_kwargs)
+        if self.task_id is None:
+            if max_episode_steps is not None or make_kwargs:
+                raise ValueError("max_episode_steps and envpool.make arguments need a task id, not a pool")
+            self.max_episode_steps = int(env.config["max_episode_steps"])
+        else:
+            default_max_episode_steps = self._default_max_episode_steps()
+            self.max_episode_steps = max_episode_steps or default_max_episode_steps
+            env = self._make(seed)
+        self._check_pool(env)
+        self.pool = env
+        space = env.observation_space
+        self._keys = list(space.spaces) if isinstance(space, spaces.Dict) else None
+        self.flatten_obs = self._keys is not None and (flatten_obs if flatten_obs is not None else "state" not in self._keys)
+        low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
+        action_space = spaces.Box(low, high, env.action_space.shape, np.float32)
+        super().__init__(env.num_envs, _observation_space(space, self.flatten_obs), action_space, device)
+
+    def _default_max_episode_steps(self) -> int:
+        """The task's time limit; checks that envpool knows the task."""
+        envpool = _import_envpool()
+        if self.task_id not in envpool.list_all_envs():
+            raise ValueError(f"env={self.task_id!r}: unknown envpool task id, see envpool.list_all_envs()")
+        return int(envpool.make_spec(self.task_id).config.max_episode_steps)
+
+    def _make(self, seed: int) -> Any:
+        """A new pool seeded with ``seed``; its own time limit is one step past ours (see the class docstring)."""
+        kwargs = dict(self._make_kwargs, seed=seed, max_episode_steps=self.max_episode_steps + 1)
+        return _import_envpool().make(self.task_id, env_type="gymnasium", **kwargs)
+
+    @staticmethod
+    def _check_pool(pool: Any) -> None:
+        if not hasattr(pool, "num_envs") or not hasattr(pool, "config"):
+            raise TypeError(f"env must be an envpool task id or an envpool gymnasium pool, got {type(pool).__name__}")
+        if pool.is_async:
+            raise ValueError("env: asynchronous envpool pools (batch_size < num_envs) are not supported")
+        if not isinstance(pool.action_space, spaces.Box):
+            raise TypeError(f"EnvpoolVecEnv needs a Box action space, got {pool.action_space}")
+
+    def _to_numpy(self, obs: NumpyObs) -> NumpyObs:
+        """envpool's observation (float64) as float32 arrays, flattened if asked."""
+        if self._keys is None:
+            return obs.astype(np.float32, copy=False)
+        if self.flatten_obs:
+            return np.concatenate([obs[key].reshape(len(obs[key]), -1) for key in self._keys], axis=1, dtype=np.float32)
+        return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
+
+    def _to_torch(self, obs: NumpyObs) -> TorchObs:
+        if isinstance(obs, dict):
+            return {key: th.from_numpy(value).to(self.device) for key, value in obs.items()}
+        return th.from_numpy(obs).to(self.device)
+
+    def _reset_envs(self, final_obs: NumpyObs, env_ids: np.ndarray) -> NumpyObs:
+        """``final_obs`` with the rows of ``env_ids`` replaced by the first observation of their next episode."""
+        reset_obs, info = self.pool.reset(env_ids.astype(np.int32))
+        reset_obs, rows = self._to_numpy(reset_obs), info["env_id"]
+        if isinstance(final_obs, dict):
+            obs = {key: value.copy() for key, value in final_obs.items()}
+            for key, value in obs.items():
+                value[rows] = reset_obs[key]
+            return obs
+        obs = final_obs.copy()
+        obs[rows] = reset_obs
+        return obs
+
+    def _reset(self, seed: int | None) -> TorchObs:
+        if seed is not None and self.task_id is None:
+            warnings.warn("EnvpoolVecEnv: a pool made by the caller cannot be re-seeded; seed ignored", stacklevel=2)
+        elif seed is not None:
+            self.pool.close()
+            self.pool = self._make(seed)
+        obs, _ = self.pool.reset()
+        return self._to_torch(self._to_numpy(obs))
+
+    def _step(self, actions: th.Tensor) -> TorchStep:
+        """One envpool step, then a reset of the envs that finished (``obs`` shares memory with ``final_obs`` if none did)."""
+        obs, reward, terminated, truncated, info = self.pool.step(actions.detach().cpu().numpy())
+        truncated = (truncated | (info["elapsed_step"] >= self.max_episode_steps)) & ~terminated
+        final_obs = self._to_numpy(obs)
+        done_ids = np.flatnonzero(terminated | truncated)
+        obs = self._reset_envs(final_obs, done_ids) if done_ids.size else final_obs
+        return TorchStep(
+            obs=self._to_torch(obs),
+            reward=th.from_numpy(reward.astype(np.float32, copy=False)).to(self.device),
+            terminated=th.from_numpy(terminated).to(self.device),
+            truncated=th.from_numpy(truncated).to(self.device),
+            final_obs=self._to_torch(final_obs),
+        )
+
+    def close(self) -> None:
+        self.pool.close()
