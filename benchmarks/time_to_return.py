@@ -1,0 +1,255 @@
+"""
+Evaluation return against wall-clock seconds and environment steps on one task, for FastTD3 (our RL Zoo
+entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-contrib TQC and SBX TD3/SAC
+(JAX on the same device).
+
+    python -m benchmarks.time_to_return --budget 600                 # every algorithm, one after another
+    python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
+
+Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
+training; evaluation time is not counted. Results append to ``benchmarks/results/time_to_return.json``
+and the Markdown summary and PNG plot are rebuilt from every run in that file, so a long comparison can
+be built over several invocations. Peers need ``pip install -e ".[benchmarks]"``.
+"""
+
+import argparse
+import importlib
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.evaluation import evaluate_policy
+from stable_baselines3.common.noise import NormalActionNoise
+
+from benchmarks.common import RESULTS_DIR, machine_info, write_results
+
+# name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
+ALGOS = {
+    "fasttd3": ("sb3_fasttd3", "FastTD3", None),
+    "td3": ("stable_baselines3", "TD3", "td3"),
+    "sac": ("stable_baselines3", "SAC", "sac"),
+    "tqc": ("sb3_contrib", "TQC", "tqc"),
+    "sbx_td3": ("sbx", "TD3", "td3"),
+    "sbx_sac": ("sbx", "SAC", "sac"),
+}
+RESULTS_NAME = "time_to_return"
+
+
+def zoo_hyperparams(zoo_file: str, env_id: str) -> tuple[dict[str, Any], int]:
+    """
+    The RL Zoo 2.9 entry of ``env_id`` (the ``-v4`` entry stands in for ``-v5``) as constructor arguments.
+
+    :param zoo_file: name of the Zoo's hyperparameter file (``td3``, ``sac``, ...)
+    :param env_id: Gymnasium id
+    :return: keyword arguments and the number of envs
+    """
+    import rl_zoo3
+    import torch as th
+
+    entries = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / f"{zoo_file}.yml").read_text())
+    key = env_id if env_id in entries else env_id.replace("-v5", "-v4")
+    if key not in entries:
+        raise ValueError(f"rl_zoo3 has no {zoo_file} entry for env_id={env_id!r}")
+    entry = dict(entries[key])
+    n_envs = int(entry.pop("n_envs", 1))
+    entry.pop("n_timesteps", None)
+    for unsupported in ("normalize", "env_wrapper", "frame_stack", "callback"):
+        if unsupported in entry:
+            raise ValueError(f"the {zoo_file} entry of {key} uses {unsupported!r}, which this benchmark does not apply")
+    noise_type, noise_std = entry.pop("noise_type", None), entry.pop("noise_std", None)
+    if noise_type is not None:
+        if noise_type != "normal":
+            raise ValueError(f"noise_type={noise_type!r} is not supported here (only 'normal')")
+        # The Zoo builds the noise from the action size once the env exists; see make_model()
+        entry["action_noise_std"] = float(noise_std)
+    if isinstance(entry.get("policy_kwargs"), str):
+        entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"__builtins__": {}, "dict": dict, "nn": th.nn})
+    return entry, n_envs
+
+
+def make_model(algo: str, env_id: str, seed: int) -> BaseAlgorithm:
+    """``algo`` with its Zoo hyperparameters on ``env_id``."""
+    module, class_name, zoo_file = ALGOS[algo]
+    algo_class = getattr(importlib.import_module(module), class_name)
+    if zoo_file is None:
+        from sb3_fasttd3.hyperparams import load_hyperparams
+
+        hyperparams, n_envs = load_hyperparams(env_id)
+    else:
+        hyperparams, n_envs = zoo_hyperparams(zoo_file, env_id)
+    env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
+    noise_std = hyperparams.pop("action_noise_std", None)
+    if noise_std is not None:
+        n_actions = env.action_space.shape[0]
+        hyperparams["action_noise"] = NormalActionNoise(np.zeros(n_actions), noise_std * np.ones(n_actions))
+    return algo_class(env=env, seed=seed, verbose=0, **hyperparams)
+
+
+class BudgetedEvaluation(BaseCallback):
+    """
+    Evaluate every ``eval_every`` environment steps and stop after ``budget`` seconds of training.
+    The evaluation time is kept off the training clock.
+
+    :param eval_env: the environment to evaluate on
+    :param budget: training seconds
+    :param eval_every: environment steps (over all envs) between evaluations
+    :param eval_episodes: episodes per evaluation
+    """
+
+    def __init__(self, eval_env, budget: float, eval_every: int, eval_episodes: int):
+        super().__init__()
+        self.eval_env, self.budget, self.eval_every, self.eval_episodes = eval_env, budget, eval_every, eval_episodes
+        self.curve: list[dict[str, float]] = []
+
+    def _on_training_start(self) -> None:
+        self.start, self.eval_seconds, self.next_eval = time.perf_counter(), 0.0, self.eval_every
+
+    def training_seconds(self) -> float:
+        return time.perf_counter() - self.start - self.eval_seconds
+
+    def evaluate(self) -> None:
+        seconds, eval_start = self.training_seconds(), time.perf_counter()
+        mean_return, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.eval_episodes)
+        self.curve.append({"seconds": seconds, "steps": self.num_timesteps, "return": float(mean_return)})
+        print(f"  {seconds:7.1f} s {self.num_timesteps:8d} steps  return {mean_return:8.1f}", flush=True)
+        self.eval_seconds += time.perf_counter() - eval_start
+
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= self.next_eval:
+            self.next_eval += self.eval_every
+            self.evaluate()
+        if self.training_seconds() >= self.budget:
+            self.evaluate()
+            return False
+        return True
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one algorithm under the budget (called in a child process)."""
+    model = make_model(args.worker, args.env, args.seed)
+    callback = BudgetedEvaluation(
+        make_vec_env(args.env, n_envs=1, seed=args.seed + 1000), args.budget, args.eval_every, args.eval_episodes
+    )
+    model.learn(total_timesteps=10**9, callback=callback)
+    return {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
+
+
+def first_reaching(curve: list[dict[str, float]], threshold: float) -> dict[str, float] | None:
+    """The first evaluation point whose return is at least ``threshold``."""
+    return next((point for point in curve if point["return"] >= threshold), None)
+
+
+def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
+    """A Markdown table of every run and, per invocation, FastTD3's speed-up over its fastest peer."""
+    header = "| invocation | algo | seed | budget s | " + " | ".join(f"to {t:g}: s (steps)" for t in thresholds)
+    lines = [header + " | return at budget | steps at budget |", "|" + " --- |" * (6 + len(thresholds))]
+    for run in runs:
+        cells = []
+        for threshold in thresholds:
+            point = first_reaching(run["curve"], threshold)
+            cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
+        last = run["curve"][-1]
+        lines.append(
+            f"| {run['invocation']} | {run['algo']} | {run['seed']} | {run['budget']:g} | "
+            + " | ".join(cells)
+            + f" | {last['return']:.0f} | {last['steps']:.0f} |"
+        )
+    lines += ["", "FastTD3's time to a return against the fastest peer of the same invocation:", ""]
+    for invocation in sorted({run["invocation"] for run in runs}):
+        group = [run for run in runs if run["invocation"] == invocation]
+        ours = [run for run in group if run["algo"] == "fasttd3"]
+        peers = [run for run in group if run["algo"] != "fasttd3"]
+        if not ours or not peers:
+            continue
+        for threshold in thresholds:
+            lines.append(f"- invocation {invocation}, return {threshold:g}: " + speedup(ours[0], peers, threshold))
+    return "\n".join(lines)
+
+
+def speedup(ours: dict[str, Any], peers: list[dict[str, Any]], threshold: float) -> str:
+    """FastTD3's time against the fastest peer's, or the bound the budget gives when a peer never got there."""
+    our_point = first_reaching(ours["curve"], threshold)
+    if our_point is None:
+        return "FastTD3 did not reach it"
+    peer_times = {peer["algo"]: first_reaching(peer["curve"], threshold) for peer in peers}
+    reached = {algo: point["seconds"] for algo, point in peer_times.items() if point is not None}
+    if not reached:
+        budget = min(peer["budget"] for peer in peers)
+        return (
+            f"FastTD3 {our_point['seconds']:.0f} s; no peer within {budget:g} s (ratio <= {our_point['seconds'] / budget:.2f})"
+        )
+    fastest = min(reached, key=reached.get)
+    return (
+        f"FastTD3 {our_point['seconds']:.0f} s, fastest peer {fastest} {reached[fastest]:.0f} s "
+        f"(ratio {our_point['seconds'] / reached[fastest]:.2f}; target <= 0.20)"
+    )
+
+
+def plot(runs: list[dict[str, Any]], path: Path) -> None:
+    """Return against training seconds and against environment steps, one line per run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
+    colors = {algo: f"C{i}" for i, algo in enumerate(ALGOS)}
+    for run in runs:
+        label = f"{run['algo']} (seed {run['seed']}, #{run['invocation']})"
+        for axis, key in zip(axes, ("seconds", "steps"), strict=True):
+            values = [point[key] for point in run["curve"]]
+            axis.plot(values, [point["return"] for point in run["curve"]], color=colors[run["algo"]], label=label)
+    axes[0].set(xlabel="training wall-clock (s, evaluation excluded)", ylabel="evaluation return")
+    axes[1].set(xlabel="environment steps")
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"{runs[-1]['env']}: evaluation return")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--algos", nargs="+", choices=list(ALGOS), default=list(ALGOS))
+    parser.add_argument("--env", default="HalfCheetah-v5")
+    parser.add_argument("--budget", type=float, default=600.0, help="training seconds per algorithm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
+    parser.add_argument("--eval-episodes", type=int, default=3)
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[3000.0, 5000.0])
+    parser.add_argument("--worker", choices=list(ALGOS), help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker is not None:
+        Path(args.output).write_text(json.dumps(run_worker(args)))
+        return
+
+    results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
+    results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+    invocation = 1 + max((run["invocation"] for run in results["runs"]), default=0)
+    for algo in args.algos:
+        print(f"{algo}: {args.budget:g} s on {args.env}", flush=True)
+        with tempfile.NamedTemporaryFile(suffix=".json") as output:
+            worker = [sys.executable, "-m", "benchmarks.time_to_return", "--worker", algo, "--output", output.name]
+            options = ["--env", args.env, "--budget", str(args.budget), "--seed", str(args.seed)]
+            options += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+            subprocess.run(worker + options, check=True)
+            run = json.loads(Path(output.name).read_text())
+        results["runs"].append({**run, "invocation": invocation, "machine": machine_info()})
+        # Save after every algorithm: a long comparison interrupted halfway keeps what it measured
+        results["machine"] = machine_info()
+        markdown = f"# Time to return on {args.env}\n\n" + summarize(results["runs"], args.thresholds)
+        write_results(RESULTS_NAME, results, markdown + "\n\n![curves](time_to_return.png)\n")
+        plot(results["runs"], RESULTS_DIR / f"{RESULTS_NAME}.png")
+
+
+if __name__ == "__main__":
+    main()
