@@ -153,3 +153,18 @@ def test_spaces_and_dict_observations():
     assert set(obs) == {"position", "velocity"} and obs["velocity"].shape == (2, 9) and obs["velocity"].dtype == th.float32
     with pytest.raises(ValueError, match="unknown envpool task id"):
         EnvpoolVecEnv("HalfCheetah-v99", max_episode_steps=5)
+
+
+def test_fasttd3_on_envpool_bootstraps_from_final_observations():
+    from sb3_fasttd3 import FastTD3
+
+    env = EnvpoolVecEnv("HalfCheetah-v5", num_envs=2, seed=0, max_episode_steps=6)
+    model = FastTD3("MlpPolicy", env, learning_starts=12, batch_size=8, num_atoms=11, policy_kwargs=dict(net_arch=[8]))
+    model.learn(36)
+    buffer, rows = model.replay_buffer, model.replay_buffer.size()
+    truncated = buffer.timeouts[:, :rows]
+    assert rows == 18 and truncated.sum() == 6 and not (buffer.dones[:, :rows] & ~truncated).any()
+    # The reset step is not a transition: each row's observation is the previous row's next one, except after
+    # a time limit, where the next episode starts from the reset observation instead of the final one
+    same = th.isclose(buffer.next_observations[:, : rows - 1], buffer.observations[:, 1:rows]).all(dim=-1)
+    assert same[~truncated[:, : rows - 1]].all() and not same[truncated[:, : rows - 1]].any()

@@ -27,3 +27,20 @@ def test_halfcheetah_learns_within_100k_transitions():
     pytest.importorskip("mujoco")
     # The zoo entry reached 3891 after 20k transitions and 5006 after 40k here (2 cores, seed 0)
     assert train_and_evaluate("HalfCheetah-v5", 100_000, n_eval_episodes=5) >= 2000
+
+
+@pytest.mark.slow
+def test_playground_cartpole_balance_learns():
+    pytest.importorskip("mujoco_playground")
+    from sb3_fasttd3.hyperparams import PLAYGROUND_FILE
+    from sb3_fasttd3.vec_env import NumpyVecEnv
+    from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv
+
+    hyperparams, n_envs = load_hyperparams("CartpoleBalance", PLAYGROUND_FILE)
+    env = PlaygroundVecEnv("CartpoleBalance", n_envs, device="cpu", randomize_episode_start=True, seed=0)
+    model = FastTD3(env=env, seed=0, **hyperparams)
+    model.learn(40_000)
+    # Random play scores about 100-250 (of 1000); the entry reached 998 after 30k transitions here
+    eval_env = NumpyVecEnv(PlaygroundVecEnv("CartpoleBalance", 4, device="cpu", seed=1))
+    mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=4)
+    assert mean_return >= 800

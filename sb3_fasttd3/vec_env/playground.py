@@ -1,0 +1,301 @@
+"""
+MuJoCo Playground (JAX / MJX) tasks as a :class:`~sb3_fasttd3.vec_env.TorchVecEnv`.
+
+The batch of environments lives in JAX; observations, rewards and flags reach torch through DLPack without a
+copy, and actions go back the same way. The auto-reset is ours: Playground 0.2.0's own wrapper drops the final
+observation and, with ``full_reset=True``, clears the time-limit flag.
+"""
+
+import functools
+import subprocess
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch as th
+from gymnasium import spaces
+from mujoco_playground import dm_control_suite, locomotion, manipulation, registry
+from mujoco_playground._src import mjx_env
+from mujoco_playground._src.wrapper import BraxDomainRandomizationVmapWrapper
+
+from sb3_fasttd3.vec_env.base import TorchObs, TorchStep, TorchVecEnv
+
+# fn(mjx_model, rng of shape (num_envs, 2)) -> (batched mjx_model, in_axes), as registry.get_domain_randomizer returns
+RandomizationFn = Callable[[Any, jax.Array], tuple[Any, Any]]
+
+
+def playground_tasks() -> dict[str, tuple[str, ...]]:
+    """
+    Playground's registered tasks by suite. ``dm_control_suite`` tasks ship their models and work offline;
+    ``locomotion`` and ``manipulation`` (robot tasks) load MuJoCo Menagerie models, fetched with git on first use.
+    """
+    return {
+        "dm_control_suite": tuple(dm_control_suite.ALL_ENVS),
+        "locomotion": tuple(locomotion.ALL_ENVS),
+        "manipulation": tuple(manipulation.ALL_ENVS),
+    }
+
+
+def needs_menagerie(task: str) -> bool:
+    """Whether a registered Playground task loads its robot model from MuJoCo Menagerie."""
+    return task in locomotion.ALL_ENVS or task in manipulation.ALL_ENVS
+
+
+def _menagerie_error(task: str, cause: BaseException) -> RuntimeError:
+    return RuntimeError(
+        f"Playground task {task!r} needs the MuJoCo Menagerie robot models, which could not be loaded ({cause!r}). "
+        f"Playground looks for them in {mjx_env.MENAGERIE_PATH} and clones them with git on first use, which needs "
+        "network access. Provide them with: git clone https://github.com/google-deepmind/mujoco_menagerie.git "
+        f"{mjx_env.MENAGERIE_PATH} && git -C {mjx_env.MENAGERIE_PATH} checkout {mjx_env.MENAGERIE_COMMIT_SHA}"
+    )
+
+
+def _load_task(task: str, impl: str, config_overrides: Mapping[str, Any] | None) -> Any:
+    """Build a registered Playground task, with the simulator ``impl`` unless ``config_overrides`` sets it."""
+    if task not in registry.ALL_ENVS:
+        raise ValueError(f"task={task!r} is not a MuJoCo Playground task; registered tasks: {playground_tasks()}")
+    overrides = dict(config_overrides or {})
+    if "impl" in registry.get_default_config(task):
+        overrides.setdefault("impl", impl)
+    try:
+        return registry.load(task, config_overrides=overrides)
+    except (subprocess.CalledProcessError, OSError, ValueError) as error:
+        if not needs_menagerie(task):
+            raise
+        raise _menagerie_error(task, error) from error
+
+
+def _jax_device(device: th.device) -> jax.Device:
+    """The JAX device whose arrays torch sees on ``device`` through DLPack."""
+    platform = {"cpu": "cpu", "cuda": "gpu"}.get(device.type)
+    try:
+        candidates = jax.devices(platform) if platform else []
+    except RuntimeError:  # JAX has no backend for this platform
+        candidates = []
+    index = device.index or 0
+    if index >= len(candidates):
+        raise ValueError(
+            f"device={str(device)!r} has no matching JAX device (JAX devices: {jax.devices()}); "
+            "pass the torch device of a JAX device, e.g. device='cpu' with a CPU-only jaxlib"
+        )
+    return candidates[index]
+
+
+def _torch_device(device: jax.Device) -> th.device:
+    return th.device("cpu") if device.platform == "cpu" else th.device("cuda", device.id)
+
+
+def _box(shape: tuple[int, ...], dtype: Any) -> spaces.Box:
+    return spaces.Box(-np.inf, np.inf, shape=tuple(shape), dtype=np.dtype(dtype))
+
+
+def _observation_space(obs: Any) -> spaces.Space:
+    """Box (or Dict of Box) for one env's observation, given its (abstract) array or dict of arrays."""
+    if isinstance(obs, Mapping):
+        return spaces.Dict({key: _box(value.shape, value.dtype) for key, value in obs.items()})
+    return _box(obs.shape, obs.dtype)
+
+
+def _split(keys: jax.Array, num: int) -> tuple[jax.Array, ...]:
+    """Split each env's key into ``num`` keys: returns ``num`` arrays of shape ``(num_envs, 2)``."""
+    split = jax.vmap(lambda key: jax.random.split(key, num))(keys)
+    return tuple(split[:, i] for i in range(num))
+
+
+def _strong(tree: Any) -> Any:
+    """Drop weak types, so that the batch has the same types after a reset and after a step (no retracing)."""
+    return jax.tree.map(lambda x: jax.lax.convert_element_type(x, x.dtype), tree)
+
+
+def _where(done: jax.Array, fresh: jax.Array, current: jax.Array) -> jax.Array:
+    """``fresh`` for the envs flagged in ``done``, ``current`` for the others (any trailing shape)."""
+    mask = done.reshape(done.shape + (1,) * (current.ndim - 1))
+    return jnp.where(mask, fresh.astype(current.dtype), current)
+
+
+def _is_none(x: Any) -> bool:
+    return x is None
+
+
+def _to_torch(tree: Any) -> Any:
+    """Zero-copy torch views of JAX arrays (dicts of arrays give dicts of tensors)."""
+    if isinstance(tree, Mapping):
+        return {key: th.from_dlpack(value) for key, value in tree.items()}
+    return th.from_dlpack(tree)
+
+
+class _Batch(NamedTuple):
+    """
+    The JAX state of the whole batch: Playground states, steps taken in the episode, per-env PRNG keys, and
+    a pool with one prepared reset state per env (``pool_used``: already given out, to be drawn again).
+    """
+
+    state: Any
+    steps: jax.Array
+    keys: jax.Array
+    pool: Any
+    pool_used: jax.Array
+
+
+class PlaygroundVecEnv(TorchVecEnv):
+    """
+    A batch of MuJoCo Playground environments stepped by one jitted, vmapped JAX function.
+
+    Each step returns the observation reached before any reset as ``final_observation``; an episode ends with
+    ``terminated`` when the task reports ``done`` and with ``truncated`` when it reaches ``episode_length``
+    steps without terminating. Finished envs restart from a fresh reset with their own key.
+
+    The tensors returned share memory with JAX buffers (DLPack): treat them as read-only, clone before an
+    in-place operation.
+
+    :param task: name of a task in ``mujoco_playground.registry`` (see :func:`playground_tasks`), or an already
+        built Playground environment (an object with ``reset(rng)``, ``step(state, action)`` and ``action_size``)
+    :param num_envs: number of environments
+    :param device: torch device of the tensors; it must be the device of JAX's arrays ("cpu" with a CPU-only
+        jaxlib). "auto": JAX's default device
+    :param impl: MJX implementation, put into the task's config ("jax"; Playground's default "warp" is very slow
+        on CPU). Ignored for a built environment
+    :param episode_length: time limit in steps (default: the task config's ``episode_length``, else 1000)
+    :param config_overrides: task config overrides, as ``registry.load`` takes them (an ``impl`` here wins over ``impl``)
+    :param randomization_fn: domain randomization, ``fn(mjx_model, rng) -> (batched model, in_axes)`` with ``rng``
+        of shape ``(num_envs, 2)``, e.g. ``registry.get_domain_randomizer(task)``
+    :param randomize_episode_start: start each env at a random step in ``[0, episode_length)`` after
+        :meth:`reset`, so that time-limit truncations are spread over time
+    :param seed: seed of the first reset and of the domain randomization
+    :param render_size: ``(height, width)`` of the images of :meth:`get_images`
+    """
+
+    render_mode = "rgb_array"
+
+    def __init__(
+        self,
+        task: str | Any,
+        num_envs: int,
+        device: th.device | str = "auto",
+        impl: str = "jax",
+        episode_length: int | None = None,
+        config_overrides: Mapping[str, Any] | None = None,
+        randomization_fn: RandomizationFn | None = None,
+        randomize_episode_start: bool = False,
+        seed: int = 0,
+        render_size: tuple[int, int] = (240, 320),
+    ):
+        if num_envs < 1:
+            raise ValueError(f"num_envs={num_envs} must be at least 1")
+        if isinstance(task, str):
+            self.env = _load_task(task, impl, config_overrides)
+        elif config_overrides:
+            raise ValueError("config_overrides only applies to a task name, not to an already built environment")
+        else:
+            self.env = task
+        self.jax_device = jax.devices()[0] if device == "auto" else _jax_device(th.device(device))
+        self.episode_length = int(episode_length or getattr(getattr(self.env, "_config", None), "episode_length", 1000))
+        if self.episode_length < 1:
+            raise ValueError(f"episode_length={self.episode_length} must be at least 1")
+        self.randomize_episode_start = randomize_episode_start
+        self.render_size = render_size
+        self._reset_one, self._batched_step = self._env_functions(num_envs, randomization_fn, seed)
+        obs = jax.eval_shape(self.env.reset, jax.random.PRNGKey(0)).obs
+        action_space = spaces.Box(-1.0, 1.0, shape=(self.env.action_size,), dtype=np.float32)
+        super().__init__(num_envs, _observation_space(obs), action_space, _torch_device(self.jax_device))
+        self._reset_jit = jax.jit(self._reset_batch)
+        self._step_jit = jax.jit(self._step_batch)
+        self._keys = self._seed_keys(seed)
+        self._batch: _Batch | None = None
+
+    def _env_functions(self, num_envs: int, randomization_fn: RandomizationFn | None, seed: int) -> tuple[Callable, Callable]:
+        """``reset(env_index, key)`` of one env and the batched ``step(states, actions)``, on randomized models if asked."""
+        if randomization_fn is None:
+            return lambda index, key: self.env.reset(key), jax.vmap(self.env.step)
+        rng = jax.device_put(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 1), num_envs), self.jax_device)
+        randomized = BraxDomainRandomizationVmapWrapper(self.env, functools.partial(randomization_fn, rng=rng))
+        models, in_axes = randomized._mjx_model_v, randomized._in_axes
+
+        def reset(index: jax.Array, key: jax.Array) -> Any:
+            model = jax.tree.map(lambda axis, x: x if axis is None else x[index], in_axes, models, is_leaf=_is_none)
+            with randomized.v_env_fn(model) as env:
+                return env.reset(key)
+
+        return reset, randomized.step
+
+    def _seed_keys(self, seed: int) -> jax.Array:
+        # Committed to the device like the DLPack actions, so that steps after a reset hit the same compiled step
+        return jax.device_put(jax.random.split(jax.random.PRNGKey(seed), self.num_envs), self.jax_device)
+
+    def _reset_batch(self, keys: jax.Array) -> _Batch:
+        """Reset every env (jitted): fresh states, step counters at 0 or random, next keys."""
+        keys, reset_keys, start_keys = _split(keys, 3)
+        state = self._fresh_states(reset_keys)
+        if self.randomize_episode_start:
+            steps = jax.vmap(lambda key: jax.random.randint(key, (), 0, self.episode_length))(start_keys)
+        else:
+            steps = jnp.zeros(keys.shape[0], dtype=jnp.int32)
+        # The pool starts used up: it is drawn the first time an episode ends
+        return _Batch(state, steps.astype(jnp.int32), keys, state, jnp.ones(keys.shape[0], dtype=bool))
+
+    def _refill_pool(self, batch: _Batch) -> tuple[Any, jax.Array, jax.Array]:
+        """New reset states in place of the used ones; returns the pool, its (cleared) used flags and the next keys."""
+        keys, reset_keys = _split(batch.keys, 2)
+        pool = jax.tree.map(functools.partial(_where, batch.pool_used), self._fresh_states(reset_keys), batch.pool)
+        return pool, jnp.zeros_like(batch.pool_used), keys
+
+    def _step_batch(self, batch: _Batch, actions: jax.Array) -> tuple[_Batch, tuple[Any, ...]]:
+        """Step every env (jitted), reset the finished ones; returns the next batch, rewards, flags, final observations."""
+        reached = _strong(self._batched_step(batch.state, actions))
+        steps = batch.steps + 1
+        terminated = reached.done.astype(bool)  # Playground's done is a float 0/1
+        truncated = (steps >= self.episode_length) & ~terminated
+        done = terminated | truncated
+        # A reset can cost many physics steps (CheetahRun settles for 200): finished envs take a prepared state,
+        # and the pool is refilled for all envs at once, only when an env needs a state it already took
+        pool, pool_used, keys = jax.lax.cond(
+            (done & batch.pool_used).any(), self._refill_pool, lambda batch: (batch.pool, batch.pool_used, batch.keys), batch
+        )
+        # Most steps end no episode: skip the selection over the whole state tree then
+        state = jax.lax.cond(done.any(), lambda: jax.tree.map(functools.partial(_where, done), pool, reached), lambda: reached)
+        steps = jnp.where(done, 0, steps)
+        reward = reached.reward.astype(jnp.float32)
+        return _Batch(state, steps, keys, pool, pool_used | done), (reward, terminated, truncated, reached.obs)
+
+    def _fresh_states(self, keys: jax.Array) -> Any:
+        """A reset state for every env (each with its own model under domain randomization)."""
+        return _strong(jax.vmap(self._reset_one)(jnp.arange(keys.shape[0]), keys))
+
+    def _reset(self, seed: int | None) -> TorchObs:
+        keys = self._keys if seed is None else self._seed_keys(seed)
+        self._batch = self._reset_jit(keys)
+        self._keys = self._batch.keys
+        return _to_torch(self._batch.state.obs)
+
+    def _step(self, actions: th.Tensor) -> TorchStep:
+        if self._batch is None:
+            raise RuntimeError("reset() the environment before stepping it")
+        # Zero-copy: JAX reads the torch memory; the outputs are ready (DLPack export waits) before torch may reuse it
+        jax_actions = jax.dlpack.from_dlpack(actions.detach().contiguous())
+        self._batch, outputs = self._step_jit(self._batch, jax_actions)
+        self._keys = self._batch.keys
+        reward, terminated, truncated, final_obs = (_to_torch(output) for output in outputs)
+        # The observation is a view of the state's own buffer (returning it as an output too would make XLA copy it)
+        return TorchStep(_to_torch(self._batch.state.obs), reward, terminated, truncated, final_obs)
+
+    @property
+    def state(self) -> Any:
+        """The current batched Playground state (JAX), e.g. for rendering or inspection."""
+        return None if self._batch is None else self._batch.state
+
+    def get_images(self) -> list[np.ndarray]:
+        """One RGB image per env of the current state (needs an OpenGL backend: MUJOCO_GL=egl or osmesa)."""
+        if self._batch is None:
+            raise RuntimeError("reset() the environment before rendering it")
+        state = self._batch.state
+        states = [jax.tree.map(lambda x, i=i: x[i], state) for i in range(self.num_envs)]
+        height, width = self.render_size
+        try:
+            return list(self.env.render(states, height=height, width=width))
+        except Exception as error:  # the error depends on the missing GL backend
+            raise RuntimeError(
+                f"Rendering Playground states failed ({error!r}). MuJoCo needs an OpenGL backend: on a headless "
+                "machine set MUJOCO_GL=egl (or osmesa, with libOSMesa installed) before mujoco is imported."
+            ) from error
