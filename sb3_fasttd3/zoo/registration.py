@@ -1,0 +1,74 @@
+"""
+FastTD3 in the RL Baselines3 Zoo: ``--algo fasttd3`` for train, enjoy, record_video, -optimize...
+
+The Zoo has no plugin entry point: its algorithms are a plain dict, ``rl_zoo3.utils.ALGOS``, read by
+argparse ``choices`` before any ``--gym-packages`` import. The import hook installed with the package
+(``_sb3_fasttd3_zoo_hook``) calls :func:`patch_module` on each Zoo module below right after it executes;
+:func:`register` does the same by hand (``python -m sb3_fasttd3.zoo`` and ``python -S``).
+"""
+
+import functools
+import importlib
+import inspect
+from types import ModuleType
+from typing import Any
+
+from sb3_fasttd3.fasttd3 import FastTD3
+from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE
+from sb3_fasttd3.zoo.sampler import convert_fasttd3_params, sample_fasttd3_params
+
+ALGO_NAME = "fasttd3"
+# Set on a patched object so that patching twice (hook and register()) is harmless
+_MARK = "_sb3_fasttd3_patched"
+
+
+def _register_algo(utils: ModuleType) -> None:
+    utils.ALGOS[ALGO_NAME] = FastTD3
+
+
+def _register_sampler(hyperparams_opt: ModuleType) -> None:
+    hyperparams_opt.HYPERPARAMS_SAMPLER[ALGO_NAME] = sample_fasttd3_params
+    hyperparams_opt.HYPERPARAMS_CONVERTER[ALGO_NAME] = convert_fasttd3_params
+
+
+def _default_config(exp_manager: ModuleType) -> None:
+    """Without ``-conf``, ``--algo fasttd3`` reads the hyperparameters shipped in this package."""
+    manager = exp_manager.ExperimentManager
+    original_init = manager.__init__
+    if getattr(original_init, _MARK, False):
+        return
+    signature = inspect.signature(original_init)
+
+    @functools.wraps(original_init)
+    def __init__(*args: Any, **kwargs: Any) -> None:
+        bound = signature.bind(*args, **kwargs)
+        if bound.arguments.get("algo") == ALGO_NAME and not bound.arguments.get("config"):
+            bound.arguments["config"] = str(HYPERPARAMS_FILE)
+        original_init(*bound.args, **bound.kwargs)
+
+    setattr(__init__, _MARK, True)
+    manager.__init__ = __init__
+
+
+PATCHES = {
+    "rl_zoo3.utils": _register_algo,
+    "rl_zoo3.hyperparams_opt": _register_sampler,
+    "rl_zoo3.exp_manager": _default_config,
+}
+
+
+def patch_module(module: ModuleType) -> None:
+    """
+    Register FastTD3 into one executed Zoo module (one of :data:`PATCHES`, others are ignored).
+
+    :param module: ``rl_zoo3.utils``, ``rl_zoo3.hyperparams_opt`` or ``rl_zoo3.exp_manager``
+    """
+    patch = PATCHES.get(module.__name__)
+    if patch is not None:
+        patch(module)
+
+
+def register() -> None:
+    """Import the Zoo and register FastTD3 into it (idempotent). Needs ``pip install sb3-fasttd3[zoo]``."""
+    for name in PATCHES:
+        patch_module(importlib.import_module(name))

@@ -1,0 +1,62 @@
+"""Optuna search space of FastTD3 for the RL Zoo (``python -m rl_zoo3.train --algo fasttd3 -optimize``)."""
+
+from typing import TYPE_CHECKING, Any
+
+import torch as th
+
+if TYPE_CHECKING:
+    import optuna
+
+# Actor and critic hidden sizes by name; "large" is the paper's GPU setting
+NET_ARCHS = {
+    "small": dict(pi=[64, 64], qf=[128, 128]),
+    "medium": dict(pi=[256, 256], qf=[256, 256]),
+    "large": dict(pi=[512, 256, 128], qf=[1024, 512, 256]),
+}
+
+
+def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
+    """
+    Sample FastTD3 hyperparameters (the Zoo's ``HYPERPARAMS_SAMPLER`` signature).
+
+    The critic's support is sampled as its upper end ``v_max`` and the share of it below zero
+    (``v_min = -v_min_ratio * v_max``). Exploration noise is FastTD3's own mixed noise
+    (``std_min``, ``std_max``), never an SB3 ``action_noise``.
+
+    :param trial: the Optuna trial
+    :param n_actions: action dimension (unused: the noise is per env, not per action)
+    :param n_envs: number of environments (unused: counts are in transitions, over all envs)
+    :param additional_args: the Zoo's extra arguments (unused)
+    :return: keyword arguments for :class:`~sb3_fasttd3.FastTD3`
+    """
+    # A compiled model per trial: without a reset, dynamo's recompile limit is hit after a few trials
+    # and the later ones silently run eager
+    th._dynamo.reset()
+    trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
+    trial.suggest_int("batch_size_pow", 7, 12)
+    trial.suggest_int("gradient_steps", 1, 8)
+    trial.suggest_int("policy_delay", 1, 4)
+    trial.suggest_float("tau", 0.002, 0.2, log=True)
+    trial.suggest_int("n_steps", 1, 5)
+    trial.suggest_categorical("num_atoms", [51, 101, 251])
+    trial.suggest_float("v_max", 10.0, 3000.0, log=True)
+    trial.suggest_categorical("v_min_ratio", [0.1, 1.0])
+    trial.suggest_float("std_min", 0.001, 0.1, log=True)
+    trial.suggest_float("std_max", 0.1, 0.8)
+    trial.suggest_categorical("net_arch", list(NET_ARCHS))
+    trial.set_user_attr("batch_size", 2 ** trial.params["batch_size_pow"])
+    return convert_fasttd3_params(trial.params)
+
+
+def convert_fasttd3_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
+    """
+    Turn the sampled values (``trial.params``) into FastTD3 keyword arguments (``HYPERPARAMS_CONVERTER``).
+
+    :param sampled_params: values named as in :func:`sample_fasttd3_params`
+    :return: keyword arguments for :class:`~sb3_fasttd3.FastTD3`
+    """
+    hyperparams = dict(sampled_params)
+    hyperparams["batch_size"] = 2 ** hyperparams.pop("batch_size_pow")
+    hyperparams["v_min"] = -hyperparams.pop("v_min_ratio") * hyperparams["v_max"]
+    hyperparams["policy_kwargs"] = dict(net_arch=NET_ARCHS[hyperparams.pop("net_arch")])
+    return hyperparams
