@@ -1,0 +1,96 @@
+"""RL Zoo integration in-process: registration, default config, the Optuna sampler, the fallback CLI."""
+
+import inspect
+import sys
+from argparse import Namespace
+
+import optuna
+import pytest
+import torch as th
+
+pytest.importorskip("rl_zoo3")
+
+from rl_zoo3 import exp_manager, hyperparams_opt, utils
+
+from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, zoo_entry
+from sb3_fasttd3.zoo import NET_ARCHS, convert_fasttd3_params, register, sample_fasttd3_params
+from sb3_fasttd3.zoo.__main__ import main as zoo_main
+
+MUJOCO_TASKS = [
+    "HalfCheetah",
+    "Hopper",
+    "Walker2d",
+    "Ant",
+    "Humanoid",
+    "HumanoidStandup",
+    "Swimmer",
+    "Reacher",
+    "Pusher",
+    "InvertedPendulum",
+    "InvertedDoublePendulum",
+]
+
+
+def test_registered_into_the_zoo():
+    register()
+    register()  # idempotent
+    assert utils.ALGOS["fasttd3"] is FastTD3
+    assert hyperparams_opt.HYPERPARAMS_SAMPLER["fasttd3"] is sample_fasttd3_params
+    assert hyperparams_opt.HYPERPARAMS_CONVERTER["fasttd3"] is convert_fasttd3_params
+    # Wrapped once only, and still the Zoo's own signature
+    init = exp_manager.ExperimentManager.__init__
+    assert not getattr(init.__wrapped__, "_sb3_fasttd3_patched", False)
+    assert "config" in inspect.signature(init).parameters
+
+
+@pytest.mark.parametrize(
+    "algo, config, expected",
+    [("fasttd3", None, str(HYPERPARAMS_FILE)), ("fasttd3", "mine.yml", "mine.yml"), ("td3", None, "hyperparams/td3.yml")],
+)
+def test_default_config(tmp_path, algo, config, expected):
+    register()
+    manager = exp_manager.ExperimentManager(Namespace(), algo, "Pendulum-v1", str(tmp_path), config=config)
+    assert manager.config.endswith(expected)
+
+
+def test_packaged_config_has_every_task():
+    for task in MUJOCO_TASKS:
+        for version in ("v4", "v5"):
+            entry = zoo_entry(f"{task}-{version}")
+            assert entry is not zoo_entry("default") and entry["v_min"] < entry["v_max"], task
+            assert entry == zoo_entry(f"{task}-v5"), f"{task}-{version} should share the v5 entry"
+    assert zoo_entry("Pendulum-v1")["num_atoms"] == 51
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sampler_builds_a_model(seed, monkeypatch):
+    resets = []
+    monkeypatch.setattr(th._dynamo, "reset", lambda: resets.append(1))
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+    kwargs = sample_fasttd3_params(trial, n_actions=1, n_envs=4, additional_args={})
+    assert resets == [1]
+    # The converter turns the stored parameters (what -optimize saves) into the same arguments
+    assert convert_fasttd3_params(trial.params) == kwargs
+    assert kwargs["v_min"] < 0 < kwargs["v_max"]
+    assert kwargs["batch_size"] == trial.user_attrs["batch_size"] == 2 ** trial.params["batch_size_pow"]
+    assert kwargs["policy_kwargs"]["net_arch"] in NET_ARCHS.values()
+    assert set(kwargs) <= set(inspect.signature(FastTD3).parameters)
+    model = FastTD3("MlpPolicy", "Pendulum-v1", **kwargs)
+    assert model.num_atoms == kwargs["num_atoms"] and model.std_max == kwargs["std_max"]
+
+
+def test_fallback_cli_rejects_unknown_script():
+    with pytest.raises(SystemExit, match="must be one of"):
+        zoo_main(["tain", "--algo", "fasttd3"])
+
+
+def test_fallback_cli_trains(tmp_path, monkeypatch):
+    """``python -m sb3_fasttd3.zoo train``: registration by hand, then the Zoo's own script."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    args = ["--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "400", "-f", "logs", "--hyperparams", "learning_starts:200"]
+    zoo_main(["train", *args])
+    model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
+    assert model.num_timesteps == 400 and model.batch_size == zoo_entry("Pendulum-v1")["batch_size"]
+    assert model.policy.obs_normalizer.count.item() > 0
