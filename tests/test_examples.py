@@ -1,0 +1,35 @@
+"""The examples run as documented (with small step counts)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def test_quickstart(tmp_path):
+    output = run_example("quickstart.py", "--timesteps", "1200", cwd=tmp_path)
+    assert "evaluation return" in output and (tmp_path / "fasttd3_quickstart.zip").is_file()
+
+
+def test_callbacks_stop_at_threshold_then_resume(tmp_path):
+    # A threshold every evaluation beats: training stops at the first evaluation, after its checkpoint
+    output = run_example("callbacks.py", "--timesteps", "8000", "--eval-every", "1200", "--threshold", "-1e9", cwd=tmp_path)
+    assert "stopped after 1200 transitions" in output
+    checkpoints = tmp_path / "logs" / "fasttd3_callbacks" / "checkpoints"
+    assert (checkpoints / "fasttd3_replay_buffer_1200_steps.pkl").is_file()
+    assert (tmp_path / "logs" / "fasttd3_callbacks" / "best_model.zip").is_file()
+
+    output = run_example(
+        "resume.py", "--checkpoint", str(checkpoints / "fasttd3_1200_steps.zip"), "--timesteps", "400", cwd=tmp_path
+    )
+    assert "replay buffer restored: 300 transitions per env" in output
+    assert "resumed at 1200 transitions, now at 1600" in output
