@@ -3,10 +3,10 @@
 # `--algo fasttd3` (pip install "sb3-fasttd3[zoo]"), and the hyperparameters shipped in the package are
 # the default config. Small step counts by default so that the whole script runs in a few minutes:
 #
-#   bash examples/zoo.sh                              # Pendulum-v1
+#   bash examples/zoo.sh                              # InvertedPendulum-v5 (MuJoCo, renders headless)
 #   ENV_ID=HalfCheetah-v5 STEPS=100000 bash examples/zoo.sh
 set -euo pipefail
-ENV_ID=${ENV_ID:-Pendulum-v1}
+ENV_ID=${ENV_ID:-InvertedPendulum-v5}
 STEPS=${STEPS:-8000}
 LOGS=${LOGS:-logs/zoo}
 export MUJOCO_GL=${MUJOCO_GL:-egl}   # headless rendering for record_video (see the README)
@@ -20,7 +20,7 @@ python -m rl_zoo3.train --algo fasttd3 --env "$ENV_ID" -n "$STEPS" -f "$LOGS" \
 # Watch it (without a display: --no-render) and record a video of the final model
 python -m rl_zoo3.enjoy --algo fasttd3 --env "$ENV_ID" -f "$LOGS" -n 1000 --no-render
 python -m rl_zoo3.record_video --algo fasttd3 --env "$ENV_ID" -f "$LOGS" -n 500 || \
-  echo "record_video failed: rendering needs an OpenGL backend (MUJOCO_GL=egl or osmesa, see the README)"
+  echo "record_video failed: MuJoCo rendering needs an OpenGL backend (MUJOCO_GL=egl or osmesa, see the README)"
 
 # Continue training the last run, and plot the training curves
 LAST=$(ls -d "$LOGS/fasttd3/${ENV_ID}_"* | sort -t_ -k2 -n | tail -1)
