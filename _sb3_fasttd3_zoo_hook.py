@@ -53,9 +53,14 @@ class _PatchingLoader(Loader):
 class ZooFinder(MetaPathFinder):
     """Finds the patched Zoo modules with the other finders and wraps their loaders."""
 
+    def __init__(self):
+        # Names being resolved: another copy of this finder (a second install) asking back gets None
+        self._resolving = set()
+
     def find_spec(self, fullname, path, target=None):
-        if fullname not in PATCHED_MODULES:
+        if fullname not in PATCHED_MODULES or fullname in self._resolving:
             return None
+        self._resolving.add(fullname)
         try:
             for finder in sys.meta_path:
                 if finder is self or not hasattr(finder, "find_spec"):
@@ -67,6 +72,8 @@ class ZooFinder(MetaPathFinder):
                     return spec
         except Exception:
             pass
+        finally:
+            self._resolving.discard(fullname)
         return None
 
 

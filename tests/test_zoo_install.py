@@ -273,3 +273,13 @@ def test_broken_zoo_never_raises(tmp_path, warnings_as_errors):
     assert result.returncode == 0 and result.stdout.strip() == "imported False", result.stderr
     assert ("could not register FastTD3 into rl_zoo3.utils" in result.stderr) != warnings_as_errors
     assert "Traceback" not in result.stderr
+
+
+def test_two_copies_of_the_hook_register_once(tmp_path):
+    """A second copy of the hook (two installs on the path) must neither recurse nor break the import."""
+    (tmp_path / "second_hook.py").write_text((REPO / "_sb3_fasttd3_zoo_hook.py").read_text())
+    code = "import second_hook, rl_zoo3.utils as u; print(u.ALGOS['fasttd3'].__name__)"
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert result.returncode == 0 and result.stdout.strip() == "FastTD3", result.stderr
+    assert "RecursionError" not in result.stderr and "could not register" not in result.stderr
