@@ -12,7 +12,9 @@ Optuna dicts and the default config lookup. Without ``site`` (``python -S``) use
 import contextlib
 import sys
 import warnings
-from importlib.abc import Loader, MetaPathFinder
+
+# The finder and loader follow the importlib protocols without subclassing importlib.abc, whose import
+# alone costs more than the rest of this module at every interpreter start.
 
 # The Zoo modules patched right after they execute (see sb3_fasttd3/zoo/registration.py)
 PATCHED_MODULES = frozenset({"rl_zoo3.utils", "rl_zoo3.hyperparams_opt", "rl_zoo3.exp_manager"})
@@ -33,7 +35,7 @@ def _patch(module):
             )
 
 
-class _PatchingLoader(Loader):
+class _PatchingLoader:
     """Runs the real loader, then patches the executed module; everything else is delegated."""
 
     def __init__(self, loader):
@@ -50,7 +52,7 @@ class _PatchingLoader(Loader):
         return getattr(self._loader, name)
 
 
-class ZooFinder(MetaPathFinder):
+class ZooFinder:
     """Finds the patched Zoo modules with the other finders and wraps their loaders."""
 
     def __init__(self):
