@@ -1,5 +1,6 @@
 """The torch VecEnv contract, FastTD3's on-device rollout loop and the NumPy adapter."""
 
+import gc
 import sys
 from collections import Counter
 
@@ -121,17 +122,25 @@ def python_calls_per_step(num_envs: int) -> int:
         nonlocal calls
         calls += event == "call"
 
+    # A garbage collection inside the window runs finalizers (a few calls) at unpredictable times
+    gc.collect()
+    gc.disable()
     sys.setprofile(count)
-    for _ in range(10):
-        model.collect_rollouts(model.env, callback, model.train_freq, model.replay_buffer, None, 20, None)
-        model.train(gradient_steps=1, batch_size=16)
-    sys.setprofile(None)
+    try:
+        for _ in range(10):
+            model.collect_rollouts(model.env, callback, model.train_freq, model.replay_buffer, None, 20, None)
+            model.train(gradient_steps=1, batch_size=16)
+    finally:
+        sys.setprofile(None)
+        gc.enable()
     return calls
 
 
 def test_no_per_env_python_loop():
     """The Python work per vector step does not grow with the number of envs."""
-    assert python_calls_per_step(2) == python_calls_per_step(64)
+    few, many = python_calls_per_step(2), python_calls_per_step(64)
+    # A loop over envs would add at least one call per env and vector step: 62 * 10 here
+    assert abs(many - few) < 62, (few, many)
 
 
 def test_episode_statistics_reach_the_logger():
