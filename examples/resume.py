@@ -26,7 +26,7 @@ def main() -> None:
     env = make_vec_env(args.env, n_envs=args.n_envs, seed=1)
     model = FastTD3.load(checkpoint, env=env)
     # CheckpointCallback names the buffer <prefix>_replay_buffer_<steps>_steps.pkl next to the model
-    prefix, steps = checkpoint.stem.rsplit("_", 2)[0], checkpoint.stem.rsplit("_", 2)[1]
+    prefix, steps, _ = checkpoint.stem.rsplit("_", 2)
     buffer_path = checkpoint.with_name(f"{prefix}_replay_buffer_{steps}_steps.pkl")
     if buffer_path.is_file():
         model.load_replay_buffer(buffer_path)

@@ -44,6 +44,14 @@ def test_registered_into_the_zoo():
     assert "config" in inspect.signature(init).parameters
 
 
+def test_hook_watches_the_patched_modules():
+    """The start-up hook cannot import the package: its own list of Zoo modules must match the patches."""
+    import _sb3_fasttd3_zoo_hook
+    from sb3_fasttd3.zoo.registration import PATCHES
+
+    assert set(PATCHES) == _sb3_fasttd3_zoo_hook.PATCHED_MODULES
+
+
 @pytest.mark.parametrize(
     "algo, config, expected",
     [("fasttd3", None, str(HYPERPARAMS_FILE)), ("fasttd3", "mine.yml", "mine.yml"), ("td3", None, "hyperparams/td3.yml")],
