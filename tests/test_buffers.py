@@ -8,6 +8,7 @@ import torch as th
 from gymnasium import spaces
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stable_baselines3.common.buffers import NStepReplayBuffer
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
@@ -94,7 +95,8 @@ def expected_nstep(
 def storage(buffer: DeviceNStepReplayBuffer) -> dict[str, th.Tensor | None]:
     """Storage tensors of a buffer, dict observations flattened as ``observations/<key>``."""
     result: dict[str, th.Tensor | None] = {}
-    for name in ("observations", "next_observations", "actions", "rewards", "dones", "timeouts"):
+    names = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+    for name in (*names, "n_step_returns", "discounts", "terminals"):
         value = getattr(buffer, name)
         if isinstance(value, dict):
             result.update({f"{name}/{key}": tensor for key, tensor in value.items()})
@@ -350,7 +352,8 @@ def test_numpy_and_torch_inputs_identical(dict_obs: bool) -> None:
     np.testing.assert_array_equal(numpy_buffer.actions[:, 3].numpy(), steps[3]["action"])
     if not dict_obs:
         np.testing.assert_array_equal(numpy_buffer.observations[:, 0].numpy(), steps[7]["obs"])
-        np.testing.assert_array_equal(numpy_buffer.next_observations[:, 6].numpy(), steps[6]["next_obs"])
+        # The newest row's window holds only itself
+        np.testing.assert_array_equal(numpy_buffer.next_observations[:, 1].numpy(), steps[8]["next_obs"])
 
 
 def test_truncation_ignored_without_timeout_handling() -> None:
@@ -506,3 +509,52 @@ def test_unpickling_falls_back_to_cpu_when_device_unavailable(tmp_path) -> None:
     assert loaded.device == th.device("cpu")
     buffer.device = th.device("cpu")
     assert_same_storage(buffer, loaded)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    n_envs=st.sampled_from([1, 3]),
+    n_steps=st.sampled_from([1, 2, 4]),
+    n_adds=st.integers(min_value=1, max_value=20),
+    gamma=st.sampled_from([0.5, 0.99]),
+    handle_timeout=st.booleans(),
+    seed=st.integers(min_value=0, max_value=2**31 - 1),
+)
+def test_same_samples_as_sb3_nstep_buffer(
+    n_envs: int, n_steps: int, n_adds: int, gamma: float, handle_timeout: bool, seed: int
+) -> None:
+    # The windows kept up to date at each add give what SB3 computes at sampling time, wrap-around included
+    steps = make_trajectory(np.random.default_rng(seed), n_adds, n_envs)
+    kwargs = dict(device="cpu", n_envs=n_envs, handle_timeout_termination=handle_timeout, n_steps=n_steps, gamma=gamma)
+    ours = DeviceNStepReplayBuffer(6 * n_envs, BOX_OBS_SPACE, ACTION_SPACE, **kwargs)
+    reference = NStepReplayBuffer(6 * n_envs, BOX_OBS_SPACE, ACTION_SPACE, **kwargs)
+    fill(ours, steps)
+    fill(reference, steps)
+    batch_inds = np.random.default_rng(seed).integers(0, reference.size(), size=50)
+    np.random.seed(seed % 2**32)
+    expected = reference._get_samples(batch_inds)
+    np.random.seed(seed % 2**32)
+    env_inds = np.random.randint(0, n_envs, size=batch_inds.shape)  # the draw SB3 made
+    samples = ours._get_samples(th.from_numpy(batch_inds), env_inds=th.from_numpy(env_inds))
+    for field in ("observations", "actions", "next_observations", "dones"):
+        assert th.equal(getattr(samples, field), getattr(expected, field)), field
+    # Sums and powers in another order: float32 rounding
+    th.testing.assert_close(samples.rewards, expected.rewards, rtol=1e-6, atol=1e-6)
+    th.testing.assert_close(samples.discounts, expected.discounts.float(), rtol=1e-6, atol=0.0)
+
+
+def test_close_windows_stops_returns_at_the_newest_rows() -> None:
+    steps = make_trajectory(np.random.default_rng(0), 6, 1, p_terminate=0.0, p_truncate=0.0)
+    buffer = DeviceNStepReplayBuffer(8, BOX_OBS_SPACE, ACTION_SPACE, device="cpu", n_steps=4, gamma=0.5)
+    fill(buffer, steps[:3])
+    buffer.close_windows()
+    fill(buffer, steps[3:])
+    rewards = [float(step["reward"][0]) for step in steps]
+    samples = buffer._get_samples(th.arange(6), env_inds=th.zeros(6, dtype=th.int64))
+    # Rows 0 to 2 end at row 2, bootstrapping from its next observation (a truncation, not a termination)
+    expected = [rewards[0] + 0.5 * rewards[1] + 0.25 * rewards[2], rewards[1] + 0.5 * rewards[2], rewards[2]]
+    expected += [rewards[3] + 0.5 * rewards[4] + 0.25 * rewards[5], rewards[4] + 0.5 * rewards[5], rewards[5]]
+    th.testing.assert_close(samples.rewards[:, 0], th.tensor(expected))
+    assert samples.next_observations[:3, 0].tolist() == [2.5, 2.5, 2.5]
+    assert samples.discounts[:, 0].tolist() == [0.125, 0.25, 0.5] * 2
+    assert not samples.dones.any()

@@ -118,6 +118,31 @@ def test_replay_buffer_save_load_round_trip(tmp_path):
     with pytest.raises(ValueError, match="n_envs=2 envs but the model has n_envs=3"):
         third.load_replay_buffer(tmp_path / "buffer")
     assert third.replay_buffer is kept
+    # Its windows were computed with n_steps and gamma: refused by a model with others
+    for kwargs, match in ((dict(n_steps=2), "n_steps=1 with gamma=0.99"), (dict(gamma=0.9), "n_steps=1, gamma=0.9")):
+        fourth = make_model(2, **kwargs)
+        kept = fourth.replay_buffer
+        with pytest.raises(ValueError, match=match):
+            fourth.load_replay_buffer(tmp_path / "buffer")
+        assert fourth.replay_buffer is kept
+
+
+@pytest.mark.parametrize("reset_num_timesteps", [True, False])
+def test_env_reset_ends_open_windows(reset_num_timesteps):
+    # Pendulum episodes last 200 steps: after 12 steps, the windows of rows 8 to 11 are still open (shorter than 5 rows)
+    model = FastTD3("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, "n_steps": 5, "learning_starts": 1000})
+    model.learn(12)
+    assert model.replay_buffer._open[8:12].all() and not model.replay_buffer._open[:8].any()
+    rewards_before = model.replay_buffer.n_step_returns.clone()
+    model.learn(5, reset_num_timesteps=reset_num_timesteps)
+    returns = model.replay_buffer.n_step_returns
+    if reset_num_timesteps:
+        # The envs were reset: the newest rows' windows did not reach into the new episode
+        th.testing.assert_close(returns[:, :12], rewards_before[:, :12])
+    else:
+        # The same episode goes on: the windows of rows 8 to 11 grew with rows 12 to 15
+        assert not th.equal(returns[:, 8:12], rewards_before[:, 8:12])
+    th.testing.assert_close(returns[:, :8], rewards_before[:, :8])
 
 
 def test_same_seed_same_results():

@@ -12,11 +12,56 @@ from stable_baselines3.common.vec_env import VecNormalize
 
 ArrayLike = np.ndarray | th.Tensor
 ObsLike = ArrayLike | dict[str, ArrayLike]
+TensorObs = th.Tensor | dict[str, th.Tensor]
 
 
-def _gather_rows(storage: th.Tensor, flat_rows: th.Tensor) -> th.Tensor:
-    """Rows ``flat_rows`` of ``storage`` of shape (n_envs, capacity, ...), indexed as env * capacity + row."""
-    return storage.flatten(0, 1).index_select(0, flat_rows)
+class RowLayout:
+    """
+    Column ranges of the fields packed side by side in one float32 row per stored transition:
+    ``observation | action | next observation | n-step return | discount | terminal``, each
+    observation flattened key after key. The fields written when a window grows (next observation
+    to terminal) come last, so that they form one contiguous column range.
+
+    :param obs_shapes: Shape of the observation, or of each key of a Dict observation
+    :param action_dim: Dimension of the action
+    """
+
+    def __init__(self, obs_shapes: tuple[int, ...] | dict[str, tuple[int, ...]], action_dim: int):
+        self.obs_shapes = obs_shapes
+        shapes = obs_shapes if isinstance(obs_shapes, dict) else {"": obs_shapes}
+        self.obs_width = sum(int(np.prod(shape)) for shape in shapes.values())
+        self.key_slices: dict[str, slice] = {}
+        start = 0
+        for key, shape in shapes.items():
+            self.key_slices[key] = slice(start, start + int(np.prod(shape)))
+            start += int(np.prod(shape))
+        self.obs = slice(0, self.obs_width)
+        self.action = slice(self.obs_width, self.obs_width + action_dim)
+        self.window_start = self.action.stop
+        self.next_obs = slice(self.window_start, self.window_start + self.obs_width)
+        self.n_step_return, self.discount, self.terminal = (self.next_obs.stop + offset for offset in range(3))
+        self.width = self.terminal + 1
+
+    def flatten_obs(self, obs: ObsLike, n_rows: int, device: th.device) -> th.Tensor:
+        """
+        :param obs: Observations with leading dimension ``n_rows`` (or a dict of those)
+        :return: The observations as float32 rows of width ``obs_width``, keys side by side
+        """
+        if isinstance(self.obs_shapes, dict):
+            assert isinstance(obs, dict), "Dict observation space: the observations must be a dict"
+            parts = [th.as_tensor(obs[key], device=device).reshape(n_rows, -1) for key in self.obs_shapes]
+            return th.cat(parts, dim=1).float()
+        assert not isinstance(obs, dict)
+        return th.as_tensor(obs, device=device).reshape(n_rows, self.obs_width).float()
+
+    def unflatten_obs(self, rows: th.Tensor) -> TensorObs:
+        """
+        :param rows: Tensor of shape ``(..., obs_width)``
+        :return: Views of the observation (or of each key) with their original shapes
+        """
+        if isinstance(self.obs_shapes, dict):
+            return {key: rows[..., self.key_slices[key]].unflatten(-1, shape) for key, shape in self.obs_shapes.items()}
+        return rows.unflatten(-1, self.obs_shapes)
 
 
 class DeviceNStepReplayBuffer(BaseBuffer):
@@ -25,25 +70,31 @@ class DeviceNStepReplayBuffer(BaseBuffer):
     on ``device`` (e.g. the GPU used for training), so that sampling large batches never
     goes through NumPy nor through host-device copies.
 
-    n-step returns are computed when sampling, with the same semantics as SB3's
-    ``NStepReplayBuffer``: starting from the sampled row ``t`` of env ``e``, rows
-    ``t, t+1, ..., t+n_steps-1`` of the same env are accumulated, stopping at (and including)
-    the first row that is done (termination or truncation). The most recently written row is
-    considered truncated while sampling (unless it is already done), so that an n-step window
-    never reaches into older data on the other side of the write pointer.
+    n-step returns have the same semantics as SB3's ``NStepReplayBuffer``: starting from row ``t``
+    of env ``e``, rows ``t, t+1, ..., t+n_steps-1`` of the same env are accumulated, stopping at
+    (and including) the first row that is done (termination or truncation), and never past the
+    newest row, which counts as truncated until its successor arrives. Unlike SB3, the windows
+    are kept up to date as rows are added (each add extends the windows of the ``n_steps - 1``
+    previous rows that are still open), so that sampling is a single row gather from one packed
+    table: several times faster than computing the windows at sampling time.
 
     Storage is allocated lazily, on the first call to ``add()``: a buffer that only exists
     because a model was loaded for prediction does not use any memory.
 
-    Storage layout (``cap = buffer_size // n_envs`` rows per env):
+    Storage (``cap = buffer_size // n_envs`` rows per env), exposed as views of shape ``(n_envs, cap, ...)``:
 
-    - ``observations`` / ``next_observations``: float32 ``(n_envs, cap, *obs_shape)``
-      (a dict of such tensors for ``Dict`` observation spaces), raw (unnormalized) values
+    - ``observations``: float32 ``(n_envs, cap, *obs_shape)`` (a dict of such views for ``Dict``
+      observation spaces), raw (unnormalized) values
     - ``actions``: float32 ``(n_envs, cap, action_dim)``
-    - ``rewards``: float32 ``(n_envs, cap)``
+    - ``rewards``: float32 ``(n_envs, cap)``, the one-step rewards
     - ``dones``: bool ``(n_envs, cap)``, the VecEnv ``done`` (terminated or truncated)
     - ``timeouts``: bool ``(n_envs, cap)``, truncation flag (always False when
       ``handle_timeout_termination=False``)
+    - ``next_observations``: the observation the n-step target bootstraps from, i.e. the next
+      observation of the last row of the window (for a done row: the final observation of the
+      episode, not the reset one); with ``n_steps=1``, the one-step next observation
+    - ``n_step_returns``, ``discounts`` (``gamma ** rows_used``) and ``terminals`` (the last row
+      of the window is terminated, not truncated: no bootstrapping): float32 ``(n_envs, cap)``
 
     :param buffer_size: Max number of transitions in the buffer, in total over all envs
         (each env gets ``buffer_size // n_envs`` rows)
@@ -59,15 +110,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
     :param gamma: Discount factor, in (0, 1]
     """
 
-    observations: th.Tensor | dict[str, th.Tensor] | None
-    next_observations: th.Tensor | dict[str, th.Tensor] | None
-    actions: th.Tensor | None
-    rewards: th.Tensor | None
-    dones: th.Tensor | None
-    timeouts: th.Tensor | None
-
-    # Names of the storage attributes (moved between devices, pickled as CPU tensors)
-    _STORAGE_NAMES = ("observations", "next_observations", "actions", "rewards", "dones", "timeouts")
+    # Storage tensors, all of shape (cap, n_envs, ...): moved between devices, pickled as CPU tensors
+    _STORAGE_NAMES = ("_table", "_rewards", "_dones", "_timeouts", "_open", "_gamma_powers")
 
     def __init__(
         self,
@@ -117,57 +161,80 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         self.n_steps = int(n_steps)
         self.gamma = float(gamma)
 
-        # Lazily allocated in ``add()``
-        self.observations = None
-        self.next_observations = None
-        self.actions = None
-        self.rewards = None
-        self.dones = None
-        self.timeouts = None
+        self.layout = RowLayout(self.obs_shape, self.action_dim)  # type: ignore[arg-type]
+        # Lazily allocated in ``add()``: the packed rows, the one-step rewards and flags, and which
+        # rows still have an open n-step window (not yet n_steps long, and no done row in it)
+        self._table: th.Tensor | None = None
+        self._rewards: th.Tensor | None = None
+        self._dones: th.Tensor | None = None
+        self._timeouts: th.Tensor | None = None
+        self._open: th.Tensor | None = None
+        self._gamma_powers: th.Tensor | None = None
 
     @property
     def is_allocated(self) -> bool:
         """
         :return: Whether the storage tensors have been allocated (i.e. ``add()`` was called at least once)
         """
-        return self.rewards is not None
+        return self._table is not None
 
     def _allocate(self) -> None:
         """
         Allocate the (zero-initialized) storage tensors on ``self.device``.
         """
-        n_envs, cap = self.n_envs, self.buffer_size
+        shape = (self.buffer_size, self.n_envs)
+        self._table = th.zeros((*shape, self.layout.width), dtype=th.float32, device=self.device)
+        self._rewards = th.zeros(shape, dtype=th.float32, device=self.device)
+        self._dones = th.zeros(shape, dtype=th.bool, device=self.device)
+        self._timeouts = th.zeros(shape, dtype=th.bool, device=self.device)
+        self._open = th.zeros(shape, dtype=th.bool, device=self.device)
+        # gamma ** k for k = 0..n_steps, each rounded once from float64
+        self._gamma_powers = th.tensor([self.gamma**k for k in range(self.n_steps + 1)], device=self.device)
 
-        def obs_storage() -> th.Tensor | dict[str, th.Tensor]:
-            if isinstance(self.obs_shape, dict):
-                return {
-                    key: th.zeros((n_envs, cap, *shape), dtype=th.float32, device=self.device)
-                    for key, shape in self.obs_shape.items()
-                }
-            return th.zeros((n_envs, cap, *self.obs_shape), dtype=th.float32, device=self.device)
+    # Per-env views of the storage, shape (n_envs, cap, ...), None before the first add
+    def _column_view(self, column: slice | int) -> th.Tensor | None:
+        return None if self._table is None else self._table[..., column].transpose(0, 1)
 
-        self.observations = obs_storage()
-        self.next_observations = obs_storage()
-        self.actions = th.zeros((n_envs, cap, self.action_dim), dtype=th.float32, device=self.device)
-        self.rewards = th.zeros((n_envs, cap), dtype=th.float32, device=self.device)
-        self.dones = th.zeros((n_envs, cap), dtype=th.bool, device=self.device)
-        self.timeouts = th.zeros((n_envs, cap), dtype=th.bool, device=self.device)
+    @property
+    def observations(self) -> TensorObs | None:
+        columns = self._column_view(self.layout.obs)
+        return None if columns is None else self.layout.unflatten_obs(columns)
 
-    def _write_obs(self, storage: th.Tensor | dict[str, th.Tensor], obs: ObsLike) -> None:
-        """
-        Write one row of observations (for all envs) at ``self.pos``.
+    @property
+    def next_observations(self) -> TensorObs | None:
+        columns = self._column_view(self.layout.next_obs)
+        return None if columns is None else self.layout.unflatten_obs(columns)
 
-        :param storage: Observation storage (tensor, or dict of tensors)
-        :param obs: Observations with leading dimension ``n_envs``
-        """
-        if isinstance(storage, dict):
-            assert isinstance(obs, dict), "Dict observation space: the observations must be a dict"
-            assert isinstance(self.obs_shape, dict)
-            for key, shape in self.obs_shape.items():
-                storage[key][:, self.pos] = th.as_tensor(obs[key], device=self.device).reshape(self.n_envs, *shape)
-        else:
-            assert not isinstance(obs, dict) and not isinstance(self.obs_shape, dict)
-            storage[:, self.pos] = th.as_tensor(obs, device=self.device).reshape(self.n_envs, *self.obs_shape)
+    @property
+    def actions(self) -> th.Tensor | None:
+        return self._column_view(self.layout.action)
+
+    @property
+    def n_step_returns(self) -> th.Tensor | None:
+        return self._column_view(self.layout.n_step_return)
+
+    @property
+    def discounts(self) -> th.Tensor | None:
+        return self._column_view(self.layout.discount)
+
+    @property
+    def terminals(self) -> th.Tensor | None:
+        return self._column_view(self.layout.terminal)
+
+    @property
+    def rewards(self) -> th.Tensor | None:
+        return None if self._rewards is None else self._rewards.T
+
+    @property
+    def dones(self) -> th.Tensor | None:
+        return None if self._dones is None else self._dones.T
+
+    @property
+    def timeouts(self) -> th.Tensor | None:
+        return None if self._timeouts is None else self._timeouts.T
+
+    def _flags(self, values: ArrayLike) -> th.Tensor:
+        return th.as_tensor(values, device=self.device).reshape(self.n_envs).to(th.bool)
 
     def add(
         self,
@@ -192,28 +259,74 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         """
         if not self.is_allocated:
             self._allocate()
-        assert self.observations is not None and self.next_observations is not None
-        assert self.actions is not None and self.rewards is not None
-        assert self.dones is not None and self.timeouts is not None
+        assert self._table is not None and self._rewards is not None and self._open is not None
+        assert self._dones is not None and self._timeouts is not None
 
         with th.no_grad():
-            self._write_obs(self.observations, obs)
-            self._write_obs(self.next_observations, next_obs)
-            self.actions[:, self.pos] = th.as_tensor(action, device=self.device).reshape(self.n_envs, self.action_dim)
-            self.rewards[:, self.pos] = th.as_tensor(reward, device=self.device).reshape(self.n_envs)
-            self.dones[:, self.pos] = th.as_tensor(done, device=self.device).reshape(self.n_envs).to(th.bool)
+            reward_t = th.as_tensor(reward, device=self.device).reshape(self.n_envs).float()
+            done_t = self._flags(done)
             if not self.handle_timeout_termination:
-                self.timeouts[:, self.pos] = False
+                timeout_t = th.zeros_like(done_t)
             elif truncated is not None:
-                self.timeouts[:, self.pos] = th.as_tensor(truncated, device=self.device).reshape(self.n_envs).to(th.bool)
+                timeout_t = self._flags(truncated)
             else:
-                flags = [bool(info.get("TimeLimit.truncated", False)) for info in infos]
-                self.timeouts[:, self.pos] = th.as_tensor(flags, dtype=th.bool, device=self.device)
+                timeout_t = self._flags([bool(info.get("TimeLimit.truncated", False)) for info in infos])
+            terminal_t = (done_t & ~timeout_t).float()
+            next_obs_t = self.layout.flatten_obs(next_obs, self.n_envs, self.device)
+            if self.n_steps > 1:
+                self._extend_windows(next_obs_t, reward_t, done_t, terminal_t)
+
+            row = self._table[self.pos]
+            row[:, self.layout.obs] = self.layout.flatten_obs(obs, self.n_envs, self.device)
+            row[:, self.layout.action] = th.as_tensor(action, device=self.device).reshape(self.n_envs, self.action_dim)
+            row[:, self.layout.next_obs] = next_obs_t
+            row[:, self.layout.n_step_return] = reward_t
+            row[:, self.layout.discount] = self.gamma
+            row[:, self.layout.terminal] = terminal_t
+            self._rewards[self.pos], self._dones[self.pos], self._timeouts[self.pos] = reward_t, done_t, timeout_t
+            self._open[self.pos] = ~done_t & (self.n_steps > 1)
 
         self.pos += 1
         if self.pos == self.buffer_size:
             self.full = True
             self.pos = 0
+
+    def _extend_windows(self, next_obs: th.Tensor, reward: th.Tensor, done: th.Tensor, terminal: th.Tensor) -> None:
+        """
+        Append the row being written at ``self.pos`` to the open windows of the ``n_steps - 1`` rows
+        before it (the newest rows of each env, whatever the wrap-around): their return gains
+        ``gamma ** lag * reward``, and their next observation, discount and terminal flag become this row's.
+        """
+        assert self._table is not None and self._open is not None and self._gamma_powers is not None
+        lags = th.arange(1, self.n_steps, device=self.device)
+        rows = (self.pos - lags) % self.buffer_size
+        is_open = self._open[rows]  # (n_steps - 1, n_envs)
+        window = self._table[rows, :, self.layout.window_start :]  # next obs, return, discount, terminal
+        powers = self._gamma_powers
+        extended = th.cat(
+            [
+                next_obs.expand(len(lags), -1, -1),
+                (window[..., -3] + powers[1:-1, None] * reward)[..., None],
+                powers[2:, None, None].expand(-1, self.n_envs, 1),
+                terminal.expand(len(lags), -1)[..., None],
+            ],
+            dim=-1,
+        )
+        self._table[rows, :, self.layout.window_start :] = th.where(is_open[..., None], extended, window)
+        self._open[rows] = is_open & ~done & (lags < self.n_steps - 1)[:, None]
+
+    def close_windows(self) -> None:
+        """
+        End the n-step windows that are still open: call it when the next transitions added do not
+        follow the newest ones (e.g. the environments were reset without ending their episodes),
+        so that those windows bootstrap from the newest rows instead of reaching into the new episodes.
+        """
+        if self._open is not None:
+            self._open.zero_()
+
+    def reset(self) -> None:
+        super().reset()
+        self.close_windows()
 
     def sample(  # type: ignore[override]
         self, batch_size: int, env: VecNormalize | None = None
@@ -226,93 +339,51 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         :param env: Must be None (observation/reward normalization by a VecNormalize is not supported)
         :return: A batch with ``rewards`` the n-step discounted returns, ``discounts`` the factors
             (``gamma ** steps_used``) to apply to the bootstrapped target, ``next_observations``
-            and ``dones`` taken at the last step used.
+            and ``dones`` (terminated, not truncated) taken at the last step used.
         """
         if env is not None:
             raise ValueError("DeviceNStepReplayBuffer does not support normalizing with a VecNormalize, pass env=None")
         rows = self.size()
         if rows == 0:
             raise ValueError("Cannot sample from an empty buffer, call add() first")
-        # One draw over every stored (env, row) pair, as flat indices env * capacity + row
-        drawn = th.randint(0, self.n_envs * rows, (batch_size,), device=self.device)
-        env_inds, batch_inds = drawn // rows, drawn % rows
-        return self._get_samples(batch_inds, env_inds=env_inds)
+        # Storage is (row, env)-major: the stored rows of every env are the first rows * n_envs flat indices
+        return self._gather(th.randint(0, rows * self.n_envs, (batch_size,), device=self.device))
 
-    @th.no_grad()
     def _get_samples(  # type: ignore[override]
         self, batch_inds: th.Tensor, env: VecNormalize | None = None, env_inds: th.Tensor | None = None
     ) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
-        Gather the n-step transitions starting at rows ``batch_inds`` of envs ``env_inds``.
-
-        All gathers index the storage flattened over (env, row): ``take`` / ``index_select`` with one
-        flat index are several times faster than advanced indexing with two index tensors.
+        The n-step transitions starting at rows ``batch_inds`` of envs ``env_inds``.
 
         :param batch_inds: Starting rows, int64 tensor of shape ``(batch_size,)`` on ``self.device``
         :param env: Unused (must be None)
         :param env_inds: Envs of the samples (drawn uniformly when None)
         :return: The samples
         """
-        assert self.observations is not None and self.next_observations is not None
-        assert self.actions is not None and self.rewards is not None
-        assert self.dones is not None and self.timeouts is not None
         if env_inds is None:
             env_inds = th.randint(0, self.n_envs, batch_inds.shape, device=self.device)
-        env_offsets = env_inds * self.buffer_size
+        return self._gather(batch_inds * self.n_envs + env_inds)
 
-        # Rows of the n-step windows, shape (batch, n_steps), and their flat indices
-        steps = th.arange(self.n_steps, device=self.device)
-        window = batch_inds[:, None] + steps[None, :]
-        window = th.where(window >= self.buffer_size, window - self.buffer_size, window)  # wrap (cheaper than %)
-        flat_window = env_offsets[:, None] + window
-        rewards_seq = th.take(self.rewards, flat_window)
-        dones_seq = th.take(self.dones, flat_window)
-        timeouts_seq = th.take(self.timeouts, flat_window)
-
-        # The newest row acts as a truncation: never read past the write pointer
-        newest_row = (self.pos - 1) % self.buffer_size
-        stop = dones_seq | timeouts_seq | (window == newest_row)
-        # A step is used if no earlier step of the window stopped the accumulation
-        stops_before = th.cumsum(stop.to(th.int64), dim=1) - stop.to(th.int64)
-        used_mask = stops_before == 0
-        n_used = used_mask.sum(dim=1, keepdim=True)  # (batch, 1), in [1, n_steps]
-        last_step = n_used - 1
-
-        reward_discounts = self.gamma ** steps.to(th.float32)
-        n_step_returns = th.where(used_mask, rewards_seq * reward_discounts, 0.0).sum(dim=1, keepdim=True)
-        target_discounts = th.pow(th.tensor(self.gamma, dtype=th.float32, device=self.device), n_used.to(th.float32))
-
-        # Termination (done and not truncated) at the last step used: no bootstrapping.
-        # Note: the temporary truncation of the newest row never changes this value
-        # (if that row is done, its stored timeout is used; if it is not done, the result is False anyway).
-        last_done = dones_seq.gather(1, last_step)
-        last_timeout = timeouts_seq.gather(1, last_step)
-        final_dones = (last_done & ~last_timeout).to(th.float32)
-
-        first_rows = env_offsets + batch_inds
-        last_rows = flat_window.gather(1, last_step).squeeze(1)
-        actions = _gather_rows(self.actions, first_rows)
-        if isinstance(self.observations, dict):
-            assert isinstance(self.next_observations, dict)
-            observations = {key: _gather_rows(obs, first_rows) for key, obs in self.observations.items()}
-            next_observations = {key: _gather_rows(obs, last_rows) for key, obs in self.next_observations.items()}
-            return DictReplayBufferSamples(
-                observations=observations,
-                actions=actions,
-                next_observations=next_observations,
-                dones=final_dones,
-                rewards=n_step_returns,
-                discounts=target_discounts,
-            )
-        assert isinstance(self.observations, th.Tensor) and isinstance(self.next_observations, th.Tensor)
-        return ReplayBufferSamples(
-            observations=_gather_rows(self.observations, first_rows),
-            actions=actions,
-            next_observations=_gather_rows(self.next_observations, last_rows),
-            dones=final_dones,
-            rewards=n_step_returns,
-            discounts=target_discounts,
+    @th.no_grad()
+    def _gather(self, flat_inds: th.Tensor) -> ReplayBufferSamples | DictReplayBufferSamples:
+        """
+        :param flat_inds: Indices ``row * n_envs + env`` of the transitions
+        :return: The samples, views of one gathered block of rows
+        """
+        assert self._table is not None
+        batch = self._table.flatten(0, 1).index_select(0, flat_inds)
+        layout = self.layout
+        fields = dict(
+            observations=layout.unflatten_obs(batch[:, layout.obs]),
+            actions=batch[:, layout.action],
+            next_observations=layout.unflatten_obs(batch[:, layout.next_obs]),
+            dones=batch[:, layout.terminal, None],
+            rewards=batch[:, layout.n_step_return, None],
+            discounts=batch[:, layout.discount, None],
         )
+        if isinstance(fields["observations"], dict):
+            return DictReplayBufferSamples(**fields)  # type: ignore[arg-type]
+        return ReplayBufferSamples(**fields)  # type: ignore[arg-type]
 
     def to(self, device: th.device | str) -> None:
         """
@@ -326,9 +397,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
     def _move_storage(self, device: th.device) -> None:
         for name in self._STORAGE_NAMES:
             value = getattr(self, name)
-            if isinstance(value, dict):
-                setattr(self, name, {key: tensor.to(device) for key, tensor in value.items()})
-            elif value is not None:
+            if value is not None:
                 setattr(self, name, value.to(device))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -336,15 +405,17 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         # on a machine without one (no copy is made for storage already on the CPU).
         state = self.__dict__.copy()
         for name in self._STORAGE_NAMES:
-            value = state[name]
-            if isinstance(value, dict):
-                state[name] = {key: tensor.cpu() for key, tensor in value.items()}
-            elif value is not None:
-                state[name] = value.cpu()
+            if state[name] is not None:
+                state[name] = state[name].cpu()
         state["device"] = str(self.device)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        if "_table" not in state:
+            raise ValueError(
+                "This replay buffer was saved by an earlier version of sb3_fasttd3, whose storage layout is not "
+                "supported anymore: train without it (or with a buffer saved by this version)"
+            )
         self.__dict__.update(state)
         # Falls back to the CPU if the saved device is a GPU that is not available
         self.device = get_device(state["device"])

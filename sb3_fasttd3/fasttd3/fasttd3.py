@@ -316,6 +316,9 @@ class FastTD3(RolloutCollection):
         progress_bar: bool = False,
     ) -> tuple[int, BaseCallback]:
         self._last_obs_tensor = None
+        if reset_num_timesteps or self._last_obs is None:
+            # The envs are about to be reset: the next transitions do not follow the stored ones
+            self.replay_buffer.close_windows()
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         noise = self.exploration_noise
         if noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
@@ -353,17 +356,28 @@ class FastTD3(RolloutCollection):
         Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device.
 
         :param path: path to the pickled replay buffer
-        :param truncate_last_traj: unused (kept for SB3 compatibility)
+        :param truncate_last_traj: End the n-step windows of the newest transitions there, as if their
+            episodes were truncated (as SB3 does), so that no window reaches into the transitions collected next.
+            Leave it True unless training resumes from the very env state the buffer was saved with.
         """
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
+        kept = "The model's current buffer was kept."
         if replay_buffer.n_envs != self.n_envs:
             raise ValueError(
                 f"The replay buffer in {path} stores n_envs={replay_buffer.n_envs} envs but the model has "
                 f"n_envs={self.n_envs}: load it into a model whose env has {replay_buffer.n_envs} envs "
-                "(the buffer is stored per env). The model's current buffer was kept."
+                f"(the buffer is stored per env). {kept}"
             )
+        if (replay_buffer.n_steps, replay_buffer.gamma) != (self.n_steps, self.gamma):
+            raise ValueError(
+                f"The replay buffer in {path} holds returns over n_steps={replay_buffer.n_steps} with "
+                f"gamma={replay_buffer.gamma}, but the model has n_steps={self.n_steps}, gamma={self.gamma}: "
+                f"load it into a model with the same n_steps and gamma. {kept}"
+            )
+        if truncate_last_traj:
+            replay_buffer.close_windows()
         replay_buffer.to(self.device)
         self.replay_buffer = replay_buffer
 
