@@ -10,6 +10,7 @@ repetitions; ratios are taken between variants measured in the same run.
 """
 
 import argparse
+import functools
 import time
 from collections.abc import Callable
 from typing import Any
@@ -114,13 +115,24 @@ def bench_sampling(batch_size: int, repeats: int, n_steps: int = 3) -> dict[str,
     for buffer in buffers.values():
         for row in range(rows):
             buffer.add(obs, obs, action, reward, done[row], infos)
-    result: dict[str, Any] = {"batch_size": batch_size, "stored": rows * n_envs, "n_steps": n_steps}
-    for name, buffer in buffers.items():
-        seconds = median_time(lambda buffer=buffer: buffer.sample(batch_size), repeats, inner=3)
-        result[name] = {"transitions_per_s": batch_size / seconds}
-    result["ours / sb3 NStepReplayBuffer"] = (
-        result["ours (n-step)"]["transitions_per_s"] / (result["sb3 NStepReplayBuffer"]["transitions_per_s"])
-    )
+    # Where our time goes: the index draw, and the gather of one packed row per transition
+    table = buffers["ours (n-step)"]._table.flatten(0, 1)
+    calls: dict[str, Callable[[], Any]] = {name: functools.partial(buf.sample, batch_size) for name, buf in buffers.items()}
+    calls["ours: draw"] = lambda: th.randint(0, len(table), (batch_size,))
+    calls["ours: draw and gather"] = lambda: table.index_select(0, th.randint(0, len(table), (batch_size,)))
+    # Interleaved (one call of each per round): the machine's slow spells hit every buffer alike
+    seconds: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(repeats):
+        for name, call in calls.items():
+            seconds[name].append(median_time(call, 1, inner=3))
+    result: dict[str, Any] = {"batch_size": batch_size, "stored": rows * n_envs, "n_steps": n_steps, "rounds": repeats}
+    for name in buffers:
+        result[name] = {"transitions_per_s": batch_size / float(np.median(seconds[name]))}
+    ratios = np.array(seconds["sb3 NStepReplayBuffer"]) / np.array(seconds["ours (n-step)"])
+    result["ours / sb3 NStepReplayBuffer"] = float(np.median(ratios))
+    result["ours: ms per draw"] = 1e3 * float(np.median(seconds["ours: draw"]))
+    result["ours: ms per row gather"] = 1e3 * float(np.median(seconds["ours: draw and gather"])) - result["ours: ms per draw"]
+    result["ours: bytes per row"] = table.shape[1] * table.element_size()
     return result
 
 
@@ -130,6 +142,7 @@ def main() -> None:
     parser.add_argument("--widths", type=int, nargs="+", default=[256, 512, 1024], help="first critic layer width")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sampling-batch", type=int, default=32768)
+    parser.add_argument("--sampling-rounds", type=int, default=21, help="interleaved rounds of the sampling benchmark")
     args = parser.parse_args()
 
     results: dict[str, Any] = {
@@ -140,6 +153,9 @@ def main() -> None:
         },
         "updates": [],
     }
+    # Sampling first, in a fresh process: large allocations made after the compiled models measured slower
+    results["sampling"] = bench_sampling(args.sampling_batch, args.sampling_rounds)
+    print(results["sampling"], flush=True)
     for batch_size in args.batch_sizes:
         for width in args.widths:
             row = bench_updates(batch_size, width, args.repeats)
@@ -150,8 +166,6 @@ def main() -> None:
             )
             results["updates"].append(row)
             print(row, flush=True)
-    results["sampling"] = bench_sampling(args.sampling_batch, args.repeats)
-    print(results["sampling"], flush=True)
     write_results("update_throughput", results, markdown(results))
 
 
@@ -183,7 +197,15 @@ def markdown(results: dict[str, Any]) -> str:
     ]
     for name in ("ours (n-step)", "sb3 ReplayBuffer", "sb3 NStepReplayBuffer"):
         lines.append(f"| {name} | {sampling[name]['transitions_per_s']:.3g} |")
-    lines.append(f"\nOurs / SB3 NStepReplayBuffer: {sampling['ours / sb3 NStepReplayBuffer']:.1f}x")
+    lines.append(
+        f"\nOurs / SB3 NStepReplayBuffer: {sampling['ours / sb3 NStepReplayBuffer']:.1f}x "
+        f"(median of the ratios of {sampling.get('rounds', 'several')} interleaved rounds)"
+    )
+    if "ours: ms per draw" in sampling:
+        lines.append(
+            f"\nOurs per batch: {sampling['ours: ms per draw']:.2f} ms to draw the indices, "
+            f"{sampling['ours: ms per row gather']:.2f} ms to gather the rows ({sampling['ours: bytes per row']} bytes each)."
+        )
     return "\n".join(lines) + "\n"
 
 

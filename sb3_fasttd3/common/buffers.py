@@ -10,6 +10,8 @@ from stable_baselines3.common.type_aliases import DictReplayBufferSamples, Repla
 from stable_baselines3.common.utils import get_device
 from stable_baselines3.common.vec_env import VecNormalize
 
+from sb3_fasttd3.common.memory import on_huge_pages, zeros_on_huge_pages
+
 ArrayLike = np.ndarray | th.Tensor
 ObsLike = ArrayLike | dict[str, ArrayLike]
 TensorObs = th.Tensor | dict[str, th.Tensor]
@@ -183,7 +185,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         Allocate the (zero-initialized) storage tensors on ``self.device``.
         """
         shape = (self.buffer_size, self.n_envs)
-        self._table = th.zeros((*shape, self.layout.width), dtype=th.float32, device=self.device)
+        self._table = zeros_on_huge_pages((*shape, self.layout.width), th.float32, self.device)
         self._rewards = th.zeros(shape, dtype=th.float32, device=self.device)
         self._dones = th.zeros(shape, dtype=th.bool, device=self.device)
         self._timeouts = th.zeros(shape, dtype=th.bool, device=self.device)
@@ -399,6 +401,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, value.to(device))
+        if self._table is not None:
+            self._table = on_huge_pages(self._table)
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickle the storage as CPU tensors, so that a buffer saved on a GPU can be unpickled
