@@ -29,18 +29,27 @@ TASKS = {"playground": ["CheetahRun"], "envpool": ["HalfCheetah-v5"], "gymnasium
 MAX_ENVS = {"gymnasium": 64}
 
 
-def steps_per_second(step: Callable[[], Any], num_envs: int, seconds: float, repeats: int) -> float:
-    """Median over ``repeats`` of env steps per second (``num_envs`` per call), after warm-up calls."""
-    for _ in range(3):
-        step()
-    rates = []
-    for _ in range(repeats):
-        calls, start = 0, time.perf_counter()
-        while time.perf_counter() - start < seconds:
+def steps_per_second(steps: dict[str, Callable[[], Any]], num_envs: int, seconds: float, repeats: int) -> dict[str, Any]:
+    """
+    Env steps per second of each ``steps`` function (``num_envs`` per call), after warm-up calls: medians over
+    ``repeats`` rounds of ``seconds`` each, the functions taking turns within a round so that a slow spell of the
+    machine hits them alike, and the median over rounds of the ratio ours / bare.
+    """
+    for step in steps.values():
+        for _ in range(3):
             step()
-            calls += 1
-        rates.append(calls * num_envs / (time.perf_counter() - start))
-    return float(np.median(rates))
+    rates: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            calls, start = 0, time.perf_counter()
+            while time.perf_counter() - start < seconds:
+                step()
+                calls += 1
+            rates[name].append(calls * num_envs / (time.perf_counter() - start))
+    result: dict[str, Any] = {name: float(np.median(values)) for name, values in rates.items()}
+    if "ours" in rates:
+        result["ours_over_bare"] = float(np.median(np.array(rates["ours"]) / np.array(rates["bare"])))
+    return result
 
 
 def playground_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
@@ -109,7 +118,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     parser.add_argument("--num-envs", type=int, nargs="+", default=[1, 64, 1024])
     parser.add_argument("--seconds", type=float, default=2.0, help="length of one timed run")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--playground-tasks", nargs="+", default=TASKS["playground"], help="Playground registry names")
     args = parser.parse_args()
     tasks = {**TASKS, "playground": args.playground_tasks}
@@ -124,17 +133,16 @@ def main() -> None:
         except ImportError as error:
             print(f"{backend}: skipped ({error})")
             continue
-        rates = {name: steps_per_second(step, num_envs, args.seconds, args.repeats) for name, step in steps.items()}
+        rates = steps_per_second(steps, num_envs, args.seconds, args.repeats)
         row = {"backend": backend, "task": task, "num_envs": num_envs, **rates}
-        if "ours" in rates:
-            row["ours_over_bare"] = rates["ours"] / rates["bare"]
         print(row, flush=True)
         rows.append(row)
 
     lines = [
         "# Environment throughput (env steps/s, random actions)",
         "",
-        f"Medians of {args.repeats} runs of {args.seconds:g} s.",
+        f"Medians of {args.repeats} rounds of {args.seconds:g} s, bare and ours taking turns in each round; "
+        "ours / bare is the median of the per-round ratios.",
         "",
         "| backend | task | envs | bare | ours | ours / bare |",
         "| --- | --- | --- | --- | --- | --- |",

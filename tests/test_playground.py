@@ -15,7 +15,7 @@ from gymnasium import spaces
 from mujoco_playground import State
 from mujoco_playground._src import mjx_env
 
-from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv, needs_menagerie, playground_tasks
+from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv, _Packer, needs_menagerie, playground_tasks
 
 NUM_ENVS, EPISODE_LENGTH = 4, 5
 
@@ -147,7 +147,7 @@ def test_dict_observations_and_actions_not_aliased():
     assert set(obs) == {"state", "privileged_state"} and obs["privileged_state"].shape == (2, 6)
     actions = th.full((2, 3), 0.1)
     obs, *_ = step(env, actions)
-    assert obs["state"].data_ptr() == env.state.obs["state"].unsafe_buffer_pointer()
+    assert obs["state"].data_ptr() == env.observation_arrays["state"].unsafe_buffer_pointer()
     # The env keeps the action in its state: it must be JAX's own copy, not the caller's torch memory
     last_act = env.state.info["last_act"]
     assert last_act.unsafe_buffer_pointer() != actions.data_ptr()
@@ -158,11 +158,13 @@ def test_dict_observations_and_actions_not_aliased():
 def test_zero_copy_and_jax_state_untouched(cartpole):
     obs = cartpole.reset()
     state = cartpole.state
-    assert obs.data_ptr() == state.obs.unsafe_buffer_pointer()
+    assert obs.data_ptr() == cartpole.observation_arrays.unsafe_buffer_pointer()
     snapshot, obs_snapshot = [np.array(leaf) for leaf in jax.tree.leaves(state)], obs.numpy().copy()
     for _ in range(EPISODE_LENGTH):  # includes the auto-reset step and the episode tracker's updates
-        new_obs, reward, dones, _ = step(cartpole, th.ones(NUM_ENVS, 1))
-    assert new_obs.data_ptr() == cartpole.state.obs.unsafe_buffer_pointer()
+        new_obs, reward, dones, infos = step(cartpole, th.ones(NUM_ENVS, 1))
+    arrays = cartpole.observation_arrays  # observations then final observations, each a torch view
+    assert new_obs.data_ptr() == arrays.unsafe_buffer_pointer()
+    assert infos["final_observation"].data_ptr() == new_obs.data_ptr() + new_obs.numel() * new_obs.element_size()
     assert reward.dtype == th.float32 and dones.dtype == th.bool
     for before, leaf in zip(snapshot, jax.tree.leaves(state), strict=True):
         np.testing.assert_array_equal(np.asarray(leaf), before)
@@ -275,3 +277,25 @@ def test_eval_callback_on_a_playground_env(cartpole, tmp_path):
     # CartpoleBalance pays at most 1 per step: a 5-step episode returns between 0 and 5
     assert all(0 <= value <= EPISODE_LENGTH for result in callback.evaluations_results for value in result)
     assert all(length == [EPISODE_LENGTH] * 2 for length in callback.evaluations_length)
+
+
+def test_packer_round_trip_keeps_every_leaf(cartpole):
+    tree = {
+        "x": jnp.arange(6, dtype=jnp.float32).reshape(2, 3),
+        "n": jnp.array([3, -1], dtype=jnp.int32),
+        "key": jax.random.split(jax.random.PRNGKey(5), 2),
+        "flag": jnp.array(True),
+        "nested": (jnp.full((2, 1, 2), 0.5, dtype=jnp.float32), jnp.zeros((0,), dtype=jnp.int32)),
+    }
+    packer = _Packer(jax.eval_shape(lambda: tree))
+    packed = jax.jit(packer.pack)(tree)
+    assert len(packed) == 4  # one array per dtype: bool, float32, int32, uint32
+    back = jax.jit(packer.unpack)(packed)
+    assert jax.tree.structure(back) == jax.tree.structure(tree)
+    for original, restored in zip(jax.tree.leaves(tree), jax.tree.leaves(back), strict=True):
+        assert original.dtype == restored.dtype and original.shape == restored.shape
+        np.testing.assert_array_equal(np.asarray(restored), np.asarray(original))
+    # The env's own batch (states, reset pool, counters, keys) crosses the jit boundary as a few arrays
+    cartpole.reset()
+    assert len(cartpole._packed) <= 5
+    assert len(jax.tree.leaves(cartpole.state)) > 50
