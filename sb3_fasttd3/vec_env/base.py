@@ -57,10 +57,6 @@ class EpisodeTracker:
     def update(self, rewards: th.Tensor, dones: th.Tensor) -> None:
         """Add one step of rewards; record the episodes that ended."""
         self.running += th.cat([rewards.view(-1, 1), self._one], dim=1)
-        # On the CPU, reading a flag costs no transfer: skip the bookkeeping of steps where no episode ends
-        # (most of them). On an accelerator, the same ops run every step rather than sync the host
-        if self.running.device.type == "cpu" and not dones.any():
-            return
         ends = dones.cumsum(0)
         slots = th.where(dones, (self._finished + ends - 1) % self.capacity, self.capacity)
         self._ring.index_put_((slots,), self.running)

@@ -126,10 +126,14 @@ class EnvpoolVecEnv(TorchVecEnv):
             return np.concatenate([obs[key].reshape(len(obs[key]), -1) for key in self._keys], axis=1, dtype=np.float32)
         return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
 
+    def _tensor(self, array: np.ndarray) -> th.Tensor:
+        tensor = th.from_numpy(array)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+
     def _to_torch(self, obs: NumpyObs) -> TorchObs:
         if isinstance(obs, dict):
-            return {key: th.from_numpy(value).to(self.device) for key, value in obs.items()}
-        return th.from_numpy(obs).to(self.device)
+            return {key: self._tensor(value) for key, value in obs.items()}
+        return self._tensor(obs)
 
     def _reset_envs(self, final_obs: NumpyObs, env_ids: np.ndarray) -> NumpyObs:
         """``final_obs`` with the rows of ``env_ids`` replaced by the first observation of their next episode."""
@@ -162,9 +166,9 @@ class EnvpoolVecEnv(TorchVecEnv):
         obs = self._reset_envs(final_obs, done_ids) if done_ids.size else final_obs
         return TorchStep(
             obs=self._to_torch(obs),
-            reward=th.from_numpy(reward.astype(np.float32, copy=False)).to(self.device),
-            terminated=th.from_numpy(terminated).to(self.device),
-            truncated=th.from_numpy(truncated).to(self.device),
+            reward=self._tensor(reward.astype(np.float32, copy=False)),
+            terminated=self._tensor(terminated),
+            truncated=self._tensor(truncated),
             final_obs=self._to_torch(final_obs),
         )
 
