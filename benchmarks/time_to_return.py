@@ -5,11 +5,13 @@ entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-co
 
     python -m benchmarks.time_to_return --budget 600                 # every algorithm, one after another
     python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
+    python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --join-invocation 2   # the rest, later
 
 Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
 training; evaluation time is not counted. Results append to ``benchmarks/results/time_to_return.json``
 and the Markdown summary and PNG plot are rebuilt from every run in that file, so a long comparison can
-be built over several invocations. Peers need ``pip install -e ".[benchmarks]"``.
+be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task, seed and
+budget required). Peers need ``pip install -e ".[benchmarks]"``.
 """
 
 import argparse
@@ -194,6 +196,19 @@ def speedup(ours: dict[str, Any], peers: list[dict[str, Any]], threshold: float)
     )
 
 
+def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int:
+    """``args.join_invocation``, once checked to be a comparison on the same task, seed and budget."""
+    joined = [run for run in runs if run["invocation"] == args.join_invocation]
+    if not joined:
+        raise SystemExit(f"--join-invocation {args.join_invocation}: no such comparison in the results file")
+    wanted = {"env": args.env, "seed": args.seed, "budget": args.budget}
+    for run in joined:
+        found = {key: run[key] for key in wanted}
+        if found != wanted:
+            raise SystemExit(f"--join-invocation {args.join_invocation} ran with {found}, not {wanted}: same settings needed")
+    return args.join_invocation
+
+
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
     """Return against training seconds and against environment steps, one line per run."""
     import matplotlib
@@ -225,6 +240,9 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=3)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[3000.0, 5000.0])
+    parser.add_argument(
+        "--join-invocation", type=int, help="add the runs to this earlier comparison (same task, seed and budget)"
+    )
     parser.add_argument("--worker", choices=list(ALGOS), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -235,6 +253,8 @@ def main() -> None:
     results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
     invocation = 1 + max((run["invocation"] for run in results["runs"]), default=0)
+    if args.join_invocation is not None:
+        invocation = join_invocation(results["runs"], args)
     for algo in args.algos:
         print(f"{algo}: {args.budget:g} s on {args.env}", flush=True)
         with tempfile.NamedTemporaryFile(suffix=".json") as output:

@@ -1,6 +1,7 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
-from collections.abc import Iterator
+import types
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -37,6 +38,21 @@ def _split_batches(value: Any, batch_size: int, n_batches: int) -> list[Any]:
 
 # Mixed precision: the name accepted by ``amp_dtype`` and the torch dtype of the autocast regions
 AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
+
+
+def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
+    """
+    ``torch.compile`` of a bound method, through a copy of its code object. Dynamo keeps compiled graphs, and
+    counts recompilations, per code object: models built one after another in a process (seeds, Optuna trials,
+    tests) would otherwise share one cache, each adding a recompilation, and from the ninth on silently run eager.
+
+    :param method: a method bound to this model
+    :param mode: ``torch.compile``'s mode
+    :return: the compiled method
+    """
+    func = method.__func__  # type: ignore[attr-defined]
+    own = types.FunctionType(func.__code__.replace(), func.__globals__, func.__name__, func.__defaults__, func.__closure__)
+    return th.compile(types.MethodType(own, method.__self__), mode=mode)  # type: ignore[attr-defined]
 
 
 class FastTD3(RolloutCollection):
@@ -298,9 +314,9 @@ class FastTD3(RolloutCollection):
         self._critic_loss_fn, self._actor_loss_fn, self._act_fn = self._critic_loss, self._actor_loss, self._noisy_actions
         if self.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
-            self._critic_loss_fn = th.compile(self._critic_loss, mode=mode)
-            self._actor_loss_fn = th.compile(self._actor_loss, mode=mode)
-            self._act_fn = th.compile(self._noisy_actions, mode=mode)
+            self._critic_loss_fn = _compile_for_this_model(self._critic_loss, mode)
+            self._actor_loss_fn = _compile_for_this_model(self._actor_loss, mode)
+            self._act_fn = _compile_for_this_model(self._noisy_actions, mode)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         check_env(env)  # before the model lets go of its current env

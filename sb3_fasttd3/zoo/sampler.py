@@ -29,8 +29,7 @@ def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, ad
     :param additional_args: the Zoo's extra arguments (unused)
     :return: keyword arguments for :class:`~sb3_fasttd3.FastTD3`
     """
-    # A compiled model per trial: without a reset, dynamo's recompile limit is hit after a few trials
-    # and the later ones silently run eager
+    # Each model compiles its own code (no recompile limit across trials); drop the graphs of the finished trials
     th._dynamo.reset()
     trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
     trial.suggest_int("batch_size_pow", 7, 12)
