@@ -4,6 +4,7 @@ SB3 TD3's ``train()`` at the same network and batch sizes, and replay sampling a
 
     python -m benchmarks.update_throughput                       # the full grid (slow on a CPU)
     python -m benchmarks.update_throughput --batch-sizes 8192 --widths 1024 --repeats 3
+    python -m benchmarks.update_throughput --sampling-only      # replaces the sampling section only
 
 Writes ``benchmarks/results/update_throughput.{json,md}``. Timings are medians over ``--repeats``
 repetitions; ratios are taken between variants measured in the same run.
@@ -11,6 +12,7 @@ repetitions; ratios are taken between variants measured in the same run.
 
 import argparse
 import functools
+import json
 import time
 from collections.abc import Callable
 from typing import Any
@@ -22,7 +24,7 @@ from stable_baselines3 import TD3
 from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import BoxEnv, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, BoxEnv, machine_info, write_results
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 
@@ -118,8 +120,12 @@ def bench_sampling(batch_size: int, repeats: int, n_steps: int = 3) -> dict[str,
     # Where our time goes: the index draw, and the gather of one packed row per transition
     table = buffers["ours (n-step)"]._table.flatten(0, 1)
     calls: dict[str, Callable[[], Any]] = {name: functools.partial(buf.sample, batch_size) for name, buf in buffers.items()}
-    calls["ours: draw"] = lambda: th.randint(0, len(table), (batch_size,))
-    calls["ours: draw and gather"] = lambda: table.index_select(0, th.randint(0, len(table), (batch_size,)))
+
+    def draw() -> th.Tensor:  # as the buffer does on the CPU
+        return th.from_numpy(np.random.randint(0, len(table), batch_size, dtype=np.int64))
+
+    calls["ours: draw"] = draw
+    calls["ours: draw and gather"] = lambda: table.index_select(0, draw())
     # Interleaved (one call of each per round): the machine's slow spells hit every buffer alike
     seconds: dict[str, list[float]] = {name: [] for name in calls}
     for _ in range(repeats):
@@ -143,7 +149,20 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--sampling-batch", type=int, default=32768)
     parser.add_argument("--sampling-rounds", type=int, default=21, help="interleaved rounds of the sampling benchmark")
+    parser.add_argument(
+        "--sampling-only",
+        action="store_true",
+        help="measure sampling only, keeping the update grid of the existing results file (the sampling section "
+        "then records its own command and commit)",
+    )
     args = parser.parse_args()
+    if args.sampling_only:
+        results = json.loads((RESULTS_DIR / "update_throughput.json").read_text())
+        results["sampling"] = bench_sampling(args.sampling_batch, args.sampling_rounds)
+        results["sampling"]["machine"] = machine_info()
+        print(results["sampling"], flush=True)
+        write_results("update_throughput", results, markdown(results))
+        return
 
     results: dict[str, Any] = {
         "machine": machine_info(),
@@ -201,6 +220,8 @@ def markdown(results: dict[str, Any]) -> str:
         f"\nOurs / SB3 NStepReplayBuffer: {sampling['ours / sb3 NStepReplayBuffer']:.1f}x "
         f"(median of the ratios of {sampling.get('rounds', 'several')} interleaved rounds)"
     )
+    if "machine" in sampling:
+        lines.append(f"\nMeasured apart from the grid: `{sampling['machine']['command']}` at {sampling['machine']['commit']}.")
     if "ours: ms per draw" in sampling:
         lines.append(
             f"\nOurs per batch: {sampling['ours: ms per draw']:.2f} ms to draw the indices, "

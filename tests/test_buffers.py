@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from stable_baselines3.common.buffers import NStepReplayBuffer
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
+from stable_baselines3.common.utils import set_random_seed
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 
@@ -153,7 +154,7 @@ def test_nstep_matches_brute_force(
     fill(buffer, steps)
     assert buffer.size() == min(n_adds, rows_per_env)
 
-    th.manual_seed(seed)
+    set_random_seed(seed)
     batch_size = 64
     samples = buffer.sample(batch_size)
     assert samples.observations.shape == (batch_size, OBS_DIM)
@@ -197,7 +198,7 @@ def test_no_sample_crosses_write_pointer(n_envs: int, n_steps: int, n_adds: int,
     fill(buffer, steps)
     timeouts_before = buffer.timeouts.clone()
 
-    th.manual_seed(seed)
+    set_random_seed(seed)
     samples = buffer.sample(256)
     # Sampling does not modify the storage (the newest row is only treated as truncated while sampling)
     assert th.equal(buffer.timeouts, timeouts_before)
@@ -258,7 +259,7 @@ def test_truncation_bootstraps_termination_does_not(handle_timeout: bool) -> Non
         5: (32 + 0.5 * 64, 0.25, 6, 0.0),  # the newest row bootstraps
         6: (64.0, 0.5, 6, 0.0),
     }
-    th.manual_seed(0)
+    set_random_seed(0)
     samples = buffer.sample(300)
     seen = set()
     for i in range(300):
@@ -291,9 +292,9 @@ def test_dict_observations_match_box(n_envs: int, n_steps: int, n_adds: int, see
     assert isinstance(dict_buffer.observations, dict)
     assert dict_buffer.observations["b"].shape == (n_envs, 6, 2, 3)
 
-    th.manual_seed(seed)
+    set_random_seed(seed)
     box_samples = box_buffer.sample(40)
-    th.manual_seed(seed)
+    set_random_seed(seed)
     dict_samples = dict_buffer.sample(40)
     assert isinstance(dict_samples.observations, dict) and isinstance(dict_samples.next_observations, dict)
     for field in ("observations", "next_observations"):
@@ -412,7 +413,7 @@ def test_size_counts_rows_per_env_and_reset() -> None:
         buffer.sample(4)
     # After a reset, only the new data is sampled
     fill(buffer, steps[9:])
-    th.manual_seed(0)
+    set_random_seed(0)
     samples = buffer.sample(30)
     assert set((samples.observations[:, 0].round().long() // n_envs).tolist()) == {9}
 
@@ -450,9 +451,9 @@ def test_pickle_round_trip(tmp_path, dict_obs: bool) -> None:
     assert (loaded.n_steps, loaded.gamma, loaded.n_envs, loaded.buffer_size) == (3, 0.99, n_envs, 7)
     assert loaded.device == buffer.device
 
-    th.manual_seed(123)
+    set_random_seed(123)
     samples = buffer.sample(50)
-    th.manual_seed(123)
+    set_random_seed(123)
     loaded_samples = loaded.sample(50)
     assert_same_samples(samples, loaded_samples)
 
@@ -558,3 +559,21 @@ def test_close_windows_stops_returns_at_the_newest_rows() -> None:
     assert samples.next_observations[:3, 0].tolist() == [2.5, 2.5, 2.5]
     assert samples.discounts[:, 0].tolist() == [0.125, 0.25, 0.5] * 2
     assert not samples.dones.any()
+
+
+def test_cpu_sampling_draws_from_numpy_uniformly() -> None:
+    n_envs, n_adds = 3, 4
+    buffer = DeviceNStepReplayBuffer(30, BOX_OBS_SPACE, ACTION_SPACE, device="cpu", n_envs=n_envs, n_steps=2)
+    fill(buffer, make_trajectory(np.random.default_rng(0), n_adds, n_envs))
+    # As SB3's buffers: NumPy's global RNG (seeded by set_random_seed) picks the indices, torch's does not
+    np.random.seed(5)
+    th.manual_seed(1)
+    first = buffer.sample(6000).observations[:, 0]
+    np.random.seed(5)
+    th.manual_seed(2)
+    second = buffer.sample(6000).observations[:, 0]
+    assert th.equal(first, second)
+    # Every stored transition (ids 0..11), none other, each about equally often
+    counts = th.bincount(first.round().long(), minlength=n_adds * n_envs)
+    assert len(counts) == n_adds * n_envs
+    assert counts.min() > 400 and counts.max() < 600, counts

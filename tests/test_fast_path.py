@@ -4,6 +4,7 @@ import copy
 
 import pytest
 import torch as th
+from stable_baselines3.common.utils import set_random_seed
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
@@ -83,7 +84,7 @@ def test_fast_train_calls_follow_the_plain_ones(fast_kwargs):
     n_calls = 3
     for seed in range(n_calls):  # each call: one critic-only and one critic+actor update
         for model in (plain, fast):
-            th.manual_seed(seed)
+            set_random_seed(seed)
             model.train(gradient_steps=2, batch_size=16)
     tolerance = 2e-2 if "amp_dtype" in fast_kwargs else 1e-4
     th.testing.assert_close(fast._train_stats, plain._train_stats, rtol=tolerance, atol=tolerance)

@@ -8,6 +8,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.logger import configure
 from stable_baselines3.common.type_aliases import ReplayBufferSamples
+from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
 from sb3_fasttd3 import FastTD3
@@ -324,10 +325,10 @@ def test_one_gather_serves_every_update_of_a_train_call(dict_obs, monkeypatch):
     calls = []
     sample = model.replay_buffer.sample
     monkeypatch.setattr(model.replay_buffer, "sample", lambda n: calls.append(n) or sample(n))
-    th.manual_seed(0)
+    set_random_seed(0)
     batches = list(model._sample_batches(3, 16))
     assert calls == [48] and len(batches) == 3
-    th.manual_seed(0)
+    set_random_seed(0)
     whole = sample(48)
     for i, batch in enumerate(batches):
         rows = slice(16 * i, 16 * (i + 1))

@@ -335,7 +335,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
     ) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
         Sample a batch of n-step transitions, uniformly over the stored (env, row) pairs.
-        Uses the global torch RNG on ``self.device``.
+        The indices come from NumPy's global RNG on the CPU (as in SB3's buffers: twice as fast
+        as ``th.randint`` there), from the torch RNG of ``self.device`` on other devices.
 
         :param batch_size: Number of transitions to sample
         :param env: Must be None (observation/reward normalization by a VecNormalize is not supported)
@@ -349,6 +350,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         if rows == 0:
             raise ValueError("Cannot sample from an empty buffer, call add() first")
         # Storage is (row, env)-major: the stored rows of every env are the first rows * n_envs flat indices
+        if self.device.type == "cpu":
+            return self._gather(th.from_numpy(np.random.randint(0, rows * self.n_envs, batch_size, dtype=np.int64)))
         return self._gather(th.randint(0, rows * self.n_envs, (batch_size,), device=self.device))
 
     def _get_samples(  # type: ignore[override]
