@@ -57,8 +57,11 @@ def machine_info() -> dict[str, Any]:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False).stdout
     except OSError:
         commit = ""
+    script = Path(sys.argv[0])
+    # Run as `python -m benchmarks.<name>`: say so rather than the script's absolute path
+    program = [f"-m benchmarks.{script.stem}"] if script.parent == Path(__file__).resolve().parent else [sys.argv[0]]
     return {
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
+        "command": " ".join([Path(sys.executable).name, *program, *sys.argv[1:]]),
         "commit": commit.strip(),
         "cpu": cpu,
         "cpu_flags": flags,
