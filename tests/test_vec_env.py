@@ -26,27 +26,42 @@ def tiny_model(env, **kwargs) -> FastTD3:
     return FastTD3(policy, env, seed=0, **{**TINY, **kwargs})
 
 
-@settings(max_examples=30, deadline=None)
-@given(st.lists(st.lists(st.tuples(st.floats(-10, 10), st.booleans()), min_size=3, max_size=3), max_size=60))
-def test_episode_tracker_matches_python(steps):
-    """Returns and lengths of finished episodes, in order, the latest ``capacity`` kept between drains."""
-    tracker, capacity = EpisodeTracker(3, "cpu", capacity=5), 5
+STEP = st.lists(st.tuples(st.floats(-10, 10), st.booleans()), min_size=3, max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.one_of(STEP, st.sampled_from(["drain", "reset"])), max_size=60), st.sampled_from([1, 4, 64]))
+def test_episode_tracker_matches_python(events, block):
+    """
+    Returns and lengths of finished episodes, in order, the latest ``capacity`` kept between drains, whatever
+    the block size and wherever the drains and env resets fall.
+    """
+    capacity = 5
+    tracker = EpisodeTracker(3, "cpu", capacity=capacity, block=block)
     returns, lengths, finished = [0.0] * 3, [0] * 3, []
-    for step in steps:
-        rewards = th.tensor([reward for reward, _ in step], dtype=th.float64)
-        dones = th.tensor([done for _, done in step])
-        tracker.update(rewards, dones)
-        for i, (reward, done) in enumerate(step):
-            returns[i] += reward
-            lengths[i] += 1
-            if done:
-                finished.append((returns[i], lengths[i]))
-                returns[i], lengths[i] = 0.0, 0
-    episodes, count = tracker.drain()
-    assert count == len(finished)
-    expected = finished[-capacity:]
-    assert [episode["l"] for episode in episodes] == [length for _, length in expected]
-    assert [episode["r"] for episode in episodes] == pytest.approx([ret for ret, _ in expected])
+
+    def check_drain() -> None:
+        episodes, count = tracker.drain()
+        assert count == len(finished)
+        expected = finished[-capacity:]
+        assert [episode["l"] for episode in episodes] == [length for _, length in expected]
+        assert [episode["r"] for episode in episodes] == pytest.approx([ret for ret, _ in expected])
+        finished.clear()
+
+    for event in [*events, "drain"]:
+        if event == "drain":
+            check_drain()
+        elif event == "reset":  # running episodes are forgotten, finished ones kept
+            tracker.reset()
+            returns, lengths = [0.0] * 3, [0] * 3
+        else:
+            tracker.update(th.tensor([reward for reward, _ in event]), th.tensor([done for _, done in event]))
+            for i, (reward, done) in enumerate(event):
+                returns[i] += reward
+                lengths[i] += 1
+                if done:
+                    finished.append((returns[i], lengths[i]))
+                    returns[i], lengths[i] = 0.0, 0
     assert tracker.drain() == ([], 0)
 
 

@@ -158,18 +158,18 @@ class EnvpoolVecEnv(TorchVecEnv):
         return self._to_torch(self._to_numpy(obs))
 
     def _step(self, actions: th.Tensor) -> TorchStep:
-        """One envpool step, then a reset of the envs that finished (``obs`` shares memory with ``final_obs`` if none did)."""
+        """One envpool step, then a reset of the envs that finished (``obs`` is ``final_obs`` if none did)."""
         obs, reward, terminated, truncated, info = self.pool.step(actions.detach().cpu().numpy())
         truncated = (truncated | (info["elapsed_step"] >= self.max_episode_steps)) & ~terminated
         final_obs = self._to_numpy(obs)
         done_ids = np.flatnonzero(terminated | truncated)
-        obs = self._reset_envs(final_obs, done_ids) if done_ids.size else final_obs
+        final_obs_t = self._to_torch(final_obs)
         return TorchStep(
-            obs=self._to_torch(obs),
+            obs=self._to_torch(self._reset_envs(final_obs, done_ids)) if done_ids.size else final_obs_t,
             reward=self._tensor(reward.astype(np.float32, copy=False)),
             terminated=self._tensor(terminated),
             truncated=self._tensor(truncated),
-            final_obs=self._to_torch(final_obs),
+            final_obs=final_obs_t,
         )
 
     def close(self) -> None:
