@@ -1,5 +1,6 @@
 """
-Environment steps per second through our vector envs against the bare backend they wrap, with random actions:
+Environment steps per second through our vector envs against the bare backend they wrap, with random actions
+(drawn beforehand, the same for both):
 
 - MuJoCo Playground: ``PlaygroundVecEnv`` (torch actions in, DLPack both ways, our auto-reset) against the
   task's own ``jax.jit(jax.vmap(env.step))`` fed with JAX actions (no auto-reset at all);
@@ -52,6 +53,19 @@ def steps_per_second(steps: dict[str, Callable[[], Any]], num_envs: int, seconds
     return result
 
 
+def drawn_actions(
+    num_envs: int, action_dim: int, to_jax: Callable[[np.ndarray], Any] | None = None, count: int = 16
+) -> tuple[list[Any], list[th.Tensor]]:
+    """
+    ``count`` batches of uniform random actions in [-1, 1], drawn beforehand so that neither side pays for
+    its random numbers: as NumPy arrays (or JAX arrays with ``to_jax``) for the bare backend, as torch
+    tensors (the same values) for ours.
+    """
+    batches = np.random.default_rng(0).uniform(-1.0, 1.0, (count, num_envs, action_dim)).astype(np.float32)
+    bare = [to_jax(batch) if to_jax else batch for batch in batches]
+    return bare, [th.from_numpy(batch) for batch in batches]
+
+
 def playground_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
     import jax
 
@@ -62,20 +76,17 @@ def playground_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
     raw = ours.env
     step = jax.jit(jax.vmap(raw.step))
     state = jax.jit(jax.vmap(raw.reset))(jax.random.split(jax.random.PRNGKey(0), num_envs))
-    keys = {"key": jax.random.PRNGKey(1), "state": state}
-
-    @jax.jit
-    def random_actions(key: jax.Array) -> tuple[jax.Array, jax.Array]:
-        key, sub = jax.random.split(key)
-        return key, jax.random.uniform(sub, (num_envs, raw.action_size), minval=-1.0, maxval=1.0)
+    bare_actions, our_actions = drawn_actions(num_envs, raw.action_size, to_jax=jax.device_put)
+    box = {"state": state, "calls": 0}
 
     def bare() -> None:
-        keys["key"], actions = random_actions(keys["key"])
-        keys["state"] = step(keys["state"], actions)
-        keys["state"].obs.block_until_ready()
+        box["calls"] += 1
+        box["state"] = step(box["state"], bare_actions[box["calls"] % len(bare_actions)])
+        box["state"].obs.block_until_ready()
 
     def wrapped() -> None:
-        ours.step(th.rand(num_envs, raw.action_size) * 2.0 - 1.0)
+        box["calls"] += 1
+        ours.step(our_actions[box["calls"] % len(our_actions)])
 
     return {"bare": bare, "ours": wrapped}
 
@@ -89,15 +100,16 @@ def envpool_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
     pool.reset()
     ours = EnvpoolVecEnv(task, num_envs=num_envs, seed=0)
     ours.reset()
-    low, high = pool.action_space.low, pool.action_space.high
-    rng = np.random.default_rng(0)
-    action_dim = pool.action_space.shape[0]
+    bare_actions, our_actions = drawn_actions(num_envs, pool.action_space.shape[0])
+    calls = [0]
 
     def bare() -> None:
-        pool.step(rng.uniform(low, high, (num_envs, action_dim)).astype(np.float32))
+        calls[0] += 1
+        pool.step(bare_actions[calls[0] % len(bare_actions)])
 
     def wrapped() -> None:
-        ours.step(th.rand(num_envs, action_dim) * 2.0 - 1.0)
+        calls[0] += 1
+        ours.step(our_actions[calls[0] % len(our_actions)])
 
     return {"bare": bare, "ours": wrapped}
 
