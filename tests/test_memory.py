@@ -7,6 +7,7 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
+from stable_baselines3.common.utils import set_random_seed
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.memory import HUGE_PAGE_BYTES, on_huge_pages, zeros_on_huge_pages
@@ -47,7 +48,7 @@ def test_large_buffer_samples_what_was_added(tmp_path) -> None:
         obs = np.full((n_envs, obs_dim), step, dtype=np.float32) + np.arange(n_envs)[:, None] / 10
         buffer.add(obs, obs + 0.5, np.zeros((n_envs, 2)), np.ones(n_envs), np.zeros(n_envs), [{}] * n_envs)
     assert buffer._table.data_ptr() % HUGE_PAGE_BYTES == 0
-    th.manual_seed(0)
+    set_random_seed(0)
     samples = buffer.sample(1000)
     # Two-step windows: the return is 1 + gamma and the next observation is the next row's (except the newest row)
     step = samples.observations[:, 0].floor()
@@ -58,5 +59,5 @@ def test_large_buffer_samples_what_was_added(tmp_path) -> None:
     save_to_pkl(tmp_path / "buffer", buffer)
     loaded = load_from_pkl(tmp_path / "buffer")
     assert loaded._table.data_ptr() % HUGE_PAGE_BYTES == 0
-    th.manual_seed(0)
+    set_random_seed(0)
     th.testing.assert_close(loaded.sample(1000), samples, rtol=0.0, atol=0.0)
