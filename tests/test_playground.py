@@ -135,6 +135,24 @@ def test_terminal_step_is_terminated_not_truncated():
     assert [episode["l"] for episode in episodes] == [2, 2, 4, 4]
 
 
+def test_pool_refilled_only_for_an_env_without_a_prepared_state():
+    """The reset runs outside the step, only when a finished env already took its prepared state; none repeats."""
+    env = PlaygroundVecEnv(FakePlaygroundEnv(), 3, episode_length=4)
+    restarts = []
+    restart = env._restart_jit
+    env._restart_jit = lambda *args: restarts.append(len(starts)) or restart(*args)
+    starts = [env.reset()["state"][:, 2].clone()]
+    # env 0 ends every 2 steps (terminated); envs 1 and 2 at step 4, 8, ... (env 1 terminated, env 2 truncated)
+    actions = th.tensor([[0.5, 0.0, 0.0], [0.25, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    for _ in range(8):
+        obs, _, dones, _ = step(env, actions)
+        starts.append(obs["state"][dones, 2].clone())
+    # The pool starts used up (step 2); env 0 again at step 4 and 8 (envs 1 and 2 take theirs in the step at 4)
+    assert restarts == [2, 4, 6, 8]
+    fresh = th.cat(starts)
+    assert len(fresh) == 3 + 1 + 3 + 1 + 3 and len(th.unique(fresh)) == len(fresh)
+
+
 def test_dict_observations_and_actions_not_aliased():
     env = PlaygroundVecEnv(FakePlaygroundEnv(), 2, episode_length=10)
     assert env.observation_space == spaces.Dict(

@@ -236,6 +236,9 @@ class PlaygroundVecEnv(TorchVecEnv):
         self._reset_jit = jax.jit(self._packed_reset)
         # The packed batch is not used after a step: XLA may write the next one in its place
         self._step_jit = jax.jit(self._packed_step, donate_argnums=0)
+        # Kept out of the step: XLA:CPU pays for every call the size of a conditional's branches, taken or not
+        # (a CheetahRun reset in a never-taken branch made a 1-env step 0.6 ms -> 1.5 ms)
+        self._restart_jit = jax.jit(self._packed_restart, donate_argnums=0)
         self._keys_jit = jax.jit(lambda packed: self._packer.unpack(packed).keys)
         self._packed: tuple[jax.Array, ...] | None = None
         self._obs: Any = None  # the JAX arrays of the last observations (torch holds views of them)
@@ -270,29 +273,36 @@ class PlaygroundVecEnv(TorchVecEnv):
         # The pool starts used up: it is drawn the first time an episode ends
         return _Batch(state, steps.astype(jnp.int32), keys, state, jnp.ones(keys.shape[0], dtype=bool))
 
-    def _refill_pool(self, batch: _Batch) -> tuple[Any, jax.Array, jax.Array]:
-        """New reset states in place of the used ones; returns the pool, its (cleared) used flags and the next keys."""
-        keys, reset_keys = _split(batch.keys, 2)
-        pool = jax.tree.map(functools.partial(_where, batch.pool_used), self._fresh_states(reset_keys), batch.pool)
-        return pool, jnp.zeros_like(batch.pool_used), keys
-
     def _step_batch(self, batch: _Batch, actions: jax.Array) -> tuple[_Batch, tuple[Any, ...]]:
-        """Step every env (jitted), reset the finished ones; returns the next batch, rewards, flags, final observations."""
+        """
+        Step every env (jitted) and restart the finished ones from the pool. Returns the next batch, the rewards,
+        the flags ``terminated``, ``truncated`` and ``waiting`` (finished, but its prepared state was already
+        taken: :meth:`_restart_waiting` restarts it) stacked as ``(3, num_envs)``, and the final observations.
+        """
         reached = _strong(self._batched_step(batch.state, actions))
         steps = batch.steps + 1
         terminated = reached.done.astype(bool)  # Playground's done is a float 0/1
         truncated = (steps >= self.episode_length) & ~terminated
         done = terminated | truncated
-        # A reset can cost many physics steps (CheetahRun settles for 200): finished envs take a prepared state,
-        # and the pool is refilled for all envs at once, only when an env needs a state it already took
-        pool, pool_used, keys = jax.lax.cond(
-            (done & batch.pool_used).any(), self._refill_pool, lambda batch: (batch.pool, batch.pool_used, batch.keys), batch
-        )
+        take = done & ~batch.pool_used
         # Most steps end no episode: skip the selection over the whole state tree then
-        state = jax.lax.cond(done.any(), lambda: jax.tree.map(functools.partial(_where, done), pool, reached), lambda: reached)
-        steps = jnp.where(done, 0, steps)
-        reward = reached.reward.astype(jnp.float32)
-        return _Batch(state, steps, keys, pool, pool_used | done), (reward, terminated, truncated, reached.obs)
+        state = jax.lax.cond(
+            take.any(), lambda: jax.tree.map(functools.partial(_where, take), batch.pool, reached), lambda: reached
+        )
+        flags = jnp.stack([terminated, truncated, done & batch.pool_used])
+        next_batch = batch._replace(state=state, steps=jnp.where(done, 0, steps), pool_used=batch.pool_used | take)
+        return next_batch, (reached.reward.astype(jnp.float32), flags, reached.obs)
+
+    def _restart_waiting(self, batch: _Batch, waiting: jax.Array) -> _Batch:
+        """
+        Refill the pool (jitted): a fresh reset state for every env whose prepared one was taken, then restart the
+        ``waiting`` envs from theirs. A reset can cost many physics steps (CheetahRun settles for 200), so all envs
+        are refilled at once, and only when an env needs a state it already took.
+        """
+        keys, reset_keys = _split(batch.keys, 2)
+        pool = jax.tree.map(functools.partial(_where, batch.pool_used), self._fresh_states(reset_keys), batch.pool)
+        state = jax.tree.map(functools.partial(_where, waiting), pool, batch.state)
+        return _Batch(state, batch.steps, keys, pool, waiting)
 
     def _packed_reset(self, keys: jax.Array) -> tuple[tuple[jax.Array, ...], Any]:
         """Reset every env (jitted): the packed batch, and the observations stacked twice (see :meth:`_packed_step`)."""
@@ -302,12 +312,19 @@ class PlaygroundVecEnv(TorchVecEnv):
     def _packed_step(self, packed: tuple[jax.Array, ...], actions: jax.Array) -> tuple[tuple[jax.Array, ...], Any, Any]:
         """
         Step every env (jitted) on the packed batch. Returns the next packed batch; the observation and the final
-        observation stacked as one array of shape ``(2, num_envs, ...)`` per observation key; the rewards;
-        ``terminated`` and ``truncated`` stacked as ``(2, num_envs)``. Few results, each a contiguous torch view.
+        observation stacked as one array of shape ``(2, num_envs, ...)`` per observation key; the rewards; the
+        flags of :meth:`_step_batch`. Few results, each a contiguous torch view.
         """
-        batch, (reward, terminated, truncated, final_obs) = self._step_batch(self._packer.unpack(packed), actions)
+        batch, (reward, flags, final_obs) = self._step_batch(self._packer.unpack(packed), actions)
         obs = jax.tree.map(lambda now, final: jnp.stack([now, final]), batch.state.obs, final_obs)
-        return self._packer.pack(batch), obs, (reward, jnp.stack([terminated, truncated]))
+        return self._packer.pack(batch), obs, (reward, flags)
+
+    def _packed_restart(
+        self, packed: tuple[jax.Array, ...], obs: Any, waiting: jax.Array
+    ) -> tuple[tuple[jax.Array, ...], Any]:
+        """:meth:`_restart_waiting` on the packed batch (jitted), with the reset observations in the stacked ``obs``."""
+        batch = self._restart_waiting(self._packer.unpack(packed), waiting)
+        return self._packer.pack(batch), jax.tree.map(lambda pair, now: pair.at[0].set(now), obs, batch.state.obs)
 
     def _fresh_states(self, keys: jax.Array) -> Any:
         """A reset state for every env (each with its own model under domain randomization)."""
@@ -327,9 +344,14 @@ class PlaygroundVecEnv(TorchVecEnv):
         # Zero-copy: JAX reads the torch memory; the outputs are ready (DLPack export waits) before torch may reuse it
         jax_actions = jax.dlpack.from_dlpack(actions.detach().contiguous())
         self._packed, self._obs, (reward, flags) = self._step_jit(self._packed, jax_actions)
+        terminated, truncated, waiting = _to_torch(flags)
+        # One flag read per step (on a GPU, XLA's own conditional reads its predicate on the host too); true only
+        # when an env ends a second episode before the pool was refilled: at the first episode end, then about
+        # once per episode length with spread-out starts
+        if waiting.any():
+            self._packed, self._obs = self._restart_jit(self._packed, self._obs, flags[2])
         both = jax.tree.map(_to_torch, self._obs)
         obs, final_obs = (jax.tree.map(lambda pair, i=i: pair[i], both) for i in (0, 1))
-        terminated, truncated = _to_torch(flags)
         return TorchStep(obs, _to_torch(reward), terminated, truncated, final_obs)
 
     @property
