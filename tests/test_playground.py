@@ -15,7 +15,7 @@ from gymnasium import spaces
 from mujoco_playground import State
 from mujoco_playground._src import mjx_env
 
-from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv, _Packer, needs_menagerie, playground_tasks
+from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv, _actions_for_jax, _Packer, needs_menagerie, playground_tasks
 
 NUM_ENVS, EPISODE_LENGTH = 4, 5
 
@@ -151,6 +151,25 @@ def test_pool_refilled_only_for_an_env_without_a_prepared_state():
     assert restarts == [2, 4, 6, 8]
     fresh = th.cat(starts)
     assert len(fresh) == 3 + 1 + 3 + 1 + 3 and len(th.unique(fresh)) == len(fresh)
+
+
+def test_numpy_and_dlpack_actions_step_alike():
+    """CPU actions reach the jitted step as NumPy views; other devices import them through DLPack (checked here on
+    the CPU): same results, one compiled step for both, after a reset too."""
+    actions = th.tensor([[0.5, 0.0, 0.0], [0.25, 0.0, 0.0], [0.1, 0.0, 0.0]])
+    assert isinstance(_actions_for_jax(actions), np.ndarray)
+    runs = []
+    for to_jax in (_actions_for_jax, lambda tensor: jax.dlpack.from_dlpack(tensor.contiguous())):
+        env = PlaygroundVecEnv(FakePlaygroundEnv(), 3, episode_length=4)
+        env.reset()
+        for _ in range(3):
+            env._packed, env._obs, (reward, flags) = env._step_jit(env._packed, to_jax(actions))
+        env.reset()
+        env._packed, env._obs, (reward, flags) = env._step_jit(env._packed, to_jax(actions))
+        runs.append([np.asarray(reward), np.asarray(flags), np.asarray(env.observation_arrays["state"])])
+        assert env._step_jit._cache_size() == 1
+    for ours, dlpack in zip(*runs, strict=True):
+        np.testing.assert_array_equal(ours, dlpack)
 
 
 def test_dict_observations_and_actions_not_aliased():
