@@ -16,8 +16,9 @@ and the ratio ours / bare measured in the same run (the overhead target is at mo
 """
 
 import argparse
+import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -55,15 +56,15 @@ def steps_per_second(steps: dict[str, Callable[[], Any]], num_envs: int, seconds
 
 def drawn_actions(
     num_envs: int, action_dim: int, to_jax: Callable[[np.ndarray], Any] | None = None, count: int = 16
-) -> tuple[list[Any], list[th.Tensor]]:
+) -> tuple[Iterator[Any], Iterator[th.Tensor]]:
     """
     ``count`` batches of uniform random actions in [-1, 1], drawn beforehand so that neither side pays for
-    its random numbers: as NumPy arrays (or JAX arrays with ``to_jax``) for the bare backend, as torch
-    tensors (the same values) for ours.
+    its random numbers, cycled through: as NumPy arrays (or JAX arrays with ``to_jax``) for the bare backend,
+    as torch tensors (the same values) for ours.
     """
     batches = np.random.default_rng(0).uniform(-1.0, 1.0, (count, num_envs, action_dim)).astype(np.float32)
     bare = [to_jax(batch) if to_jax else batch for batch in batches]
-    return bare, [th.from_numpy(batch) for batch in batches]
+    return itertools.cycle(bare), itertools.cycle([th.from_numpy(batch) for batch in batches])
 
 
 def playground_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
@@ -77,16 +78,14 @@ def playground_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
     step = jax.jit(jax.vmap(raw.step))
     state = jax.jit(jax.vmap(raw.reset))(jax.random.split(jax.random.PRNGKey(0), num_envs))
     bare_actions, our_actions = drawn_actions(num_envs, raw.action_size, to_jax=jax.device_put)
-    box = {"state": state, "calls": 0}
+    box = {"state": state}
 
     def bare() -> None:
-        box["calls"] += 1
-        box["state"] = step(box["state"], bare_actions[box["calls"] % len(bare_actions)])
+        box["state"] = step(box["state"], next(bare_actions))
         box["state"].obs.block_until_ready()
 
     def wrapped() -> None:
-        box["calls"] += 1
-        ours.step(our_actions[box["calls"] % len(our_actions)])
+        ours.step(next(our_actions))
 
     return {"bare": bare, "ours": wrapped}
 
@@ -101,15 +100,12 @@ def envpool_steps(task: str, num_envs: int) -> dict[str, Callable[[], Any]]:
     ours = EnvpoolVecEnv(task, num_envs=num_envs, seed=0)
     ours.reset()
     bare_actions, our_actions = drawn_actions(num_envs, pool.action_space.shape[0])
-    calls = [0]
 
     def bare() -> None:
-        calls[0] += 1
-        pool.step(bare_actions[calls[0] % len(bare_actions)])
+        pool.step(next(bare_actions))
 
     def wrapped() -> None:
-        calls[0] += 1
-        ours.step(our_actions[calls[0] % len(our_actions)])
+        ours.step(next(our_actions))
 
     return {"bare": bare, "ours": wrapped}
 

@@ -330,11 +330,12 @@ class PlaygroundVecEnv(TorchVecEnv):
         obs = jax.tree.map(lambda now, final: jnp.stack([now, final]), batch.state.obs, final_obs)
         return self._packer.pack(batch), obs, (reward, flags)
 
-    def _packed_restart(
-        self, packed: tuple[jax.Array, ...], obs: Any, waiting: jax.Array
-    ) -> tuple[tuple[jax.Array, ...], Any]:
-        """:meth:`_restart_waiting` on the packed batch (jitted), with the reset observations in the stacked ``obs``."""
-        batch = self._restart_waiting(self._packer.unpack(packed), waiting)
+    def _packed_restart(self, packed: tuple[jax.Array, ...], obs: Any, flags: jax.Array) -> tuple[tuple[jax.Array, ...], Any]:
+        """
+        :meth:`_restart_waiting` on the packed batch (jitted), for the ``waiting`` row of the step's ``flags``;
+        the reset observations go into the stacked ``obs``.
+        """
+        batch = self._restart_waiting(self._packer.unpack(packed), flags[2])
         return self._packer.pack(batch), jax.tree.map(lambda pair, now: pair.at[0].set(now), obs, batch.state.obs)
 
     def _fresh_states(self, keys: jax.Array) -> Any:
@@ -358,7 +359,7 @@ class PlaygroundVecEnv(TorchVecEnv):
         # when an env ends a second episode before the pool was refilled: at the first episode end, then about
         # once per episode length with spread-out starts
         if waiting.any():
-            self._packed, self._obs = self._restart_jit(self._packed, self._obs, flags[2])
+            self._packed, self._obs = self._restart_jit(self._packed, self._obs, flags)
         both = jax.tree.map(_to_torch, self._obs)
         obs, final_obs = (jax.tree.map(lambda pair, i=i: pair[i], both) for i in (0, 1))
         return TorchStep(obs, _to_torch(reward), terminated, truncated, final_obs)
