@@ -8,6 +8,7 @@ from gymnasium import spaces
 envpool = pytest.importorskip("envpool")
 
 from sb3_fasttd3.vec_env import EnvpoolVecEnv  # noqa: E402
+from sb3_fasttd3.vec_env.envpool import _DirectStep  # noqa: E402
 
 
 def raw_pool(task: str, num_envs: int, seed: int, max_episode_steps: int):
@@ -125,6 +126,28 @@ def trajectory(env: EnvpoolVecEnv, actions: np.ndarray) -> th.Tensor:
     observations = [env.reset()]
     observations += [env.step(th.as_tensor(action))[0] for action in actions]
     return th.stack(observations)
+
+
+@pytest.mark.parametrize("task, dict_keys", [("HalfCheetah-v5", None), ("CheetahRun-v1", ["position", "velocity"])])
+def test_direct_step_matches_public_step(task: str, dict_keys: list[str] | None):
+    """envpool's C++ binding, called directly, steps exactly as ``pool.step``, envpool's own reset steps included."""
+    direct_pool, public_pool = (raw_pool(task, 3, seed=2, max_episode_steps=4) for _ in range(2))
+    direct = _DirectStep.of(direct_pool, dict_keys)
+    assert direct is not None
+    direct_pool.reset(), public_pool.reset()
+    elapsed = set()
+    for action in random_actions(11, 3, 6):
+        obs, reward, terminated, truncated, info = public_pool.step(action)
+        elapsed.update(info["elapsed_step"].tolist())
+        for got, want in zip(direct(action), (obs, reward, terminated, truncated, info["elapsed_step"]), strict=True):
+            if dict_keys is not None and isinstance(want, dict):
+                assert list(got) == dict_keys
+                got, want = np.concatenate(list(got.values()), 1), np.concatenate([want[key] for key in dict_keys], 1)
+            np.testing.assert_array_equal(got, want)
+            assert got.dtype == want.dtype
+    assert {0, 4} <= elapsed  # episodes were cut and restarted by envpool on the way
+    assert _DirectStep.of(object(), None) is None  # an unknown layout falls back to pool.step
+    assert isinstance(EnvpoolVecEnv(task)._raw_step, _DirectStep)
 
 
 def test_seeding_reproducible():

@@ -21,6 +21,7 @@ class TorchStep(NamedTuple):
     :param terminated: the episode ended in a terminal state (no bootstrap)
     :param truncated: the episode was cut (time limit): bootstrap from ``final_obs``
     :param final_obs: the observation the step reached, before any reset (equals ``obs`` where not done)
+    :param dones: ``terminated | truncated`` if the backend has it already (None: computed from them)
     """
 
     obs: TorchObs
@@ -28,6 +29,7 @@ class TorchStep(NamedTuple):
     terminated: th.Tensor
     truncated: th.Tensor
     final_obs: TorchObs
+    dones: th.Tensor | None = None
 
 
 class EpisodeTracker:
@@ -42,15 +44,19 @@ class EpisodeTracker:
     :param num_envs: number of environments
     :param device: where the statistics live
     :param capacity: finished episodes kept between two drains (SB3 logs the mean of the last 100)
-    :param block: steps recorded between two bookkeeping passes
+    :param block: steps recorded between two bookkeeping passes (None: 64, or about 16k env steps for fewer
+        than 256 envs, since a pass costs about as much for one env as for 256)
     """
 
-    def __init__(self, num_envs: int, device: th.device | str, capacity: int = 100, block: int = 64):
+    def __init__(self, num_envs: int, device: th.device | str, capacity: int = 100, block: int | None = None):
+        block = block or max(64, 2**14 // num_envs)
         self.num_envs, self.capacity, self.block = num_envs, capacity, block
         # Return and length of each env's running episode, as of the last bookkeeping pass
         self.running = th.zeros(2, num_envs, device=device, dtype=th.float64)
         self._rewards = th.zeros(block, num_envs, device=device, dtype=th.float64)
         self._dones = th.zeros(block, num_envs, device=device, dtype=th.bool)
+        # The block's rows as views made once: selecting a row per step costs as much as the copy into it
+        self._reward_rows, self._done_rows = self._rewards.unbind(0), self._dones.unbind(0)
         self._recorded = 0  # steps in the block
         self._time = th.arange(block, device=device, dtype=th.float64).view(-1, 1)
         # One extra row takes the writes of the steps where an episode goes on
@@ -65,8 +71,8 @@ class EpisodeTracker:
 
     def update(self, rewards: th.Tensor, dones: th.Tensor) -> None:
         """Add one step of rewards; ``dones`` ends the episodes of those envs with this step."""
-        self._rewards[self._recorded].copy_(rewards)
-        self._dones[self._recorded].copy_(dones)
+        self._reward_rows[self._recorded].copy_(rewards)
+        self._done_rows[self._recorded].copy_(dones)
         self._recorded += 1
         if self._recorded == self.block:
             self._account()
@@ -171,7 +177,7 @@ class TorchVecEnv(VecEnv, ABC):
     def step_wait(self) -> tuple[TorchObs, th.Tensor, th.Tensor, dict[str, Any]]:  # type: ignore[override]
         assert self._actions is not None, "call step_async() first"
         step = self._step(self._actions)
-        dones = step.terminated | step.truncated
+        dones = step.terminated | step.truncated if step.dones is None else step.dones
         self.episode_tracker.update(step.reward, dones)
         infos = {"final_observation": step.final_obs, "terminated": step.terminated, "truncated": step.truncated}
         return step.obs, step.reward, dones, infos
