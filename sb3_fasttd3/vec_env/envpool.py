@@ -56,9 +56,10 @@ class _DirectStep:
             obs_keys = [key for key in state_keys if key == "obs" or key.startswith("obs:")]
         else:
             obs_keys = [f"obs:{key}" for key in dict_keys]
-        single_player = set(action_keys) == {"env_id", "players.env_id", "action"} and pool.config["max_num_players"] == 1
+        single_player = pool.config.get("max_num_players", 1) == 1
+        known_actions = set(action_keys) == {"env_id", "players.env_id", "action"}
         needed = {"reward", "done", "trunc", "elapsed_step", *obs_keys}
-        if not single_player or len(obs_keys) != len(dict_keys or [None]) or not needed <= set(state_keys):
+        if not (single_player and known_actions) or len(obs_keys) != len(dict_keys or [None]) or not needed <= set(state_keys):
             raise ValueError(f"unknown envpool layout: actions {action_keys}, state {state_keys}")
         self.pool, self.dict_keys = pool, dict_keys
         self._action_slot = action_keys.index("action")
@@ -102,6 +103,8 @@ class EnvpoolVecEnv(TorchVecEnv):
     The time limit is applied here, not by envpool: when an episode terminates on its last allowed step,
     envpool reports it as truncated; here termination wins (the pool is made with ``max_episode_steps + 1``).
     For a pool made by the caller, envpool's own limit and flags are used as they are.
+
+    Steps go straight to envpool's C++ binding, without the Python layer of ``pool.step`` (see :class:`_DirectStep`).
 
     Observations are float32. DM Control tasks return a dict of features of one state (``position``,
     ``velocity``, ...): by default they are concatenated into one ``Box`` (the keys' order in envpool's space),
