@@ -10,7 +10,8 @@ from gymnasium import spaces
 from sb3_fasttd3.vec_env.base import TorchObs, TorchStep, TorchVecEnv
 
 NumpyObs = np.ndarray | dict[str, np.ndarray]
-# What one synchronous step gives: observation, reward, terminated, truncated (envpool's flags), elapsed steps
+# What one synchronous step gives: observation, reward, done (the episode ended either way) and truncated (envpool's
+# flags), elapsed steps
 RawStep = tuple[NumpyObs, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
@@ -41,7 +42,8 @@ class _DirectStep:
     """
     One synchronous envpool step through its C++ binding (``_send`` / ``_recv``), skipping the Python layer of
     ``pool.step`` that rebuilds the action list and the observation and info trees at every call (~50 to 100 us
-    here, as long as a one-env HalfCheetah step itself). It returns what ``pool.step`` returns, without ``info``.
+    here, as long as a one-env HalfCheetah step itself). It returns what ``pool.step`` returns, with envpool's own
+    ``done`` in place of ``terminated`` (``done & ~truncated``) and ``elapsed_step`` in place of ``info``.
 
     It relies on envpool 1.2.5's layout: the action list in ``_spec._action_keys`` order, the state list in
     ``_state_keys`` order. :meth:`of` gives None for a pool laid out otherwise (the public ``pool.step`` is used).
@@ -87,8 +89,7 @@ class _DirectStep:
             obs = state[self._obs[0]]
         else:
             obs = {key: state[index] for key, index in zip(self.dict_keys, self._obs, strict=True)}
-        done, trunc = state[self._done], state[self._trunc]
-        return obs, state[self._reward], done & ~trunc, trunc, state[self._elapsed]
+        return obs, state[self._reward], state[self._done], state[self._trunc], state[self._elapsed]
 
 
 class EnvpoolVecEnv(TorchVecEnv):
@@ -154,6 +155,10 @@ class EnvpoolVecEnv(TorchVecEnv):
         low, high = env.action_space.low.astype(np.float32), env.action_space.high.astype(np.float32)
         action_space = spaces.Box(low, high, env.action_space.shape, np.float32)
         super().__init__(env.num_envs, _observation_space(space, self.flatten_obs), action_space, device)
+        self._time_limit = np.int32(self.max_episode_steps)  # compared with envpool's int32 elapsed_step
+        self._on_cpu = self.device.type == "cpu"
+        if self._on_cpu:  # a step makes five tensors: at one env, even a wrapper call is a visible cost
+            self._tensor = th.from_numpy  # type: ignore[method-assign]
 
     def _default_max_episode_steps(self) -> int:
         """The task's time limit; checks that envpool knows the task."""
@@ -184,7 +189,7 @@ class EnvpoolVecEnv(TorchVecEnv):
 
     def _public_step(self, actions: np.ndarray) -> RawStep:
         obs, reward, terminated, truncated, info = self.pool.step(actions)
-        return obs, reward, terminated, truncated, info["elapsed_step"]
+        return obs, reward, terminated | truncated, truncated, info["elapsed_step"]
 
     def _to_numpy(self, obs: NumpyObs) -> NumpyObs:
         """envpool's observation (float64) as float32 arrays, flattened if asked."""
@@ -195,8 +200,9 @@ class EnvpoolVecEnv(TorchVecEnv):
         return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
 
     def _tensor(self, array: np.ndarray) -> th.Tensor:
+        """``array`` as a tensor on the device (on the CPU, sharing its memory)."""
         tensor = th.from_numpy(array)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+        return tensor if self._on_cpu else tensor.to(self.device)
 
     def _to_torch(self, obs: NumpyObs) -> TorchObs:
         if isinstance(obs, dict):
@@ -227,13 +233,14 @@ class EnvpoolVecEnv(TorchVecEnv):
 
     def _step(self, actions: th.Tensor) -> TorchStep:
         """One envpool step, then a reset of the envs that finished (``obs`` is ``final_obs`` if none did)."""
-        obs, reward, terminated, truncated, elapsed = self._raw_step(actions.detach().cpu().numpy())
-        truncated = (truncated | (elapsed >= self.max_episode_steps)) & ~terminated
-        dones = terminated | truncated
+        obs, reward, done, truncated, elapsed = self._raw_step(actions.detach().cpu().numpy())
+        terminated = done & ~truncated
+        dones = done | (elapsed >= self._time_limit)  # our time limit (envpool's is one step later)
+        truncated = dones & ~terminated  # termination wins on the last allowed step
         final_obs = self._to_numpy(obs)
         final_obs_t = self._to_torch(final_obs)
         return TorchStep(
-            obs=self._to_torch(self._reset_envs(final_obs, np.flatnonzero(dones))) if dones.any() else final_obs_t,
+            obs=self._to_torch(self._reset_envs(final_obs, np.flatnonzero(dones))) if np.count_nonzero(dones) else final_obs_t,
             reward=self._tensor(reward.astype(np.float32, copy=False)),
             terminated=self._tensor(terminated),
             truncated=self._tensor(truncated),
