@@ -334,9 +334,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         self, batch_size: int, env: VecNormalize | None = None
     ) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
-        Sample a batch of n-step transitions, uniformly over the stored (env, row) pairs.
-        The indices come from NumPy's global RNG on the CPU (as in SB3's buffers: twice as fast
-        as ``th.randint`` there), from the torch RNG of ``self.device`` on other devices.
+        Sample a batch of n-step transitions, uniformly over the stored (env, row) pairs
+        (indices from :meth:`draw_indices`).
 
         :param batch_size: Number of transitions to sample
         :param env: Must be None (observation/reward normalization by a VecNormalize is not supported)
@@ -346,13 +345,26 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         """
         if env is not None:
             raise ValueError("DeviceNStepReplayBuffer does not support normalizing with a VecNormalize, pass env=None")
-        rows = self.size()
-        if rows == 0:
+        if self.size() == 0:
             raise ValueError("Cannot sample from an empty buffer, call add() first")
-        # Storage is (row, env)-major: the stored rows of every env are the first rows * n_envs flat indices
+        return self._gather(self.draw_indices(batch_size))
+
+    def draw_indices(self, batch_size: int) -> th.Tensor:
+        """
+        Flat indices ``row * n_envs + env`` of ``batch_size`` stored transitions, uniformly at random.
+        On the CPU they come from NumPy's global RNG (as in SB3's buffers: twice as fast as ``th.randint``
+        there), as int32 while they fit (drawn ~20% faster than int64), from the torch RNG of ``self.device``
+        on other devices.
+
+        :param batch_size: Number of indices
+        :return: The indices, on ``self.device``
+        """
+        # Storage is (row, env)-major: the stored rows of every env are the first size() * n_envs flat indices
+        high = self.size() * self.n_envs
         if self.device.type == "cpu":
-            return self._gather(th.from_numpy(np.random.randint(0, rows * self.n_envs, batch_size, dtype=np.int64)))
-        return self._gather(th.randint(0, rows * self.n_envs, (batch_size,), device=self.device))
+            dtype = np.int32 if high <= np.iinfo(np.int32).max else np.int64
+            return th.from_numpy(np.random.randint(0, high, batch_size, dtype=dtype))
+        return th.randint(0, high, (batch_size,), device=self.device)
 
     def _get_samples(  # type: ignore[override]
         self, batch_inds: th.Tensor, env: VecNormalize | None = None, env_inds: th.Tensor | None = None
