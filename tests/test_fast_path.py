@@ -1,6 +1,7 @@
 """Every fast path computes what the plain eager fp32 update computes (tiny networks, so CI stays fast)."""
 
 import copy
+import warnings
 
 import pytest
 import torch as th
@@ -100,6 +101,18 @@ def test_amp_dtype_is_validated():
         make_model(amp_dtype="fp8")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         make_model(amp_dtype="fp16", device="cpu")
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch, native: bool):
+    monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: native)
+    monkeypatch.setattr(th.cpu, "_is_amx_tile_supported", lambda: False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        make_model(amp_dtype="bf16", device="cpu")
+        make_model(amp_dtype=None, device="cpu")
+    emulated = [w for w in caught if "without AVX512-BF16 or AMX" in str(w.message)]
+    assert len(emulated) == (0 if native else 1)
 
 
 def test_compiled_acting_matches_eager_and_shares_the_actor_weights():

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
-from sb3_fasttd3.fasttd3.checks import check_env
+from sb3_fasttd3.fasttd3.checks import check_env, warn_if_bf16_is_emulated
 from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
@@ -249,6 +249,7 @@ class FastTD3(RolloutCollection):
         require(self.amp_dtype in AMP_DTYPES, "amp_dtype", f"one of {list(AMP_DTYPES)}")
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
+        warn_if_bf16_is_emulated(self.amp_dtype, self.device)
         # buffer_size is checked against n_envs * (n_steps + 1) by the replay buffer, created next
 
     # ------------------------------------------------------------------ setup
