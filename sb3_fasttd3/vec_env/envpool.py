@@ -156,8 +156,7 @@ class EnvpoolVecEnv(TorchVecEnv):
         action_space = spaces.Box(low, high, env.action_space.shape, np.float32)
         super().__init__(env.num_envs, _observation_space(space, self.flatten_obs), action_space, device)
         self._time_limit = np.int32(self.max_episode_steps)  # compared with envpool's int32 elapsed_step
-        self._on_cpu = self.device.type == "cpu"
-        if self._on_cpu:  # a step makes five tensors: at one env, even a wrapper call is a visible cost
+        if self.device.type == "cpu":  # a step makes five tensors: at one env, even a wrapper call is a visible cost
             self._tensor = th.from_numpy  # type: ignore[method-assign]
 
     def _default_max_episode_steps(self) -> int:
@@ -202,7 +201,7 @@ class EnvpoolVecEnv(TorchVecEnv):
     def _tensor(self, array: np.ndarray) -> th.Tensor:
         """``array`` as a tensor on the device (on the CPU, sharing its memory)."""
         tensor = th.from_numpy(array)
-        return tensor if self._on_cpu else tensor.to(self.device)
+        return tensor if self.device.type == "cpu" else tensor.to(self.device)
 
     def _to_torch(self, obs: NumpyObs) -> TorchObs:
         if isinstance(obs, dict):
