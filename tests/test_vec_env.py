@@ -57,7 +57,7 @@ def test_episode_tracker_matches_python(events, block):
         else:
             tracker.update(th.tensor([reward for reward, _ in event]), th.tensor([done for _, done in event]))
             for i, (reward, done) in enumerate(event):
-                returns[i] += reward
+                returns[i] += float(np.float32(reward))  # the tracker is given float32 rewards
                 lengths[i] += 1
                 if done:
                     finished.append((returns[i], lengths[i]))
