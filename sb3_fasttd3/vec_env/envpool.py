@@ -199,9 +199,8 @@ class EnvpoolVecEnv(TorchVecEnv):
         return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
 
     def _tensor(self, array: np.ndarray) -> th.Tensor:
-        """``array`` as a tensor on the device (on the CPU, sharing its memory)."""
-        tensor = th.from_numpy(array)
-        return tensor if self.device.type == "cpu" else tensor.to(self.device)
+        """``array`` as a tensor on the device (on the CPU, ``th.from_numpy`` itself takes this method's place)."""
+        return th.from_numpy(array).to(self.device)
 
     def _to_torch(self, obs: NumpyObs) -> TorchObs:
         if isinstance(obs, dict):
