@@ -173,6 +173,19 @@ def test_actor_is_updated_every_policy_delay_critic_updates_counted_globally():
     assert actor_steps == 6
 
 
+@pytest.mark.parametrize("use_target_actor", [False, True])
+def test_soft_updates_keep_the_targets_out_of_autograd(use_target_actor):
+    # Recorded by autograd, each soft update would chain a node onto every target weight: memory growing all run
+    model = make_model(use_target_actor=use_target_actor)
+    before = [p.clone() for p in model._critic_target_params + model._actor_target_params]
+    model.learn(60)
+    targets = model._critic_target_params + model._actor_target_params
+    assert len(targets) == len(before) and (len(model._actor_target_params) > 0) == use_target_actor
+    for param, initial in zip(targets, before, strict=True):
+        assert param.is_leaf and param.grad_fn is None and not param.requires_grad
+        assert not th.equal(param, initial)  # the soft updates did happen
+
+
 @pytest.mark.parametrize("dict_obs", [False, True])
 def test_truncation_stores_true_final_observation(dict_obs):
     model = make_model(2, dict_obs, learning_starts=1000)  # random actions: only the collection matters

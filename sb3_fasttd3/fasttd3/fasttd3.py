@@ -435,8 +435,16 @@ class FastTD3(RolloutCollection):
             self._optimize(self.actor.optimizer, actor_loss)
             self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
             if self.actor_target is not None:
-                th._foreach_lerp_(self._actor_target_params, self._actor_params, self.tau)
-        th._foreach_lerp_(self._critic_target_params, self._critic_params, self.tau)
+                self._soft_update(self._actor_target_params, self._actor_params)
+        self._soft_update(self._critic_target_params, self._critic_params)
+
+    @th.no_grad()
+    def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:
+        """
+        Polyak averaging ``target <- target + tau * (online - target)``, outside autograd: recorded, it would
+        chain one node per update onto every target weight (memory growing for the whole run).
+        """
+        th._foreach_lerp_(target_params, params, self.tau)
 
     def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
         optimizer.zero_grad(set_to_none=True)
