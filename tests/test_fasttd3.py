@@ -186,6 +186,17 @@ def test_soft_updates_keep_the_targets_out_of_autograd(use_target_actor):
         assert not th.equal(param, initial)  # the soft updates did happen
 
 
+def test_actor_step_computes_no_critic_gradient():
+    # The actor's loss goes through the critic: its backward must stop at the actor's weights
+    model = make_model()
+    model.learn(40)
+    data = model.replay_buffer.sample(16)
+    model.critic.optimizer.zero_grad(set_to_none=True)
+    model._optimize(model.actor.optimizer, model._actor_loss(data.observations), model._actor_params)
+    assert all(param.grad is None for param in model._critic_params)
+    assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model._actor_params)
+
+
 @pytest.mark.parametrize("dict_obs", [False, True])
 def test_truncation_stores_true_final_observation(dict_obs):
     model = make_model(2, dict_obs, learning_starts=1000)  # random actions: only the collection matters

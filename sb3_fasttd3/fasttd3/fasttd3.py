@@ -427,12 +427,12 @@ class FastTD3(RolloutCollection):
             th.compiler.cudagraph_mark_step_begin()
         with self._autocast():
             critic_loss, q_mean = self._critic_loss_fn(replay_data)
-        self._optimize(self.critic.optimizer, critic_loss)
+        self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
         self._train_stats[:3] += th.stack([critic_loss.detach(), q_mean.detach(), self._one])
         if update_actor:
             with self._autocast():
                 actor_loss = self._actor_loss_fn(replay_data.observations)
-            self._optimize(self.actor.optimizer, actor_loss)
+            self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
             self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
             if self.actor_target is not None:
                 self._soft_update(self._actor_target_params, self._actor_params)
@@ -446,16 +446,20 @@ class FastTD3(RolloutCollection):
         """
         th._foreach_lerp_(target_params, params, self.tau)
 
-    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor) -> None:
+    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: list[th.Tensor]) -> None:
+        """
+        One optimizer step on ``loss``, differentiating with respect to ``params`` (the optimizer's) only: the
+        actor's loss goes through the critic, whose weight gradients it would otherwise compute for nothing
+        (eager autograd skips them; a compiled backward computes them and drops them).
+        """
         optimizer.zero_grad(set_to_none=True)
         scaler = self._grad_scaler
         if scaler is None:
-            loss.backward()
+            loss.backward(inputs=params)
         else:
-            scaler.scale(loss).backward()
+            scaler.scale(loss).backward(inputs=params)
             scaler.unscale_(optimizer)
         if self.max_grad_norm is not None:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
             th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
         if scaler is None:
             optimizer.step()
