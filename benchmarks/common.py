@@ -74,6 +74,34 @@ def machine_info() -> dict[str, Any]:
     }
 
 
+class CpuSteal:
+    """
+    The share of the machine's CPU time that the hypervisor gave to other guests ("steal", from ``/proc/stat``)
+    since this object was made: on a shared virtual machine, wall-clock results are only comparable between
+    runs with similar steal.
+    """
+
+    def __init__(self):
+        self.start = self._ticks()
+
+    @staticmethod
+    def _ticks() -> tuple[int, int] | None:
+        """(steal, total) CPU ticks since boot, over all CPUs; None without ``/proc/stat``."""
+        stat = Path("/proc/stat")
+        if not stat.exists():
+            return None
+        # user nice system idle iowait irq softirq steal (guest time is already counted in user)
+        fields = [int(value) for value in stat.read_text().split("\n", 1)[0].split()[1:9]]
+        return (fields[7] if len(fields) == 8 else 0), sum(fields)
+
+    def percent(self) -> float | None:
+        """:return: steal as a percentage of all CPU time since the start, None where it cannot be read"""
+        now = self._ticks()
+        if self.start is None or now is None or now[1] == self.start[1]:
+            return None
+        return 100.0 * (now[0] - self.start[0]) / (now[1] - self.start[1])
+
+
 def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
     """Write ``results/<name>.json`` and ``results/<name>.md`` (the Markdown ends with the machine facts)."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)

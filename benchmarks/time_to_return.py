@@ -32,7 +32,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import NormalActionNoise
 
-from benchmarks.common import RESULTS_DIR, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, write_results
 
 # name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
 ALGOS = {
@@ -153,7 +153,7 @@ def first_reaching(curve: list[dict[str, float]], threshold: float) -> dict[str,
 def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
     """A Markdown table of every run and, per invocation, FastTD3's speed-up over its fastest peer."""
     header = "| invocation | algo | seed | budget s | " + " | ".join(f"to {t:g}: s (steps)" for t in thresholds)
-    lines = [header + " | return at budget | steps at budget |", "|" + " --- |" * (6 + len(thresholds))]
+    lines = [header + " | return at budget | steps at budget | CPU steal % |", "|" + " --- |" * (7 + len(thresholds))]
     for run in runs:
         cells = []
         for threshold in thresholds:
@@ -163,9 +163,16 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         lines.append(
             f"| {run['invocation']} | {run['algo']} | {run['seed']} | {run['budget']:g} | "
             + " | ".join(cells)
-            + f" | {last['return']:.0f} | {last['steps']:.0f} |"
+            + f" | {last['return']:.0f} | {last['steps']:.0f} | {steal_cell(run)} |"
         )
-    lines += ["", "FastTD3's time to a return against the fastest peer of the same invocation:", ""]
+    lines += [
+        "",
+        "CPU steal: the share of the machine's CPU time the hypervisor gave to other guests during the run "
+        "(not recorded before invocation 5). Compare wall-clock times between runs of similar steal.",
+        "",
+        "FastTD3's time to a return against the fastest peer of the same invocation:",
+        "",
+    ]
     for invocation in sorted({run["invocation"] for run in runs}):
         group = [run for run in runs if run["invocation"] == invocation]
         ours = [run for run in group if run["algo"] == "fasttd3"]
@@ -175,6 +182,12 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         for threshold in thresholds:
             lines.append(f"- invocation {invocation}, return {threshold:g}: " + speedup(ours[0], peers, threshold))
     return "\n".join(lines)
+
+
+def steal_cell(run: dict[str, Any]) -> str:
+    """The run's CPU steal as a table cell ("n/a" for runs made before it was recorded)."""
+    steal = run.get("cpu_steal_percent")
+    return "n/a" if steal is None else f"{steal:.0f}"
 
 
 def speedup(ours: dict[str, Any], peers: list[dict[str, Any]], threshold: float) -> str:
@@ -261,8 +274,10 @@ def main() -> None:
             worker = [sys.executable, "-m", "benchmarks.time_to_return", "--worker", algo, "--output", output.name]
             options = ["--env", args.env, "--budget", str(args.budget), "--seed", str(args.seed)]
             options += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+            steal = CpuSteal()
             subprocess.run(worker + options, check=True)
             run = json.loads(Path(output.name).read_text())
+        run["cpu_steal_percent"] = steal.percent()
         results["runs"].append({**run, "invocation": invocation, "machine": machine_info()})
         # Save after every algorithm: a long comparison interrupted halfway keeps what it measured
         results["machine"] = machine_info()
