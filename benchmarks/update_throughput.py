@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 import torch as th
+import torch.nn.functional as F
 from gymnasium import spaces
 from stable_baselines3 import TD3
 from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
@@ -125,11 +126,16 @@ def bench_sampling(batch_size: int, repeats: int, n_steps: int = 3) -> dict[str,
     draw = functools.partial(ours.draw_indices, batch_size)
     calls["ours: draw"] = draw
     calls["ours: draw and gather"] = lambda: table.index_select(0, draw())
-    # Interleaved (one call of each per round): the machine's slow spells hit every buffer alike
+    # The same rows through FBGEMM's embedding_bag kernel (x86 builds), which prefetches the rows it is about to
+    # read (bags of one row are the rows): how much of the gather's memory latency a prefetching kernel hides
+    calls["ours: draw and prefetching gather"] = lambda: F.embedding_bag(draw().view(-1, 1), table, mode="sum")
+    # Interleaved (one call of each per round, in a new random order each round): the machine's slow spells hit
+    # every buffer alike, and no call always runs after the same one (which measurably favours some calls)
     seconds: dict[str, list[float]] = {name: [] for name in calls}
+    names = list(calls)
     for _ in range(repeats):
-        for name, call in calls.items():
-            seconds[name].append(median_time(call, 1, inner=3))
+        for name in rng.permutation(names):
+            seconds[name].append(median_time(calls[name], 1, inner=3))
     result: dict[str, Any] = {"batch_size": batch_size, "stored": rows * n_envs, "n_steps": n_steps, "rounds": repeats}
     for name in buffers:
         result[name] = {"transitions_per_s": batch_size / float(np.median(seconds[name]))}
@@ -137,6 +143,9 @@ def bench_sampling(batch_size: int, repeats: int, n_steps: int = 3) -> dict[str,
     result["ours / sb3 NStepReplayBuffer"] = float(np.median(ratios))
     result["ours: ms per draw"] = 1e3 * float(np.median(seconds["ours: draw"]))
     result["ours: ms per row gather"] = 1e3 * float(np.median(seconds["ours: draw and gather"])) - result["ours: ms per draw"]
+    result["ours: ms per prefetching gather"] = (
+        1e3 * float(np.median(seconds["ours: draw and prefetching gather"])) - result["ours: ms per draw"]
+    )
     result["ours: bytes per row"] = table.shape[1] * table.element_size()
     return result
 
@@ -230,6 +239,11 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append(
             f"\nOurs per batch: {sampling['ours: ms per draw']:.2f} ms to draw the indices, "
             f"{sampling['ours: ms per row gather']:.2f} ms to gather the rows ({sampling['ours: bytes per row']} bytes each)."
+        )
+    if "ours: ms per prefetching gather" in sampling:
+        lines.append(
+            "The same rows through a kernel that prefetches them (FBGEMM's `embedding_bag`, bags of one row): "
+            f"{sampling['ours: ms per prefetching gather']:.2f} ms, in the same rounds."
         )
     return "\n".join(lines + target_lines(results)) + "\n"
 
