@@ -6,6 +6,7 @@ entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-co
     python -m benchmarks.time_to_return --budget 600                 # every algorithm, one after another
     python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
     python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --join-invocation 2   # the rest, later
+    python -m benchmarks.time_to_return --rewrite-markdown         # the summary again, from the JSON results
 
 Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
 training; evaluation time is not counted. Results append to ``benchmarks/results/time_to_return.json``
@@ -153,7 +154,8 @@ def first_reaching(curve: list[dict[str, float]], threshold: float) -> dict[str,
 def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
     """A Markdown table of every run and, per invocation, FastTD3's speed-up over its fastest peer."""
     header = "| invocation | algo | seed | budget s | " + " | ".join(f"to {t:g}: s (steps)" for t in thresholds)
-    lines = [header + " | return at budget | steps at budget | CPU steal % |", "|" + " --- |" * (7 + len(thresholds))]
+    header += " | return at budget | steps at budget | CPU steal % | CPU |"
+    lines = [header, "|" + " --- |" * (8 + len(thresholds))]
     for run in runs:
         cells = []
         for threshold in thresholds:
@@ -163,12 +165,14 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         lines.append(
             f"| {run['invocation']} | {run['algo']} | {run['seed']} | {run['budget']:g} | "
             + " | ".join(cells)
-            + f" | {last['return']:.0f} | {last['steps']:.0f} | {steal_cell(run)} |"
+            + f" | {last['return']:.0f} | {last['steps']:.0f} | {steal_cell(run)} | {run['machine']['cpu']} |"
         )
     lines += [
         "",
         "CPU steal: the share of the machine's CPU time the hypervisor gave to other guests during the run "
-        "(not recorded before invocation 5). Compare wall-clock times between runs of similar steal.",
+        "(not recorded before invocation 5). Compare wall-clock times between runs of similar steal, on the same CPU, "
+        "and within an invocation: the machine also has slow spells that steal does not show (FastTD3's runs of "
+        "invocations 7 and 8 computed the same returns at the same steps, 1.4x slower in invocation 7).",
         "",
         "FastTD3's time to a return against the fastest peer of the same invocation:",
         "",
@@ -256,6 +260,7 @@ def main() -> None:
     parser.add_argument(
         "--join-invocation", type=int, help="add the runs to this earlier comparison (same task, seed and budget)"
     )
+    parser.add_argument("--rewrite-markdown", action="store_true", help="only re-render the summary from the JSON")
     parser.add_argument("--worker", choices=list(ALGOS), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -265,6 +270,9 @@ def main() -> None:
 
     results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+    if args.rewrite_markdown:
+        write_summary(results, args)
+        return
     invocation = 1 + max((run["invocation"] for run in results["runs"]), default=0)
     if args.join_invocation is not None:
         invocation = join_invocation(results["runs"], args)
@@ -281,9 +289,14 @@ def main() -> None:
         results["runs"].append({**run, "invocation": invocation, "machine": machine_info()})
         # Save after every algorithm: a long comparison interrupted halfway keeps what it measured
         results["machine"] = machine_info()
-        markdown = f"# Time to return on {args.env}\n\n" + summarize(results["runs"], args.thresholds)
-        write_results(RESULTS_NAME, results, markdown + "\n\n![curves](time_to_return.png)\n")
+        write_summary(results, args)
         plot(results["runs"], RESULTS_DIR / f"{RESULTS_NAME}.png")
+
+
+def write_summary(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """The JSON results and their Markdown summary."""
+    markdown = f"# Time to return on {args.env}\n\n" + summarize(results["runs"], args.thresholds)
+    write_results(RESULTS_NAME, results, markdown + "\n\n![curves](time_to_return.png)\n")
 
 
 if __name__ == "__main__":
