@@ -171,8 +171,8 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         "",
         "CPU steal: the share of the machine's CPU time the hypervisor gave to other guests during the run "
         "(not recorded before invocation 5). Compare wall-clock times between runs of similar steal, on the same CPU, "
-        "and within an invocation: the machine also has slow spells that steal does not show (FastTD3's runs of "
-        "invocations 7 and 8 computed the same returns at the same steps, 1.4x slower in invocation 7).",
+        "and within an invocation: the machine also has slow spells that steal does not show (FastTD3's runs of one "
+        "seed on one CPU compute the same returns at the same steps, so their seconds per step show them).",
         "",
         "FastTD3's time to a return against the fastest peer of the same invocation:",
         "",
