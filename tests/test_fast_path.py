@@ -62,9 +62,11 @@ def test_compiled_fp32_losses_and_gradients_match_eager():
             th.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
         if call == 0:
             graphs_after_first_call = counters["stats"]["unique_graphs"]
-    # Whole functions captured (no graph break), and no recompilation in the steady state
+    # Whole functions captured (no graph break), and no recompilation in the steady state: the critic's loss
+    # and its backward (on a CPU the actor's loss stays eager, where it skips the critic's weight gradients)
     assert not counters["graph_break"], dict(counters["graph_break"])
-    assert counters["stats"]["unique_graphs"] == graphs_after_first_call == 2
+    assert counters["stats"]["unique_graphs"] == graphs_after_first_call == 1
+    assert fast._actor_loss_fn == fast._actor_loss
 
 
 def test_bf16_losses_and_gradients_close_to_fp32():
@@ -144,5 +146,5 @@ def test_models_built_one_after_another_each_compile(monkeypatch):
         counters.clear()
         model.learn(48)
         graphs.append(counters["stats"]["unique_graphs"])
-    # Each model compiled its critic loss, its actor loss and its acting function
-    assert all(count >= 3 for count in graphs), graphs
+    # Each model compiled its critic loss and its acting function (its actor loss stays eager on a CPU)
+    assert all(count >= 2 for count in graphs), graphs
