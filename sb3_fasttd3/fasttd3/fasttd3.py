@@ -320,8 +320,9 @@ class FastTD3(RolloutCollection):
             # The actor's loss goes through the critic. Its compiled backward computes the critic's weight
             # gradients, which eager autograd skips (``backward(inputs=...)``), a third of the actor step's matrix
             # products; with the critic detached inside the graph instead, inductor saves the ReLU masks as bool
-            # tensors, whose stores its CPU kernels run ~15x slower than eager (torch 2.13). So on a CPU it stays
-            # eager: 3.5% to 7% more updates per second at batch 8192 to 32768, the same at batch 256.
+            # tensors, which its CPU kernels write 4x to 7x slower than eager (torch 2.13). So on a CPU it stays
+            # eager: 5% to 6% more updates per second at batch 8192 and 32768, the same at batch 256
+            # (benchmarks/actor_loss_compile.py).
             if self.device.type != "cpu":
                 self._actor_loss_fn = _compile_for_this_model(self._actor_loss, mode)
 
