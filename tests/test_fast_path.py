@@ -9,6 +9,7 @@ from stable_baselines3.common.utils import set_random_seed
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
+from sb3_fasttd3 import FastTD3
 from tests.test_fasttd3 import make_model
 
 LEARNING_RATE = 3e-4
@@ -99,16 +100,42 @@ def test_fast_train_calls_follow_the_plain_ones(fast_kwargs):
 
 
 def test_amp_dtype_is_validated():
-    with pytest.raises(ValueError, match="amp_dtype must be one of"):
+    with pytest.raises(ValueError, match=r"amp_dtype must be one of \[None, 'bf16', 'fp16', 'auto'\]"):
         make_model(amp_dtype="fp8")
     with pytest.raises(ValueError, match="needs a CUDA device"):
         make_model(amp_dtype="fp16", device="cpu")
 
 
-@pytest.mark.parametrize("native", [False, True])
-def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch, native: bool):
+def fake_native_bf16(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    """Make PyTorch report a CPU with (``native``) or without AVX512-BF16 and AMX."""
     monkeypatch.setattr(th.cpu, "_is_avx512_bf16_supported", lambda: native)
     monkeypatch.setattr(th.cpu, "_is_amx_tile_supported", lambda: False)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_amp_dtype_takes_bf16_where_the_cpu_multiplies_it_natively(
+    monkeypatch: pytest.MonkeyPatch, tmp_path, native: bool
+):
+    fake_native_bf16(monkeypatch, native)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "auto" never picks an emulated bf16, so never warns about one
+        model = make_model(amp_dtype="auto", device="cpu")
+    expected = th.bfloat16 if native else None
+    assert model.autocast_dtype == expected
+    with model._autocast():
+        assert th.is_autocast_enabled("cpu") == native
+        assert not native or th.get_autocast_dtype("cpu") == th.bfloat16
+    # Saved as "auto", resolved again by the machine that loads it
+    model.save(tmp_path / "model.zip")
+    fake_native_bf16(monkeypatch, not native)
+    loaded = FastTD3.load(tmp_path / "model.zip", device="cpu")
+    assert loaded.amp_dtype == "auto"
+    assert loaded.autocast_dtype == (None if native else th.bfloat16)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_bf16_on_a_cpu_without_native_bf16_warns(monkeypatch: pytest.MonkeyPatch, native: bool):
+    fake_native_bf16(monkeypatch, native)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         make_model(amp_dtype="bf16", device="cpu")

@@ -121,6 +121,18 @@ def cpu_has_native_bf16() -> bool | None:
     return any(probe() for probe in probes)  # type: ignore[misc]
 
 
+def has_native_bf16(device: th.device) -> bool:
+    """
+    Whether ``device`` multiplies bf16 natively: a CUDA GPU of compute capability 8.0 or later (Ampere on), or a
+    CPU with AVX512-BF16 or AMX. ``amp_dtype="auto"`` uses bf16 exactly there.
+    """
+    if device.type == "cuda":
+        return th.cuda.is_available() and th.cuda.get_device_capability(device)[0] >= 8
+    if device.type == "cpu":
+        return cpu_has_native_bf16() is True
+    return False
+
+
 def warn_if_bf16_is_emulated(amp_dtype: str | None, device: th.device) -> None:
     """
     Warn when ``amp_dtype="bf16"`` runs on a CPU without native bf16 products: PyTorch then converts to fp32 and

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
-from sb3_fasttd3.fasttd3.checks import check_env, warn_if_bf16_is_emulated
+from sb3_fasttd3.fasttd3.checks import check_env, has_native_bf16, warn_if_bf16_is_emulated
 from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
@@ -37,7 +37,9 @@ def _split_batches(value: Any, batch_size: int, n_batches: int) -> list[Any]:
 
 
 # Mixed precision: the name accepted by ``amp_dtype`` and the torch dtype of the autocast regions
+# ("auto" resolves to "bf16" or None per device, see ``_setup_fast_path``)
 AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
+AMP_CHOICES = [*AMP_DTYPES, "auto"]
 
 
 def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
@@ -106,8 +108,11 @@ class FastTD3(RolloutCollection):
     :param max_grad_norm: clip the gradient norm of each update to this value (``None``: no clipping)
     :param compile: compile the loss computations and acting with ``torch.compile`` (CPU: inductor's default
         mode, the actor's loss staying eager, which is faster there; CUDA: ``reduce-overhead``, i.e. CUDA graphs)
-    :param amp_dtype: mixed precision for the network forward passes: ``None`` (fp32), ``"bf16"`` (CPU and CUDA)
-        or ``"fp16"`` (CUDA only, with a gradient scaler). Softmax, the projection and the losses stay fp32.
+    :param amp_dtype: mixed precision for the network forward passes: ``None`` (fp32), ``"bf16"`` (CPU and CUDA),
+        ``"fp16"`` (CUDA only, with a gradient scaler), or ``"auto"``: bf16 where the device multiplies it natively
+        (CUDA from compute capability 8.0, CPUs with AVX512-BF16 or AMX), fp32 elsewhere, decided again on
+        each machine that loads the model (the dtype in use is ``autocast_dtype``). Softmax, the projection and
+        the losses stay fp32.
     :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
     :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
@@ -246,7 +251,7 @@ class FastTD3(RolloutCollection):
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a float > 0")
         require(self.clip_obs > 0, "clip_obs", "a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
-        require(self.amp_dtype in AMP_DTYPES, "amp_dtype", f"one of {list(AMP_DTYPES)}")
+        require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
         warn_if_bf16_is_emulated(self.amp_dtype, self.device)
@@ -309,7 +314,10 @@ class FastTD3(RolloutCollection):
 
     def _setup_fast_path(self) -> None:
         """The one place where speed switches apply: autocast, gradient scaling and compilation."""
-        dtype = AMP_DTYPES[self.amp_dtype]
+        amp_dtype = self.amp_dtype
+        if amp_dtype == "auto":
+            amp_dtype = "bf16" if has_native_bf16(self.device) else None
+        self.autocast_dtype = dtype = AMP_DTYPES[amp_dtype]
         self._autocast = partial(th.autocast, device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
         self._grad_scaler = th.amp.GradScaler("cuda") if self.amp_dtype == "fp16" else None
         self._critic_loss_fn, self._actor_loss_fn, self._act_fn = self._critic_loss, self._actor_loss, self._noisy_actions
@@ -366,6 +374,7 @@ class FastTD3(RolloutCollection):
             "_last_obs_tensor",
             "_train_stats",
             "_autocast",
+            "autocast_dtype",  # resolved again on load: "auto" depends on the machine
             "_grad_scaler",
             "_critic_loss_fn",
             "_actor_loss_fn",
