@@ -183,8 +183,10 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         peers = [run for run in group if run["algo"] != "fasttd3"]
         if not ours or not peers:
             continue
-        for threshold in thresholds:
-            lines.append(f"- invocation {invocation}, return {threshold:g}: " + speedup(ours[0], peers, threshold))
+        for run in ours:  # several when FastTD3 joined a comparison again, at a later commit
+            label = f"invocation {invocation}" + (f", FastTD3 at {run['machine']['commit']}" if len(ours) > 1 else "")
+            for threshold in thresholds:
+                lines.append(f"- {label}, return {threshold:g}: " + speedup(run, peers, threshold))
     return "\n".join(lines)
 
 
