@@ -43,6 +43,16 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def entry_model(env_id: str, seed: int, overrides: dict[str, Any]) -> FastTD3:
+    """FastTD3 with the RL Zoo entry of ``env_id``, some hyperparameters replaced (``n_envs`` among them)."""
+    hyperparams, n_envs = load_hyperparams(env_id)
+    overrides = dict(overrides)
+    n_envs = int(overrides.pop("n_envs", n_envs))
+    hyperparams.update(overrides)
+    print(f"{env_id}, seed {seed}, {n_envs} envs: {hyperparams}", flush=True)
+    return FastTD3(env=make_vec_env(env_id, n_envs=n_envs, seed=seed), seed=seed, **hyperparams)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="HalfCheetah-v5")
@@ -54,12 +64,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameters to replace")
     args = parser.parse_args()
 
-    overrides = parse_overrides(args.set)
-    hyperparams, n_envs = load_hyperparams(args.env)
-    n_envs = int(overrides.pop("n_envs", n_envs))
-    hyperparams.update(overrides)
-    print(f"{args.env}, seed {args.seed}, {n_envs} envs: {hyperparams}", flush=True)
-    model = FastTD3(env=make_vec_env(args.env, n_envs=n_envs, seed=args.seed), seed=args.seed, **hyperparams)
+    model = entry_model(args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
     callback = StopAtReturn(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     steal = CpuSteal()

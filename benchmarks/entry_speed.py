@@ -1,0 +1,98 @@
+"""
+How fast FastTD3's RL Zoo entry trains, for variants of it: transitions per second in ``learn()`` (acting,
+stepping the envs, storing, updating) and milliseconds per update (``train()`` alone), measured in one
+process in interleaved rounds, each round in a new random order, so that the machine's slow spells hit
+every variant alike. Each variant is a set of ``key=value`` replacements of the entry (as ``tune_entry``
+takes them); the first is the reference of the ratios.
+
+    python -m benchmarks.entry_speed                                 # the HalfCheetah entry in fp32 and in bf16
+    python -m benchmarks.entry_speed --variants "compile=false" "compile=true"
+
+Writes ``benchmarks/results/entry_speed.{json,md}``.
+"""
+
+import argparse
+import time
+
+import numpy as np
+
+from benchmarks.common import CpuSteal, machine_info, write_results
+from benchmarks.tune_entry import entry_model, parse_overrides
+from sb3_fasttd3 import FastTD3
+
+
+def seconds_per_transition(model: FastTD3, transitions: int) -> float:
+    """Wall-clock of ``learn(transitions)`` continuing the model's training, per transition."""
+    start = time.perf_counter()
+    model.learn(transitions, reset_num_timesteps=False)
+    return (time.perf_counter() - start) / transitions
+
+
+def seconds_per_update(model: FastTD3, updates: int) -> float:
+    """Wall-clock of ``train(updates)`` on the model's replay buffer, per update."""
+    start = time.perf_counter()
+    model.train(gradient_steps=updates, batch_size=model.batch_size)
+    return (time.perf_counter() - start) / updates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--env", default="HalfCheetah-v5")
+    parser.add_argument("--variants", nargs="+", default=["amp_dtype=null", "amp_dtype=bf16"], metavar="'K=V ...'")
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--transitions", type=int, default=2000, help="learn() transitions per round and variant")
+    parser.add_argument("--updates", type=int, default=100, help="train() updates per round and variant")
+    parser.add_argument("--warmup", type=int, default=2000, help="transitions trained before timing (compiles)")
+    args = parser.parse_args()
+
+    steal = CpuSteal()
+    models = {}
+    for variant in args.variants:
+        model = entry_model(args.env, seed=0, overrides=parse_overrides(variant.split()))
+        model.learn(model.learning_starts + args.warmup)
+        models[variant] = model
+    timings: dict[str, dict[str, list[float]]] = {v: {"transition": [], "update": []} for v in args.variants}
+    rng = np.random.default_rng(0)
+    for round_ in range(args.rounds):
+        for variant in rng.permutation(args.variants):
+            timings[variant]["transition"].append(seconds_per_transition(models[variant], args.transitions))
+            timings[variant]["update"].append(seconds_per_update(models[variant], args.updates))
+        print(f"round {round_ + 1}/{args.rounds} done", flush=True)
+
+    reference = timings[args.variants[0]]
+    rows = []
+    for variant in args.variants:
+        timing = timings[variant]
+        rows.append(
+            {
+                "variant": variant,
+                "autocast_dtype": str(models[variant].autocast_dtype),
+                "transitions_per_s": 1 / float(np.median(timing["transition"])),
+                "ms_per_update": 1e3 * float(np.median(timing["update"])),
+                # Per round, then the median: a slow spell inflates both sides of a round's ratio
+                "speedup_transitions": float(np.median(np.array(reference["transition"]) / timing["transition"])),
+                "speedup_updates": float(np.median(np.array(reference["update"]) / timing["update"])),
+                "seconds": timing,
+            }
+        )
+    results = {"env": args.env, "rows": rows, "cpu_steal_percent": steal.percent(), "machine": machine_info()}
+    lines = [
+        f"# Speed of the {args.env} entry's variants",
+        "",
+        f"Medians of {args.rounds} interleaved rounds ({args.transitions} transitions of `learn()` and "
+        f"{args.updates} updates of `train()` per round and variant), after {args.warmup} trained transitions; "
+        f"speed-ups are per-round ratios to `{args.variants[0]}`. CPU steal {steal.percent():.1f}%.",
+        "",
+        "| variant | autocast dtype | transitions/s | speed-up | ms per update | speed-up |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| `{row['variant']}` | {row['autocast_dtype']} | {row['transitions_per_s']:.0f} | "
+            f"{row['speedup_transitions']:.2f}x | {row['ms_per_update']:.2f} | {row['speedup_updates']:.2f}x |"
+        )
+    write_results("entry_speed", results, "\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
