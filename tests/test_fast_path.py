@@ -117,9 +117,10 @@ def test_auto_amp_dtype_takes_bf16_where_the_cpu_multiplies_it_natively(
     monkeypatch: pytest.MonkeyPatch, tmp_path, native: bool
 ):
     fake_native_bf16(monkeypatch, native)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # "auto" never picks an emulated bf16, so never warns about one
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         model = make_model(amp_dtype="auto", device="cpu")
+    assert not [w for w in caught if "without AVX512-BF16 or AMX" in str(w.message)]  # never an emulated bf16
     expected = th.bfloat16 if native else None
     assert model.autocast_dtype == expected
     with model._autocast():
