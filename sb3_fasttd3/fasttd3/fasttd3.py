@@ -319,7 +319,7 @@ class FastTD3(RolloutCollection):
             amp_dtype = "bf16" if has_native_bf16(self.device) else None
         self.autocast_dtype = dtype = AMP_DTYPES[amp_dtype]
         self._autocast = partial(th.autocast, device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
-        self._grad_scaler = th.amp.GradScaler("cuda") if self.amp_dtype == "fp16" else None
+        self._grad_scaler = th.amp.GradScaler("cuda") if dtype == th.float16 else None
         self._critic_loss_fn, self._actor_loss_fn, self._act_fn = self._critic_loss, self._actor_loss, self._noisy_actions
         if self.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
