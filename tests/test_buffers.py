@@ -577,15 +577,3 @@ def test_cpu_sampling_draws_from_numpy_uniformly() -> None:
     counts = th.bincount(first.round().long(), minlength=n_adds * n_envs)
     assert len(counts) == n_adds * n_envs
     assert counts.min() > 400 and counts.max() < 600, counts
-
-
-def test_cpu_indices_are_int32_while_they_fit(monkeypatch: pytest.MonkeyPatch) -> None:
-    buffer = DeviceNStepReplayBuffer(30, BOX_OBS_SPACE, ACTION_SPACE, device="cpu", n_envs=3, n_steps=2)
-    fill(buffer, make_trajectory(np.random.default_rng(0), 4, 3))
-    indices = buffer.draw_indices(500)
-    assert indices.dtype == th.int32 and int(indices.min()) >= 0 and int(indices.max()) < 12
-    # The int32 gather is the int64 one
-    for got, want in zip(buffer._gather(indices), buffer._gather(indices.long()), strict=True):
-        assert th.equal(got, want)
-    monkeypatch.setattr(buffer, "size", lambda: 2**31 // 3 + 1)  # 3 envs: past the largest int32
-    assert buffer.draw_indices(4).dtype == th.int64

@@ -11,6 +11,7 @@ from stable_baselines3.common.utils import get_device
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_fasttd3.common.memory import on_huge_pages, zeros_on_huge_pages
+from sb3_fasttd3.common.row_sampling import gather_rows, sample_rows
 
 ArrayLike = np.ndarray | th.Tensor
 ObsLike = ArrayLike | dict[str, ArrayLike]
@@ -334,8 +335,9 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         self, batch_size: int, env: VecNormalize | None = None
     ) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
-        Sample a batch of n-step transitions, uniformly over the stored (env, row) pairs
-        (indices from :meth:`draw_indices`).
+        Sample a batch of n-step transitions, uniformly over the stored (env, row) pairs. On the CPU the
+        indices come from NumPy's global RNG (as in SB3's buffers, seeded by ``set_random_seed``), through
+        :func:`~sb3_fasttd3.common.row_sampling.sample_rows`; on other devices from the device's torch RNG.
 
         :param batch_size: Number of transitions to sample
         :param env: Must be None (observation/reward normalization by a VecNormalize is not supported)
@@ -347,24 +349,12 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             raise ValueError("DeviceNStepReplayBuffer does not support normalizing with a VecNormalize, pass env=None")
         if self.size() == 0:
             raise ValueError("Cannot sample from an empty buffer, call add() first")
-        return self._gather(self.draw_indices(batch_size))
-
-    def draw_indices(self, batch_size: int) -> th.Tensor:
-        """
-        Flat indices ``row * n_envs + env`` of ``batch_size`` stored transitions, uniformly at random.
-        On the CPU they come from NumPy's global RNG (as in SB3's buffers: twice as fast as ``th.randint``
-        there), as int32 while they fit (drawn ~20% faster than int64), from the torch RNG of ``self.device``
-        on other devices.
-
-        :param batch_size: Number of indices
-        :return: The indices, on ``self.device``
-        """
-        # Storage is (row, env)-major: the stored rows of every env are the first size() * n_envs flat indices
-        high = self.size() * self.n_envs
+        assert self._table is not None
+        # Storage is (row, env)-major: the stored rows of every env are the first size() * n_envs flat rows
+        table, high = self._table.flatten(0, 1), self.size() * self.n_envs
         if self.device.type == "cpu":
-            dtype = np.int32 if high <= np.iinfo(np.int32).max else np.int64
-            return th.from_numpy(np.random.randint(0, high, batch_size, dtype=dtype))
-        return th.randint(0, high, (batch_size,), device=self.device)
+            return self._samples(sample_rows(table, high, batch_size))
+        return self._samples(table.index_select(0, th.randint(0, high, (batch_size,), device=self.device)))
 
     def _get_samples(  # type: ignore[override]
         self, batch_inds: th.Tensor, env: VecNormalize | None = None, env_inds: th.Tensor | None = None
@@ -377,18 +367,16 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         :param env_inds: Envs of the samples (drawn uniformly when None)
         :return: The samples
         """
+        assert self._table is not None
         if env_inds is None:
             env_inds = th.randint(0, self.n_envs, batch_inds.shape, device=self.device)
-        return self._gather(batch_inds * self.n_envs + env_inds)
+        return self._samples(gather_rows(self._table.flatten(0, 1), batch_inds * self.n_envs + env_inds))
 
-    @th.no_grad()
-    def _gather(self, flat_inds: th.Tensor) -> ReplayBufferSamples | DictReplayBufferSamples:
+    def _samples(self, batch: th.Tensor) -> ReplayBufferSamples | DictReplayBufferSamples:
         """
-        :param flat_inds: Indices ``row * n_envs + env`` of the transitions
-        :return: The samples, views of one gathered block of rows
+        :param batch: Gathered rows of the table, shape ``(batch_size, width)``
+        :return: The samples, views of ``batch``
         """
-        assert self._table is not None
-        batch = self._table.flatten(0, 1).index_select(0, flat_inds)
         layout = self.layout
         fields = dict(
             observations=layout.unflatten_obs(batch[:, layout.obs]),
