@@ -5,6 +5,7 @@ same indices, indices uniform over the rows asked for, and the plain path where 
 
 import shutil
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -105,9 +106,13 @@ def test_sample_rejects_high_outside_the_table() -> None:
             sample_rows(th.randn(10, 3), high, 5)
 
 
-@pytest.mark.parametrize("setting", [{"CC": "/nonexistent/cc"}, {"SB3_FASTTD3_NATIVE_SAMPLING": "0"}])
-def test_falls_back_to_numpy_and_index_select_without_the_kernels(rebuild: pytest.MonkeyPatch, setting: dict) -> None:
-    for name, value in setting.items():
+# No compiler, switched off, and no usable temporary directory
+@pytest.mark.parametrize("setting", ["CC=/nonexistent/cc", "SB3_FASTTD3_NATIVE_SAMPLING=0", "tempdir=/nonexistent/tmp"])
+def test_falls_back_to_numpy_and_index_select_without_the_kernels(rebuild: pytest.MonkeyPatch, setting: str) -> None:
+    name, value = setting.split("=")
+    if name == "tempdir":
+        rebuild.setattr(tempfile, "tempdir", value)
+    else:
         rebuild.setenv(name, value)
     assert row_sampling._kernels() is None
     table, indices = th.randn(100, 5), th.tensor([7, 7, 99, 0])

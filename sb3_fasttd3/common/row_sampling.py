@@ -112,13 +112,16 @@ def _kernels() -> ctypes.CDLL | None:
     """The compiled kernels, or None where they cannot be built (or are switched off)."""
     if os.environ.get("SB3_FASTTD3_NATIVE_SAMPLING", "1") == "0" or not sys.platform.startswith(("linux", "darwin")):
         return None
-    with tempfile.TemporaryDirectory(prefix="sb3_fasttd3_") as directory:
-        source, path = Path(directory, "row_sampling.c"), Path(directory, "row_sampling.so")
-        source.write_text(_SOURCE)
-        if not _build(source, path):
-            return None
-        # The loaded library stays mapped once its file is deleted with the directory
-        kernels = ctypes.CDLL(str(path))
+    try:
+        with tempfile.TemporaryDirectory(prefix="sb3_fasttd3_") as directory:
+            source, path = Path(directory, "row_sampling.c"), Path(directory, "row_sampling.so")
+            source.write_text(_SOURCE)
+            if not _build(source, path):
+                return None
+            # The loaded library stays mapped once its file is deleted with the directory
+            kernels = ctypes.CDLL(str(path))
+    except OSError:  # no writable temporary directory, or one mounted noexec
+        return None
     pointer, int64, uint64, int32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_uint64, ctypes.c_int
     kernels.gather_rows.argtypes = [pointer, int64, int64, pointer, int32, int64, pointer, int32]
     kernels.gather_rows.restype = int64
