@@ -428,7 +428,7 @@ class FastTD3(RolloutCollection):
         """
         The minibatches of one ``train()`` call, each as the replay buffer returns them, gathered with one
         ``sample`` per group of updates: one large gather is cheaper than many small ones (measured on 2 CPU
-        cores at batch 256 and 2 updates: 0.67 ms instead of 1.3 ms).
+        cores at batch 256 and 2 updates, with the sampling kernel: 69 µs instead of 133 µs).
         """
         group = max(1, min(gradient_steps, MAX_SAMPLES_PER_GATHER // batch_size))
         for start in range(0, gradient_steps, group):
