@@ -132,8 +132,17 @@ def _kernels() -> ctypes.CDLL | None:
     return kernels
 
 
-def _fits_kernels(table: th.Tensor) -> bool:
-    return table.device.type == "cpu" and table.dtype == th.float32 and table.dim() == 2 and table.is_contiguous()
+def _fits_kernels(table: th.Tensor, indices: th.Tensor | None = None) -> bool:
+    """Whether the kernels read ``table`` (and ``indices``, if given): contiguous CPU float32 rows, int indices."""
+    table_fits = table.device.type == "cpu" and table.dtype == th.float32 and table.dim() == 2 and table.is_contiguous()
+    if indices is None or not table_fits:
+        return table_fits
+    return (
+        indices.device.type == "cpu"
+        and indices.dtype in (th.int32, th.int64)
+        and indices.dim() == 1
+        and indices.is_contiguous()
+    )
 
 
 def _threads(n_rows: int) -> int:
@@ -178,8 +187,7 @@ def gather_rows(table: th.Tensor, indices: th.Tensor) -> th.Tensor:
     :return: A new tensor of shape ``(len(indices), table.shape[1])``
     :raises IndexError: if an index is outside ``[0, len(table))``
     """
-    fits = indices.device.type == "cpu" and indices.dtype in (th.int32, th.int64) and indices.dim() == 1
-    kernels = _kernels() if fits and indices.is_contiguous() and _fits_kernels(table) else None
+    kernels = _kernels() if _fits_kernels(table, indices) else None
     if kernels is None:
         return table.index_select(0, indices)
     n_rows, width = table.shape
