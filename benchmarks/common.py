@@ -16,7 +16,8 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+# Where results are written and read; BENCHMARK_RESULTS_DIR moves them (the smoke tests write to a temporary folder)
+RESULTS_DIR = Path(os.environ.get("BENCHMARK_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
 
 class RandomBoxEnv(gym.Env):

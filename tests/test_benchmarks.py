@@ -1,0 +1,105 @@
+"""
+The benchmarks run from a checkout as the README says (``python -m benchmarks.<name>``), at sizes small
+enough for CI, and write the results they document; their numbers are only checked for sense.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_benchmark(name: str, *args: str, results: Path) -> str:
+    """Run ``python -m benchmarks.<name> args`` from the checkout, writing its results to ``results``."""
+    env = {**os.environ, "BENCHMARK_RESULTS_DIR": str(results)}
+    command = [sys.executable, "-m", f"benchmarks.{name}", *args]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result.stdout
+
+
+def read_results(results: Path, name: str) -> dict[str, Any]:
+    """The JSON a benchmark wrote, after checking its Markdown summary ends with the machine facts."""
+    markdown = (results / f"{name}.md").read_text()
+    assert "## Machine" in markdown and f"-m benchmarks.{name}" in markdown
+    return json.loads((results / f"{name}.json").read_text())
+
+
+def test_update_throughput(tmp_path):
+    args = ["--batch-sizes", "256", "--widths", "64", "--repeats", "1", "--sampling-batch", "1024", "--sampling-rounds", "1"]
+    run_benchmark("update_throughput", *args, results=tmp_path)
+    results = read_results(tmp_path, "update_throughput")
+    assert results["gemm_peak_gflop_per_s"]["fp32"] > 0 and results["gemm_peak_gflop_per_s"]["bf16"] > 0
+    [row] = results["updates"]
+    assert row["batch_size"] == 256 and row["critic"][0] == 64
+    for variant in ("eager fp32", "compiled fp32", "eager bf16", "compiled bf16", "sb3 td3 eager fp32"):
+        assert row[variant]["updates_per_s"] > 0, variant
+    assert row["compiled bf16 / eager fp32"] == pytest.approx(
+        row["compiled bf16"]["updates_per_s"] / row["eager fp32"]["updates_per_s"], rel=1e-6
+    )
+    sampling = results["sampling"]
+    assert sampling["batch_size"] == 1024
+    assert sampling["ours / sb3 NStepReplayBuffer"] == pytest.approx(
+        sampling["ours (n-step)"]["transitions_per_s"] / sampling["sb3 NStepReplayBuffer"]["transitions_per_s"], rel=1e-6
+    )
+
+
+def test_time_to_return_runs_every_peer_and_appends(tmp_path):
+    algos = ["fasttd3", "td3", "sac", "tqc", "sbx_td3", "sbx_sac"]
+    args = ["--env", "Pendulum-v1", "--budget", "3", "--eval-every", "400", "--eval-episodes", "1", "--thresholds=-1500"]
+    run_benchmark("time_to_return", "--algos", *algos, *args, results=tmp_path)
+    runs = json.loads((tmp_path / "time_to_return.json").read_text())["runs"]
+    assert [run["algo"] for run in runs] == algos
+    for run in runs:
+        seconds = [point["seconds"] for point in run["curve"]]
+        steps = [point["steps"] for point in run["curve"]]
+        assert run["curve"] and seconds == sorted(seconds) and steps == sorted(steps), run["algo"]
+        assert seconds[-1] <= run["budget"] + 1.0, run["algo"]  # the budget stops training (one step may finish)
+    assert (tmp_path / "time_to_return.png").is_file()
+    summary = (tmp_path / "time_to_return.md").read_text()
+    assert all(f"| {algo} |" in summary for algo in algos)
+
+    # A later invocation joining the first appends to it
+    run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--join-invocation", "1", results=tmp_path)
+    runs = json.loads((tmp_path / "time_to_return.json").read_text())["runs"]
+    assert len(runs) == len(algos) + 1 and runs[-1]["invocation"] == 1
+
+
+def test_tune_entry(tmp_path):
+    args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--set", "n_envs=2"]
+    run_benchmark("tune_entry", *args, results=tmp_path)
+    [variant] = json.loads((tmp_path / "entry_variants.json").read_text())
+    assert variant["env"] == "Pendulum-v1" and variant["set"] == ["n_envs=2"] and variant["budget"] == 4
+    assert variant["curve"][-1]["seconds"] <= 5.0
+
+
+def test_entry_speed(tmp_path):
+    run_benchmark(
+        "entry_speed", "--rounds", "1", "--transitions", "100", "--updates", "5", "--warmup", "100", results=tmp_path
+    )
+    rows = read_results(tmp_path, "entry_speed")["rows"]
+    assert [row["variant"] for row in rows] == ["amp_dtype=null", "amp_dtype=bf16"]
+    assert rows[0]["speedup_transitions"] == 1.0 and all(row["ms_per_update"] > 0 for row in rows)
+
+
+def test_actor_loss_compile(tmp_path):
+    run_benchmark("actor_loss_compile", "--sizes", "256:64:fp32", "--rounds", "1", results=tmp_path)
+    results = read_results(tmp_path, "actor_loss_compile")
+    [row] = results["updates"]
+    assert row["batch_size"] == 256 and row["amp_dtype"] == "fp32"
+    assert row["actor loss compiled"]["updates_per_s"] > 0 and row["actor loss eager"]["updates_per_s"] > 0
+    assert all(ms > 0 for ms in results["relu_mask"]["ms"].values())
+
+
+def test_env_throughput(tmp_path):
+    args = ["--backends", "gymnasium", "envpool", "playground", "--num-envs", "4", "--seconds", "0.2", "--repeats", "1"]
+    run_benchmark("env_throughput", *args, "--playground-tasks", "CartpoleBalance", results=tmp_path)
+    rows = read_results(tmp_path, "env_throughput")["rows"]
+    assert {row["backend"] for row in rows} == {"gymnasium", "envpool", "playground"}
+    assert all(row["num_envs"] == 4 and row["bare"] > 0 for row in rows)
