@@ -13,12 +13,24 @@ Writes ``benchmarks/results/entry_speed.{json,md}``.
 
 import argparse
 import time
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
+from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import CpuSteal, machine_info, write_results
 from benchmarks.tune_entry import entry_model, parse_overrides
 from sb3_fasttd3 import FastTD3
+
+# Where an update's time goes: groups of profiler events (self CPU time); the rest is autograd, dispatch,
+# eager element-wise operators and sampling
+UPDATE_TIME_GROUPS: dict[str, Callable[[str], bool]] = {
+    "matrix products": lambda key: key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "compiled graphs (inductor's kernels and wrappers)": lambda key: key.startswith("## Call CompiledFxGraph"),
+    "dtype casts": lambda key: key in ("aten::copy_", "aten::_to_copy"),
+    "optimizer": lambda key: key.startswith("Optimizer.") or "adam" in key.lower(),
+}
 
 
 def seconds_per_transition(model: FastTD3, transitions: int) -> float:
@@ -26,6 +38,23 @@ def seconds_per_transition(model: FastTD3, transitions: int) -> float:
     start = time.perf_counter()
     model.learn(transitions, reset_num_timesteps=False)
     return (time.perf_counter() - start) / transitions
+
+
+def updates_per_transition(model: FastTD3, transitions: int) -> float:
+    """How many updates ``learn()`` makes per transition collected (counted over ``transitions``)."""
+    updates = model._n_updates
+    model.learn(transitions, reset_num_timesteps=False)
+    return (model._n_updates - updates) / transitions
+
+
+def update_time_shares(model: FastTD3, updates: int) -> dict[str, float]:
+    """The share of each of :data:`UPDATE_TIME_GROUPS` in the operators' CPU time of ``updates`` updates."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        model.train(gradient_steps=updates, batch_size=model.batch_size)
+    times = {event.key: event.self_cpu_time_total for event in prof.key_averages()}
+    total = sum(times.values())
+    shares = {name: sum(t for key, t in times.items() if belongs(key)) / total for name, belongs in UPDATE_TIME_GROUPS.items()}
+    return {**shares, "the rest": 1.0 - sum(shares.values())}
 
 
 def seconds_per_update(model: FastTD3, updates: int) -> float:
@@ -62,13 +91,20 @@ def main() -> None:
     reference = timings[args.variants[0]]
     rows = []
     for variant in args.variants:
-        timing = timings[variant]
+        timing, model = timings[variant], models[variant]
+        transitions_per_s, ms_per_update = 1 / float(np.median(timing["transition"])), 1e3 * float(np.median(timing["update"]))
         rows.append(
             {
                 "variant": variant,
-                "autocast_dtype": str(models[variant].autocast_dtype),
-                "transitions_per_s": 1 / float(np.median(timing["transition"])),
-                "ms_per_update": 1e3 * float(np.median(timing["update"])),
+                "autocast_dtype": str(model.autocast_dtype),
+                "transitions_per_s": transitions_per_s,
+                "ms_per_update": ms_per_update,
+                # The time of learn() spent updating, from the two medians
+                "update_share_of_learn": ms_per_update
+                / 1e3
+                * updates_per_transition(model, args.transitions)
+                * transitions_per_s,
+                "update_time_shares": update_time_shares(model, args.updates),
                 # Per round, then the median: a slow spell inflates both sides of a round's ratio
                 "speedup_transitions": float(np.median(np.array(reference["transition"]) / timing["transition"])),
                 "speedup_updates": float(np.median(np.array(reference["update"]) / timing["update"])),
@@ -91,7 +127,26 @@ def main() -> None:
             f"| `{row['variant']}` | {row['autocast_dtype']} | {row['transitions_per_s']:.0f} | "
             f"{row['speedup_transitions']:.2f}x | {row['ms_per_update']:.2f} | {row['speedup_updates']:.2f}x |"
         )
-    write_results("entry_speed", results, "\n".join(lines) + "\n")
+    write_results("entry_speed", results, "\n".join(lines + time_share_lines(rows, args.updates)) + "\n")
+
+
+def time_share_lines(rows: list[dict[str, Any]], updates: int) -> list[str]:
+    """Where the time goes: the updates' share of ``learn()``, and the groups' shares of an update."""
+    groups = list(rows[0]["update_time_shares"])
+    lines = [
+        "",
+        "## Where the time goes",
+        "",
+        "The updates' share of `learn()` (ms per update x updates per transition x transitions/s), and the share of "
+        f"each kind of operator in the CPU time of {updates} profiled updates (torch.profiler, self time):",
+        "",
+        "| variant | updates in `learn()` | " + " | ".join(groups) + " |",
+        "| --- | --- |" + " --- |" * len(groups),
+    ]
+    for row in rows:
+        shares = " | ".join(f"{row['update_time_shares'][group]:.0%}" for group in groups)
+        lines.append(f"| `{row['variant']}` | {row['update_share_of_learn']:.0%} | {shares} |")
+    return lines
 
 
 if __name__ == "__main__":

@@ -211,9 +211,24 @@ def speedup(ours: dict[str, Any], peers: list[dict[str, Any]], threshold: float)
         return f"FastTD3 {our_point['seconds']:.0f} s; no peer within {budget:g} s (ratio <= {bound:.3f}{verdict(bound)})"
     fastest = min(reached, key=reached.get)
     ratio = our_point["seconds"] / reached[fastest]
-    return (
+    line = (
         f"FastTD3 {our_point['seconds']:.0f} s, fastest peer {fastest} {reached[fastest]:.0f} s "
         f"(ratio {ratio:.3f}{verdict(ratio)})"
+    )
+    return line if ratio <= TARGET_RATIO else line + "\n  " + ratio_breakdown(our_point, peer_times[fastest], fastest)
+
+
+def ratio_breakdown(ours: dict[str, float], peer: dict[str, float], peer_name: str) -> str:
+    """
+    A missed ratio as the product of its two factors: how many transitions FastTD3 needed, and how long each took
+    (on average up to that point: acting, stepping, updating, compilation), both against the peer.
+    """
+    steps, seconds = ours["steps"] / peer["steps"], ours["seconds"] / ours["steps"] / (peer["seconds"] / peer["steps"])
+    return (
+        f"= {steps:.2f}x {peer_name}'s transitions ({ours['steps']:.0f} against {peer['steps']:.0f}) "
+        f"x {seconds:.2f}x its seconds per transition ({1e3 * ours['seconds'] / ours['steps']:.1f} against "
+        f"{1e3 * peer['seconds'] / peer['steps']:.1f} s per 1k); 1/{1 / TARGET_RATIO:g} needs "
+        f"{steps * seconds / TARGET_RATIO:.2f}x less time."
     )
 
 

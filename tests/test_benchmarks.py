@@ -86,6 +86,10 @@ def test_entry_speed(tmp_path):
     rows = read_results(tmp_path, "entry_speed")["rows"]
     assert [row["variant"] for row in rows] == ["amp_dtype=null", "amp_dtype=bf16"]
     assert rows[0]["speedup_transitions"] == 1.0 and all(row["ms_per_update"] > 0 for row in rows)
+    for row in rows:
+        shares = row["update_time_shares"]
+        assert shares["matrix products"] > 0 and shares["optimizer"] > 0 and sum(shares.values()) == pytest.approx(1.0)
+        assert row["update_share_of_learn"] > 0
 
 
 def test_actor_loss_compile(tmp_path):
