@@ -189,6 +189,11 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
             label = f"invocation {invocation}" + (f", FastTD3 at {run['machine']['commit']}" if len(ours) > 1 else "")
             for threshold in thresholds:
                 lines.append(f"- {label}, return {threshold:g}: " + speedup(run, peers, threshold))
+    lines += [
+        "",
+        "Where FastTD3's time per transition goes (updating, and within an update): `python -m benchmarks.entry_speed`, "
+        "`entry_speed.md`.",
+    ]
     return "\n".join(lines)
 
 
