@@ -3,7 +3,8 @@ How fast FastTD3's RL Zoo entry trains, for variants of it: transitions per seco
 stepping the envs, storing, updating) and milliseconds per update (``train()`` alone), measured in one
 process in interleaved rounds, each round in a new random order, so that the machine's slow spells hit
 every variant alike. Each variant is a set of ``key=value`` replacements of the entry (as ``tune_entry``
-takes them); the first is the reference of the ratios.
+takes them); the first is the reference of the ratios. Then, per variant, where the time goes: the updates'
+share of ``learn()``, and a profile of the update by kind of operator (matrix products, compiled graphs...).
 
     python -m benchmarks.entry_speed                                 # the HalfCheetah entry in fp32 and in bf16
     python -m benchmarks.entry_speed --variants "compile=false" "compile=true"
@@ -93,17 +94,15 @@ def main() -> None:
     for variant in args.variants:
         timing, model = timings[variant], models[variant]
         transitions_per_s, ms_per_update = 1 / float(np.median(timing["transition"])), 1e3 * float(np.median(timing["update"]))
+        # The time of learn() spent updating, from the two medians
+        update_share = ms_per_update / 1e3 * updates_per_transition(model, args.transitions) * transitions_per_s
         rows.append(
             {
                 "variant": variant,
                 "autocast_dtype": str(model.autocast_dtype),
                 "transitions_per_s": transitions_per_s,
                 "ms_per_update": ms_per_update,
-                # The time of learn() spent updating, from the two medians
-                "update_share_of_learn": ms_per_update
-                / 1e3
-                * updates_per_transition(model, args.transitions)
-                * transitions_per_s,
+                "update_share_of_learn": update_share,
                 "update_time_shares": update_time_shares(model, args.updates),
                 # Per round, then the median: a slow spell inflates both sides of a round's ratio
                 "speedup_transitions": float(np.median(np.array(reference["transition"]) / timing["transition"])),
