@@ -474,9 +474,9 @@ def test_pickle_round_trip(tmp_path, dict_obs: bool) -> None:
         (dict(buffer_size=100, gamma=-0.5), ValueError, "gamma"),
         (dict(buffer_size=100, gamma=1.01), ValueError, "gamma"),
         (dict(buffer_size=100, optimize_memory_usage=True), ValueError, "optimize_memory_usage"),
-        (dict(buffer_size=100, observation_space=spaces.Discrete(4)), TypeError, "observation_space"),
+        (dict(buffer_size=100, observation_space=spaces.Tuple([BOX_OBS_SPACE])), TypeError, "observation_space"),
         (
-            dict(buffer_size=100, observation_space=spaces.Dict({"a": BOX_OBS_SPACE, "b": spaces.Discrete(3)})),
+            dict(buffer_size=100, observation_space=spaces.Dict({"a": BOX_OBS_SPACE, "b": spaces.Dict({"c": BOX_OBS_SPACE})})),
             TypeError,
             "observation_space",
         ),
@@ -487,6 +487,29 @@ def test_constructor_errors(kwargs: dict[str, Any], error: type[Exception], matc
     kwargs = {"observation_space": BOX_OBS_SPACE, "action_space": ACTION_SPACE, "device": "cpu", **kwargs}
     with pytest.raises(error, match=match):
         DeviceNStepReplayBuffer(**kwargs)
+
+
+def test_integer_observations_are_stored_exactly() -> None:
+    # Discrete, MultiDiscrete and MultiBinary keys come back with SB3's buffer shapes and their exact values
+    space = spaces.Dict(
+        {"box": BOX_OBS_SPACE, "d": spaces.Discrete(7), "md": spaces.MultiDiscrete([3, 5]), "mb": spaces.MultiBinary(4)}
+    )
+    space.seed(0)
+    buffer = DeviceNStepReplayBuffer(40, space, ACTION_SPACE, device="cpu", n_envs=2)
+    stored = []
+    for _ in range(20):
+        obs = [space.sample() for _ in range(2)]
+        batch = {key: np.stack([np.asarray(o[key]) for o in obs]) for key in space.spaces}
+        buffer.add(batch, batch, np.zeros((2, *ACTION_SPACE.shape)), np.zeros(2), np.zeros(2), [{}, {}])
+        stored.append(batch)
+    samples = buffer.sample(64)
+    shapes = {"box": BOX_OBS_SPACE.shape, "d": (1,), "md": (2,), "mb": (4,)}
+    for key, shape in shapes.items():
+        assert samples.observations[key].shape == (64, *shape)
+    # Every sampled row is one of the stored observations, value for value
+    rows = {tuple(np.concatenate([np.ravel(b[k][e]) for k in shapes])) for b in stored for e in range(2)}
+    for i in range(64):
+        assert tuple(np.concatenate([samples.observations[k][i].numpy().ravel() for k in shapes])) in rows
 
 
 @pytest.mark.parametrize("n_envs, n_steps", [(1, 1), (3, 3), (2, 5)])

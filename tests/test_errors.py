@@ -44,9 +44,9 @@ def test_unsupported_action_space_of_an_env_id():
 
 
 def test_unsupported_observation_space():
-    obs_space = spaces.Dict({"a": spaces.Discrete(3)})
-    with pytest.raises(TypeError, match="observation"):
-        FastTD3("MultiInputPolicy", make_vec_env(lambda: SpaceEnv(spaces.Box(-1, 1, (1,)), obs_space)))
+    obs_space = spaces.Dict({"a": spaces.Tuple([spaces.Discrete(3), spaces.Discrete(2)])})
+    with pytest.raises(TypeError, match="observation spaces Box, Discrete, MultiDiscrete, MultiBinary"):
+        FastTD3("MultiInputPolicy", SpaceEnv(spaces.Box(-1, 1, (1,)), obs_space))
 
 
 @pytest.mark.parametrize(

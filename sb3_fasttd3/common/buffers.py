@@ -17,6 +17,9 @@ ArrayLike = np.ndarray | th.Tensor
 ObsLike = ArrayLike | dict[str, ArrayLike]
 TensorObs = th.Tensor | dict[str, th.Tensor]
 
+# Observation spaces (and Dict sub-spaces) the buffer stores; integer observations are stored as exact float32 values
+STORABLE_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
+
 
 class RowLayout:
     """
@@ -101,7 +104,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
 
     :param buffer_size: Max number of transitions in the buffer, in total over all envs
         (each env gets ``buffer_size // n_envs`` rows)
-    :param observation_space: Observation space, a ``spaces.Box`` or a ``spaces.Dict`` of ``spaces.Box``
+    :param observation_space: Observation space, one of :data:`STORABLE_SPACES` or a ``spaces.Dict`` of those
     :param action_space: Action space, a ``spaces.Box``
     :param device: PyTorch device on which the storage lives and the samples are returned
     :param n_envs: Number of parallel environments
@@ -136,17 +139,12 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             raise ValueError(
                 "DeviceNStepReplayBuffer does not support optimize_memory_usage=True, use optimize_memory_usage=False"
             )
-        if isinstance(observation_space, spaces.Dict):
-            bad_keys = [key for key, space in observation_space.spaces.items() if not isinstance(space, spaces.Box)]
-            if bad_keys:
-                raise TypeError(
-                    "DeviceNStepReplayBuffer supports an observation_space that is a spaces.Box or a spaces.Dict "
-                    f"of spaces.Box, but the sub-spaces {bad_keys} of the Dict observation_space are not Box"
-                )
-        elif not isinstance(observation_space, spaces.Box):
+        subspaces = observation_space.spaces if isinstance(observation_space, spaces.Dict) else {"": observation_space}
+        if not all(isinstance(space, STORABLE_SPACES) for space in subspaces.values()):
+            accepted = ", ".join(space.__name__ for space in STORABLE_SPACES)
             raise TypeError(
-                "DeviceNStepReplayBuffer supports an observation_space that is a spaces.Box or a spaces.Dict "
-                f"of spaces.Box, got observation_space={observation_space}"
+                f"DeviceNStepReplayBuffer supports an observation_space that is a {accepted} space or a spaces.Dict "
+                f"of those, got observation_space={observation_space}"
             )
         if not isinstance(action_space, spaces.Box):
             raise TypeError(f"DeviceNStepReplayBuffer supports only a spaces.Box action_space, got {action_space}")

@@ -9,6 +9,8 @@ from gymnasium import spaces
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
 
+from sb3_fasttd3.common.buffers import STORABLE_SPACES
+
 
 def _named_parts(name: str, obs: Any) -> dict[str, Any]:
     """``{name: obs}`` for an array, ``{name[key]: obs[key]}`` for a dict observation (None: nothing)."""
@@ -30,7 +32,8 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
     """
     Raise if FastTD3 cannot use these spaces, naming the space and what is accepted.
 
-    :param observation_space: must be a ``Box`` or a ``Dict`` of ``Box``
+    :param observation_space: a ``Box`` (vector or image), ``Discrete``, ``MultiDiscrete`` or ``MultiBinary``
+        space, or a ``Dict`` of those
     :param action_space: must be a ``Box`` with finite bounds
     """
     if not isinstance(action_space, spaces.Box):
@@ -44,9 +47,10 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
             "give the Box finite bounds or wrap the env with gymnasium.wrappers.RescaleAction"
         )
     subspaces = observation_space.spaces.values() if isinstance(observation_space, spaces.Dict) else [observation_space]
-    if not all(isinstance(space, spaces.Box) for space in subspaces):
+    if not all(isinstance(space, STORABLE_SPACES) for space in subspaces):
+        accepted = ", ".join(space.__name__ for space in STORABLE_SPACES)
         raise TypeError(
-            f"FastTD3 supports Box observation spaces and Dict observation spaces of Box spaces, got {observation_space}"
+            f"FastTD3 supports observation spaces {accepted} and Dict spaces of those (not nested), got {observation_space}"
         )
 
 
