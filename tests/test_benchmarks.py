@@ -60,7 +60,9 @@ def test_time_to_return_runs_every_peer_and_appends(tmp_path):
         seconds = [point["seconds"] for point in run["curve"]]
         steps = [point["steps"] for point in run["curve"]]
         assert run["curve"] and seconds == sorted(seconds) and steps == sorted(steps), run["algo"]
-        assert seconds[-1] <= run["budget"] + 1.0, run["algo"]  # the budget stops training (one step may finish)
+        # The budget stops training at the first step past it, however long that step took (a JIT compile)
+        assert seconds[-1] >= run["budget"], run["algo"]
+        assert all(step == steps[-1] for step, second in zip(steps, seconds) if second >= run["budget"]), run["algo"]
     assert (tmp_path / "time_to_return.png").is_file()
     summary = (tmp_path / "time_to_return.md").read_text()
     assert all(f"| {algo} |" in summary for algo in algos)
