@@ -58,8 +58,8 @@ def test_unsupported_observation_space():
         (dict(n_steps=0), "n_steps must be an integer >= 1"),
         (dict(std_min=0.5, std_max=0.1), "std_min must be <= std_max"),
         (dict(std_min=-0.1), "std_min must be a float >= 0"),
-        (dict(tau=0.0), r"tau must be in \(0, 1\]"),
-        (dict(tau=1.5), r"tau must be in \(0, 1\]"),
+        (dict(tau=-0.1), r"tau must be in \[0, 1\]"),
+        (dict(tau=1.5), r"tau must be in \[0, 1\]"),
         (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),
         (dict(gamma=1.01), r"gamma must be in \(0, 1\]"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
@@ -81,14 +81,26 @@ def test_bad_observation_keys():
         make_model(policy_kwargs=dict(critic_keys=["state"]))
 
 
-def test_vec_normalize_is_refused_with_a_pointer_to_the_builtin_normalizer():
+def test_vec_normalize_normalizing_observations_twice_is_refused():
     with pytest.raises(ValueError, match="normalize_observations"):
-        FastTD3("MlpPolicy", VecNormalize(counting_env(1)))
+        FastTD3("MlpPolicy", VecNormalize(counting_env(1)), normalize_observations=True)
     model = make_model()
     env = model.get_env()
     with pytest.raises(ValueError, match="VecNormalize"):
         model.set_env(VecNormalize(counting_env(1)))
     assert model.get_env() is env  # the model keeps its env
+    with pytest.raises(ValueError, match="normalize_observations must be True, False or 'auto', got 'yes'"):
+        make_model(normalize_observations="yes")
+
+
+@pytest.mark.parametrize("norm_obs", [False, True])
+def test_vec_normalize_is_accepted_where_it_cannot_normalize_twice(norm_obs):
+    # "auto" leaves observations to a VecNormalize that normalizes them, and normalizes them itself otherwise
+    model = FastTD3("MlpPolicy", VecNormalize(counting_env(1), norm_obs=norm_obs), **TINY)
+    assert model.normalize_observations is not norm_obs
+    assert (model.policy.obs_normalizer is None) is norm_obs
+    # A model without its own normalizer accepts any VecNormalize
+    FastTD3("MlpPolicy", VecNormalize(counting_env(1)), normalize_observations=False, **TINY)
 
 
 @pytest.mark.parametrize("dict_obs", [False, True])

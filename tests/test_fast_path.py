@@ -30,6 +30,7 @@ def paired_models(**fast_kwargs):
     fast.set_parameters(plain.get_parameters())
     fast.replay_buffer = plain.replay_buffer
     fast._n_updates, fast._train_stats = plain._n_updates, th.zeros_like(plain._train_stats)
+    fast.set_logger(plain.logger)
     plain._train_stats.zero_()
     return plain, fast
 

@@ -318,9 +318,9 @@ def test_sigmas_are_redrawn_during_learning_only_where_episodes_end():
     model = make_model(3, learning_starts=0)
     recorder = RecordSigmas()
     model.learn(90, callback=recorder)  # 30 vector steps, episodes of at most 10 steps
-    # The callback sees the sigmas before the step's dones are handled: compare consecutive steps
+    # The callback sees the sigmas once the step's dones are handled: compare consecutive steps
     changed = th.stack([after != before for before, after in zip(recorder.sigmas, recorder.sigmas[1:], strict=False)])
-    ended = th.stack(recorder.dones[:-1])
+    ended = th.stack(recorder.dones[1:])
     assert ended.any() and not ended.all()
     assert th.equal(changed, ended)
 
@@ -348,7 +348,7 @@ def test_one_gather_serves_every_update_of_a_train_call(dict_obs, monkeypatch):
     model.learn(40)
     calls = []
     sample = model.replay_buffer.sample
-    monkeypatch.setattr(model.replay_buffer, "sample", lambda n: calls.append(n) or sample(n))
+    monkeypatch.setattr(model.replay_buffer, "sample", lambda n, env=None: calls.append(n) or sample(n, env))
     set_random_seed(0)
     batches = list(model._sample_batches(3, 16))
     assert calls == [48] and len(batches) == 3

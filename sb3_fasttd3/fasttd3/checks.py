@@ -24,7 +24,8 @@ def _named_parts(name: str, obs: Any) -> dict[str, Any]:
 VEC_NORMALIZE_ERROR = (
     "FastTD3 normalizes observations itself (normalize_observations=True, statistics saved inside the model): "
     "remove the VecNormalize wrapper (with the RL Zoo: drop `normalize` from the hyperparameters). "
-    "Wrapping would normalize twice and is not supported."
+    "Wrapping would normalize twice and is not supported. A VecNormalize that only normalizes rewards "
+    "(norm_obs=False) is accepted, and so is any VecNormalize with normalize_observations=False or 'auto'."
 )
 
 
@@ -54,16 +55,38 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         )
 
 
-def check_env(env: GymEnv | str | None) -> None:
+def check_env_spaces(env: GymEnv | str | None) -> None:
     """
-    Raise if FastTD3 cannot learn from ``env`` (an env id is checked once SB3 has made it).
+    Raise if FastTD3 cannot learn from the spaces of ``env`` (an env id is checked once SB3 has made it).
 
     :param env: the environment given to FastTD3
     """
-    if isinstance(env, VecEnv) and unwrap_vec_normalize(env) is not None:
-        raise ValueError(VEC_NORMALIZE_ERROR)
     if env is not None and not isinstance(env, str):
         check_spaces(env.observation_space, env.action_space)
+
+
+def _normalizes_observations(env: GymEnv | str | None) -> bool:
+    """Whether ``env`` is wrapped in a ``VecNormalize`` that normalizes observations."""
+    vec_normalize = unwrap_vec_normalize(env) if isinstance(env, VecEnv) else None
+    return vec_normalize is not None and vec_normalize.norm_obs
+
+
+def resolve_normalize_observations(env: GymEnv | str | None, normalize_observations: bool | str) -> bool:
+    """
+    FastTD3's ``normalize_observations`` as a bool: ``"auto"`` normalizes unless a ``VecNormalize`` around ``env``
+    already normalizes observations; asking for both is refused (observations would be normalized twice).
+
+    :param env: the environment given to FastTD3
+    :param normalize_observations: True, False or ``"auto"``
+    :return: whether FastTD3 normalizes observations itself
+    """
+    if normalize_observations == "auto":
+        return not _normalizes_observations(env)
+    if not isinstance(normalize_observations, bool):
+        raise ValueError(f"normalize_observations must be True, False or 'auto', got {normalize_observations!r}")
+    if normalize_observations and _normalizes_observations(env):
+        raise ValueError(VEC_NORMALIZE_ERROR)
+    return normalize_observations
 
 
 def check_finite(

@@ -7,6 +7,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.noise import ActionNoise
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
@@ -16,7 +17,12 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
-from sb3_fasttd3.fasttd3.checks import check_env, has_native_bf16, warn_if_bf16_is_emulated
+from sb3_fasttd3.fasttd3.checks import (
+    check_env_spaces,
+    has_native_bf16,
+    resolve_normalize_observations,
+    warn_if_bf16_is_emulated,
+)
 from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
@@ -67,6 +73,8 @@ class FastTD3(RolloutCollection):
     means, no target actor by default, per-environment exploration noise scales (mixed noise),
     observation normalization inside the policy, AdamW, and updates after every vector step.
 
+    The arguments FastTD3 shares with SB3's TD3 come first, in TD3's order; FastTD3's own are keyword-only.
+
     Counting follows SB3: ``total_timesteps``, ``learning_starts`` and ``buffer_size`` count transitions
     over all environments (one vector step adds ``n_envs`` transitions). The reference implementation
     counts vector steps and a per-env buffer: multiply its values by ``n_envs``.
@@ -79,20 +87,35 @@ class FastTD3(RolloutCollection):
     :param policy: the policy model to use (MlpPolicy, MultiInputPolicy)
     :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
     :param learning_rate: learning rate of both actor and critic unless overridden (float or schedule)
-    :param actor_learning_rate: learning rate of the actor (float or schedule); ``None``: ``learning_rate``
-    :param critic_learning_rate: learning rate of the critic (float or schedule); ``None``: ``learning_rate``
     :param buffer_size: size of the replay buffer in transitions, over all envs
     :param learning_starts: how many transitions to collect with uniform random actions before learning starts
     :param batch_size: minibatch size of each gradient update
     :param tau: soft update coefficient of the target critic, applied after every critic update
     :param gamma: the discount factor
     :param train_freq: update the model every ``train_freq`` vector steps (or ``(n, "episode")`` with one env)
-    :param gradient_steps: critic updates after each rollout (FastTD3's ``num_updates``)
+    :param gradient_steps: critic updates after each rollout (FastTD3's ``num_updates``); ``-1``: as many as
+        transitions collected in the rollout
+    :param action_noise: an SB3 ``ActionNoise`` (e.g. ``NormalActionNoise``) added to the actor's actions in the
+        [-1, 1] scale and reset for an env when its episode ends, as in SB3's TD3; it replaces the mixed per-env
+        noise (``std_min``/``std_max``), which ``None`` keeps
+    :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
+    :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
+    :param optimize_memory_usage: store the next observation only where an episode ends (or an n-step window
+        needs it) instead of once per transition: about half the memory for a sample that costs a second gather
     :param n_steps: length of the n-step returns
     :param policy_delay: the actor (and target actor) is updated once every ``policy_delay`` critic updates,
         counted over the whole training
     :param target_policy_noise: standard deviation of the target policy smoothing noise
     :param target_noise_clip: limit for the absolute value of the target policy smoothing noise
+    :param stats_window_size: window size for the rollout logging
+    :param tensorboard_log: the log location for tensorboard (if None, no logging)
+    :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
+        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...)
+    :param verbose: verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
+    :param seed: seed for the pseudo random generators
+    :param device: device on which the code should run (``"auto"``: CUDA when available)
+    :param actor_learning_rate: learning rate of the actor (float or schedule); ``None``: ``learning_rate``
+    :param critic_learning_rate: learning rate of the critic (float or schedule); ``None``: ``learning_rate``
     :param std_min: smallest exploration noise scale (mixed noise: one scale per env in [std_min, std_max])
     :param std_max: largest exploration noise scale
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
@@ -102,7 +125,8 @@ class FastTD3(RolloutCollection):
     :param v_max: largest value of the critic's support
     :param use_target_actor: compute the next action with a soft-updated target actor (classic TD3);
         FastTD3 uses the online actor
-    :param normalize_observations: normalize observations with running mean and variance kept in the policy
+    :param normalize_observations: normalize observations with running mean and variance kept in the policy;
+        ``"auto"``: unless a ``VecNormalize`` wrapping the env normalizes them (both at once is refused)
     :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
     :param epsilon: added to the variance before the square root when normalizing
     :param max_grad_norm: clip the gradient norm of each update to this value (``None``: no clipping)
@@ -113,15 +137,6 @@ class FastTD3(RolloutCollection):
         (CUDA from compute capability 8.0, CPUs with AVX512-BF16 or AMX), fp32 elsewhere, decided again on
         each machine that loads the model (the dtype in use is ``autocast_dtype``). Softmax, the projection and
         the losses stay fp32.
-    :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
-    :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
-    :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
-        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...)
-    :param stats_window_size: window size for the rollout logging
-    :param tensorboard_log: the log location for tensorboard (if None, no logging)
-    :param verbose: verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
-    :param seed: seed for the pseudo random generators
-    :param device: device on which the code should run (``"auto"``: CUDA when available)
     :param _init_setup_model: whether or not to build the network at the creation of the instance
     """
 
@@ -137,19 +152,30 @@ class FastTD3(RolloutCollection):
         policy: str | type[FastTD3Policy],
         env: GymEnv | str,
         learning_rate: float | Schedule = 3e-4,
-        actor_learning_rate: float | Schedule | None = None,
-        critic_learning_rate: float | Schedule | None = None,
         buffer_size: int = 1_000_000,
-        learning_starts: int = 1_000,
+        learning_starts: int = 100,
         batch_size: int = 256,
         tau: float = 0.1,
         gamma: float = 0.99,
         train_freq: int | tuple[int, str] = 1,
         gradient_steps: int = 2,
+        action_noise: ActionNoise | None = None,
+        replay_buffer_class: type[DeviceNStepReplayBuffer] | None = None,
+        replay_buffer_kwargs: dict[str, Any] | None = None,
+        optimize_memory_usage: bool = False,
         n_steps: int = 1,
         policy_delay: int = 2,
         target_policy_noise: float = 0.001,
         target_noise_clip: float = 0.5,
+        stats_window_size: int = 100,
+        tensorboard_log: str | None = None,
+        policy_kwargs: dict[str, Any] | None = None,
+        verbose: int = 0,
+        seed: int | None = None,
+        device: th.device | str = "auto",
+        *,
+        actor_learning_rate: float | Schedule | None = None,
+        critic_learning_rate: float | Schedule | None = None,
         std_min: float = 0.001,
         std_max: float = 0.4,
         use_cdq: bool = True,
@@ -157,24 +183,16 @@ class FastTD3(RolloutCollection):
         v_min: float = -250.0,
         v_max: float = 250.0,
         use_target_actor: bool = False,
-        normalize_observations: bool = True,
+        normalize_observations: bool | str = "auto",
         clip_obs: float = 10.0,
         epsilon: float = 1e-8,
         max_grad_norm: float | None = None,
         compile: bool = False,
         amp_dtype: str | None = None,
-        replay_buffer_class: type[DeviceNStepReplayBuffer] | None = None,
-        replay_buffer_kwargs: dict[str, Any] | None = None,
-        policy_kwargs: dict[str, Any] | None = None,
-        stats_window_size: int = 100,
-        tensorboard_log: str | None = None,
-        verbose: int = 0,
-        seed: int | None = None,
-        device: th.device | str = "auto",
         _init_setup_model: bool = True,
     ):
         # Before SB3's own (assert-based) checks, so the user gets our explicit message
-        check_env(env)
+        check_env_spaces(env)
         super().__init__(
             policy,
             env,
@@ -186,8 +204,10 @@ class FastTD3(RolloutCollection):
             gamma,
             train_freq,
             gradient_steps,
+            action_noise=action_noise,
             replay_buffer_class=replay_buffer_class,  # type: ignore[arg-type]
             replay_buffer_kwargs=replay_buffer_kwargs,
+            optimize_memory_usage=optimize_memory_usage,
             n_steps=n_steps,
             policy_kwargs=policy_kwargs,
             stats_window_size=stats_window_size,
@@ -221,7 +241,7 @@ class FastTD3(RolloutCollection):
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
 
         if self.env is not None:  # an env given by its id was made by SB3: check what it made
-            check_env(self.env)
+            check_env_spaces(self.env)
         if _init_setup_model:
             self._setup_model()
 
@@ -240,7 +260,7 @@ class FastTD3(RolloutCollection):
         require(self.std_min >= 0.0, "std_min", "a float >= 0")
         if not self.std_min <= self.std_max:
             raise ValueError(f"std_min must be <= std_max, got std_min={self.std_min}, std_max={self.std_max}")
-        require(0.0 < self.tau <= 1.0, "tau", "in (0, 1]")
+        require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
         require(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
@@ -259,6 +279,8 @@ class FastTD3(RolloutCollection):
 
     # ------------------------------------------------------------------ setup
     def _setup_model(self) -> None:
+        # Here rather than in __init__: a loaded model knows normalize_observations only once its data is restored
+        self.normalize_observations = resolve_normalize_observations(self.env, self.normalize_observations)
         self._check_hyperparameters()
         self._setup_lr_schedule()
         self.actor_lr_schedule = FloatSchedule(
@@ -278,6 +300,7 @@ class FastTD3(RolloutCollection):
             self.action_space,
             device=self.device,
             n_envs=self.n_envs,
+            optimize_memory_usage=self.optimize_memory_usage,
             n_steps=self.n_steps,
             gamma=self.gamma,
             **self.replay_buffer_kwargs,
@@ -335,7 +358,9 @@ class FastTD3(RolloutCollection):
                 self._actor_loss_fn = _compile_for_this_model(self._actor_loss, mode)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
-        check_env(env)  # before the model lets go of its current env
+        # Before the model lets go of its current env
+        check_env_spaces(env)
+        resolve_normalize_observations(env, self.normalize_observations)
         super().set_env(env, force_reset)
         self._last_obs_tensor = None
 
@@ -353,7 +378,9 @@ class FastTD3(RolloutCollection):
             self.replay_buffer.close_windows()
         result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         noise = self.exploration_noise
-        if noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
+        if self.action_noise is not None:
+            self.exploration_noise = None  # SB3's action noise replaces the mixed noise
+        elif noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
             self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
         self._setup_device_rollouts()
         return result
@@ -417,12 +444,24 @@ class FastTD3(RolloutCollection):
     # ------------------------------------------------------------------ updates
     def train(self, gradient_steps: int, batch_size: int) -> None:
         self.policy.set_training_mode(True)
-        update_learning_rate(self.actor.optimizer, self.actor_lr_schedule(self._current_progress_remaining))
-        update_learning_rate(self.critic.optimizer, self.critic_lr_schedule(self._current_progress_remaining))
+        actor_lr, critic_lr = self._current_learning_rates()
+        update_learning_rate(self.actor.optimizer, actor_lr)
+        update_learning_rate(self.critic.optimizer, critic_lr)
         for replay_data in self._sample_batches(gradient_steps, batch_size):
             self._n_updates += 1
             self._update(replay_data, update_actor=self._n_updates % self.policy_delay == 0)
         self.policy.set_training_mode(False)
+        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
+
+    def _current_learning_rates(self) -> tuple[float, float]:
+        """
+        The actor's and the critic's learning rates now. Where not overridden they follow ``lr_schedule`` as it
+        is at call time, as SB3's algorithms do (a user may replace it between calls).
+        """
+        progress = self._current_progress_remaining
+        actor = self.lr_schedule if self.actor_learning_rate is None else self.actor_lr_schedule
+        critic = self.lr_schedule if self.critic_learning_rate is None else self.critic_lr_schedule
+        return actor(progress), critic(progress)
 
     def _sample_batches(self, gradient_steps: int, batch_size: int) -> Iterator[Any]:
         """
@@ -433,7 +472,7 @@ class FastTD3(RolloutCollection):
         group = max(1, min(gradient_steps, MAX_SAMPLES_PER_GATHER // batch_size))
         for start in range(0, gradient_steps, group):
             n_batches = min(group, gradient_steps - start)
-            samples = self.replay_buffer.sample(batch_size * n_batches)
+            samples = self.replay_buffer.sample(batch_size * n_batches, env=self._vec_normalize_env)
             columns = [_split_batches(value, batch_size, n_batches) for value in samples]
             yield from (type(samples)(*fields) for fields in zip(*columns, strict=True))
 
@@ -535,9 +574,9 @@ class FastTD3(RolloutCollection):
         if n_actor > 0:
             self.logger.record("train/actor_loss", actor_loss / n_actor)
         self._train_stats.zero_()
-        self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
-        self.logger.record("train/actor_learning_rate", self.actor_lr_schedule(self._current_progress_remaining))
-        self.logger.record("train/critic_learning_rate", self.critic_lr_schedule(self._current_progress_remaining))
+        actor_lr, critic_lr = self._current_learning_rates()
+        self.logger.record("train/actor_learning_rate", actor_lr)
+        self.logger.record("train/critic_learning_rate", critic_lr)
         super().dump_logs()
 
     def learn(

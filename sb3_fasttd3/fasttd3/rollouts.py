@@ -57,7 +57,7 @@ class RolloutCollection(OffPolicyAlgorithm):
         the transitions, with the true final observation of every finished episode.
         Observations cross to torch once per vector step; callbacks are called once per vector step.
         """
-        assert self.exploration_noise is not None, "call learn() (which runs _setup_learn) first"
+        assert self.exploration_noise is not None or self.action_noise is not None, "call learn() first"
         self.policy.set_training_mode(False)
         if isinstance(env, TorchVecEnv):
             return self._collect_on_device(env, callback, train_freq, learning_starts, log_interval)
@@ -74,23 +74,36 @@ class RolloutCollection(OffPolicyAlgorithm):
             self.num_timesteps += env.num_envs
             num_collected_steps += 1
 
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
-
+            # The step is stored before the callback runs, so that a callback stopping training never leaves
+            # the newest transition out of the buffer (its n-step windows would then cross into the next episode)
             self._update_info_buffer(infos, dones)
             new_obs_tensor = self._store_step(obs_tensor, buffer_actions, new_obs, rewards, dones, infos)
             self._last_obs, self._last_obs_tensor = new_obs, new_obs_tensor
             self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
             self._on_step()
 
-            finished = int(np.count_nonzero(dones))
-            if finished > 0:
-                self.exploration_noise.reset(th.as_tensor(dones, device=self.device))
-                num_collected_episodes += finished
-                self._count_episodes(finished, log_interval)
+            done_indices = np.flatnonzero(dones)
+            if len(done_indices) > 0:
+                self._reset_noise(done_indices, th.as_tensor(dones, device=self.device))
+                num_collected_episodes += len(done_indices)
+                self._count_episodes(len(done_indices), log_interval)
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
         callback.on_rollout_end()
         return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
+
+    def _reset_noise(self, done_indices: np.ndarray, dones: th.Tensor) -> None:
+        """
+        New exploration noise for the envs whose episode ended: SB3's ``action_noise`` is reset per env index
+        (as SB3's off-policy algorithms do), the mixed noise draws new scales from the done mask on the device.
+        """
+        if self.action_noise is not None:
+            kwargs = dict(indices=done_indices.tolist()) if self.n_envs > 1 else {}
+            self.action_noise.reset(**kwargs)
+        elif self.exploration_noise is not None:
+            self.exploration_noise.reset(dones)
 
     def _collect_on_device(
         self, env: TorchVecEnv, callback: BaseCallback, train_freq: TrainFreq, learning_starts: int, log_interval: int | None
@@ -100,7 +113,6 @@ class RolloutCollection(OffPolicyAlgorithm):
         per vector step: the finite check, so that nothing non-finite is ever stored. Episode statistics are
         read every :data:`DEVICE_SYNC_STEPS` vector steps.
         """
-        assert self.exploration_noise is not None
         num_collected_steps = 0
         callback.on_rollout_start()
         while should_collect_more_steps(train_freq, num_collected_steps, 0):
@@ -112,19 +124,23 @@ class RolloutCollection(OffPolicyAlgorithm):
             self.num_timesteps += env.num_envs
             num_collected_steps += 1
 
-            callback.update_locals(locals())
-            if not callback.on_step():
-                return RolloutReturn(num_collected_steps * env.num_envs, 0, continue_training=False)
-
             final_obs = infos["final_observation"]
             check_finite_on_device(new_obs, rewards, final_obs, self.num_timesteps)
             self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])
-            self.exploration_noise.reset(dones.to(self.device))
+            if self.action_noise is not None:
+                # SB3's action noise lives on the host: reading which envs are done costs a sync per step
+                self._reset_noise(th.nonzero(dones).flatten().cpu().numpy(), dones)
+            else:
+                self._reset_noise(np.empty(0, dtype=np.int64), dones.to(self.device))
             self._last_obs = new_obs  # type: ignore[assignment]
             self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
             self._on_step()
             if (self.num_timesteps // env.num_envs) % DEVICE_SYNC_STEPS == 0:
                 self._read_device_episodes(log_interval)
+
+            callback.update_locals(locals())
+            if not callback.on_step():
+                return RolloutReturn(num_collected_steps * env.num_envs, 0, continue_training=False)
         callback.on_rollout_end()
         return RolloutReturn(num_collected_steps * env.num_envs, 0, True)
 
@@ -150,13 +166,24 @@ class RolloutCollection(OffPolicyAlgorithm):
         return obs.to(self.device)
 
     def _exploration_actions(self, obs: TorchObs, learning_starts: int) -> th.Tensor:
-        """Actions in [-1, 1] for every env: uniform during warm-up, noisy actor afterwards."""
+        """
+        Actions in [-1, 1] for every env: uniform during warm-up, the actor's afterwards, with the exploration
+        noise: SB3's ``action_noise`` when given (added during warm-up too, as SB3 does), else the mixed noise.
+        """
         self.policy.update_normalizer(obs)
-        action_dim = spaces.flatdim(self.action_space)
+        action_noise = self.action_noise
         if self.num_timesteps < learning_starts:
-            return th.rand(self.n_envs, action_dim, device=self.device) * 2.0 - 1.0
-        with th.no_grad(), self._autocast():
-            return self._act_fn(obs).float()
+            actions = th.rand(self.n_envs, spaces.flatdim(self.action_space), device=self.device) * 2.0 - 1.0
+        elif action_noise is None:
+            with th.no_grad(), self._autocast():
+                return self._act_fn(obs).float()
+        else:
+            with th.no_grad(), self._autocast():
+                actions = self.policy._predict(obs).float()
+        if action_noise is None:
+            return actions
+        noise = th.as_tensor(action_noise(), device=self.device, dtype=th.float32)
+        return (actions + noise).clamp(-1.0, 1.0)
 
     def _noisy_actions(self, obs: TorchObs) -> th.Tensor:
         """The actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
@@ -172,14 +199,25 @@ class RolloutCollection(OffPolicyAlgorithm):
         dones: np.ndarray,
         infos: list[dict[str, Any]],
     ) -> TorchObs:
-        """Check the step is finite, then store it with true final observations; return the new obs as torch."""
-        done_indices = np.flatnonzero(dones)
-        final_obs = {int(i): infos[i].get("terminal_observation") for i in done_indices}
-        check_finite(new_obs, rewards, final_obs, self.num_timesteps)
+        """
+        Check the step is finite, then store it with true final observations; return the new obs as torch.
+        Behind a ``VecNormalize``, the original (unnormalized) observations and rewards are stored, as in SB3.
+        """
+        final_obs = {int(i): infos[i].get("terminal_observation") for i in np.flatnonzero(dones)}
+        stored_obs, stored_new_obs = obs, new_obs
+        vec_normalize = self._vec_normalize_env
+        if vec_normalize is not None:
+            rewards = vec_normalize.get_original_reward()
+            final_obs = {i: None if o is None else vec_normalize.unnormalize_obs(o) for i, o in final_obs.items()}
+            if vec_normalize.norm_obs:
+                stored_obs = obs_as_tensor(self._last_original_obs, self.device)  # type: ignore[arg-type]
+                stored_new_obs = self._last_original_obs = vec_normalize.get_original_obs()
+        check_finite(stored_new_obs, rewards, final_obs, self.num_timesteps)
         new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
-        next_obs = self._replace_rows(new_obs_tensor, {i: o for i, o in final_obs.items() if o is not None})
+        next_obs = new_obs_tensor if stored_new_obs is new_obs else obs_as_tensor(stored_new_obs, self.device)  # type: ignore[arg-type]
+        next_obs = self._replace_rows(next_obs, {i: o for i, o in final_obs.items() if o is not None})
         truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
-        self.replay_buffer.add(obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
+        self.replay_buffer.add(stored_obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
         return new_obs_tensor
 
     def _replace_rows(self, obs: TorchObs, rows: dict[int, Any]) -> TorchObs:

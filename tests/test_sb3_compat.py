@@ -1,0 +1,132 @@
+"""What an SB3 TD3 script relies on keeps working with FastTD3: arguments, action noise, VecNormalize, callbacks."""
+
+import inspect
+
+import numpy as np
+import pytest
+import torch as th
+from stable_baselines3 import TD3
+from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
+from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
+from stable_baselines3.common.vec_env import VecNormalize
+
+from sb3_fasttd3 import FastTD3
+from tests.envs import CountingTorchVecEnv
+from tests.test_fasttd3 import TINY, counting_env, make_model
+
+
+def test_the_arguments_shared_with_td3_come_in_td3s_order():
+    positional = [
+        name
+        for name, parameter in inspect.signature(FastTD3).parameters.items()
+        if parameter.kind == inspect.Parameter.POSITIONAL_OR_KEYWORD
+    ]
+    td3 = [name for name in inspect.signature(TD3).parameters if name != "_init_setup_model"]
+    assert positional == td3
+
+
+class ConstantNoise(ActionNoise):
+    """A noise of ``value`` everywhere, counting its resets."""
+
+    def __init__(self, value: float, action_dim: int = 1):
+        super().__init__()
+        self.value, self.action_dim, self.resets = value, action_dim, 0
+
+    def __call__(self) -> np.ndarray:
+        return np.full(self.action_dim, self.value, dtype=np.float32)
+
+    def reset(self) -> None:
+        self.resets += 1
+
+
+def episodes_per_env(model: FastTD3) -> np.ndarray:
+    """Episodes that ended in each env, read from the replay buffer."""
+    stored = model.replay_buffer.size()
+    return model.replay_buffer.dones[:, :stored].sum(dim=1).numpy()
+
+
+@pytest.mark.parametrize("value", [3.0, -3.0])
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_action_noise_replaces_the_mixed_noise_and_is_reset_per_env(value, torch_env):
+    n_envs = 3
+    env = CountingTorchVecEnv(n_envs) if torch_env else counting_env(n_envs)
+    model = FastTD3("MlpPolicy", env, action_noise=ConstantNoise(value), seed=0, **{**TINY, "learning_starts": 30})
+    model.learn(120)
+    assert model.exploration_noise is None
+    assert isinstance(model.action_noise, VectorizedActionNoise)  # SB3 vectorizes it per env
+    # Added to warm-up and actor actions alike, then clipped: every stored action is at the bound
+    stored = model.replay_buffer.actions[:, : model.replay_buffer.size()]
+    assert th.all(stored == np.sign(value))
+    # Reset once at the start of learn() (SB3 resets every noise there) and once per finished episode of its env
+    resets = np.array([noise.resets for noise in model.action_noise.noises])
+    episodes = episodes_per_env(model)
+    assert episodes.sum() > 0
+    np.testing.assert_array_equal(resets - resets.min() + episodes.min(), episodes)
+
+
+def test_action_noise_of_one_env_is_reset_without_indices():
+    model = make_model(1, action_noise=ConstantNoise(0.1), learning_starts=0)
+    model.learn(40)
+    assert model.action_noise.resets >= episodes_per_env(model)[0] > 0
+
+
+@pytest.mark.parametrize("norm_obs", [False, True])
+def test_vec_normalize_stores_the_original_observations_and_rewards(norm_obs):
+    env = VecNormalize(counting_env(2), norm_obs=norm_obs, norm_reward=True)
+    # No update: only what is stored is checked here (sampling through VecNormalize is the buffer's to test)
+    model = FastTD3("MlpPolicy", env, **{**TINY, "learning_starts": 1000})
+    model.learn(60)
+    buffer = model.replay_buffer
+    size = buffer.size()
+    obs, next_obs = buffer.observations[:, :size], buffer.next_observations[:, :size]
+    # CountingEnv observes [t, episode, x]: t and the episode are integers only before normalization. A final
+    # observation comes back from VecNormalize normalized, and is unnormalized again (to float rounding), as in SB3
+    assert th.equal(obs[..., :2], obs[..., :2].round())
+    th.testing.assert_close(next_obs[..., :2], next_obs[..., :2].round(), rtol=0, atol=1e-4)
+    assert obs[..., 0].max() > 1 and next_obs[..., 0].max() == 10
+    # The reward is -|x| of the step's next observation, before any scaling
+    th.testing.assert_close(buffer.rewards[:, :size], -next_obs[..., 2].abs())
+    # The normalizer used for acting is FastTD3's own only where VecNormalize leaves observations alone
+    assert (model.policy.obs_normalizer is None) is norm_obs
+
+
+def test_a_callback_that_stops_training_keeps_the_last_step_and_resumes_in_the_next_episode():
+    # One env, episodes truncated after 10 steps, 3-step returns: the callback stops at the end of episode 0
+    model = make_model(1, n_steps=3, learning_starts=1000)
+    model.learn(1000, callback=StopTrainingOnMaxEpisodes(max_episodes=1))
+    buffer = model.replay_buffer
+    end = buffer.size()
+    assert model.num_timesteps == end >= 3 and buffer.dones[0, end - 1] and not buffer.dones[0, : end - 1].any()
+    model.learn(5, reset_num_timesteps=False)
+    # Windows ending on the done step do not run into the next episode
+    gamma = model.gamma
+    th.testing.assert_close(buffer.discounts[0, end - 3 : end], th.tensor([gamma**3, gamma**2, gamma]))
+    # The first transition of the resumed run starts episode 1 (observation [t=0, episode=1, x])
+    assert buffer.observations[0, end, :2].tolist() == [0.0, 1.0]
+
+
+def test_tau_zero_freezes_the_targets():
+    model = make_model(2, tau=0.0, learning_starts=20)
+    model.learn(60)
+    assert model._n_updates > 0
+    for online, target in zip(model.critic.parameters(), model.critic_target.parameters(), strict=True):
+        assert not th.equal(online, target)
+    fresh = make_model(2, tau=0.0)
+    for initial, target in zip(fresh.critic_target.parameters(), model.critic_target.parameters(), strict=True):
+        assert th.equal(initial, target)
+
+
+def test_a_replaced_lr_schedule_applies_at_the_next_train_call():
+    # SB3's algorithms read lr_schedule at each train() call: setting it to zero freezes the networks
+    model = make_model(2, learning_starts=20)
+    model.learn(60)
+    model.lr_schedule = lambda _: 0.0
+    trained = [*model.actor.parameters(), *model.critic.parameters()]
+    before = [p.clone() for p in trained]
+    model.train(gradient_steps=4, batch_size=16)
+    assert all(th.equal(b, p) for b, p in zip(before, trained, strict=True))
+    # An explicit actor or critic rate overrides it
+    model.critic_learning_rate = 1e-3
+    model.critic_lr_schedule = lambda _: 1e-3
+    model.train(gradient_steps=4, batch_size=16)
+    assert not all(th.equal(b, p) for b, p in zip(before, trained, strict=True))
