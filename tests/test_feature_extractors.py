@@ -10,6 +10,7 @@ from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor, CombinedExtractor, NatureCNN
 from stable_baselines3.common.vec_env import VecTransposeImage, is_vecenv_wrapped
 from torch import nn
+from torch._dynamo.utils import counters
 from torch.nn import functional as F
 
 from sb3_fasttd3 import CnnPolicy, FastTD3, MlpPolicy
@@ -309,3 +310,10 @@ def test_cnn_policy_learns_from_pixels():
     model.learn(4000)
     mean_reward, _ = evaluate_policy(model, make_vec_env(BrightnessTargetEnv, n_envs=1, seed=100), n_eval_episodes=100)
     assert mean_reward >= -0.25
+
+
+def test_compiled_updates_trace_preprocessing_without_graph_breaks():
+    # Image scaling and one-hot encoding are decided when the policy is built: nothing inspects spaces while tracing
+    counters.clear()
+    model = mixed_model(compile=True).learn(60)
+    assert model._n_updates > 0 and sum(counters["graph_break"].values()) == 0

@@ -20,6 +20,7 @@ from torch import nn
 
 from sb3_fasttd3.common.distributional import expected_value, make_support
 from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, make_normalizer
+from sb3_fasttd3.common.preprocessing import make_preprocessor
 
 # Observation keys of the asymmetric actor-critic setups we know: (actor keys, critic keys)
 ASYMMETRIC_KEYS = (
@@ -49,8 +50,8 @@ def _flatten_keys(extractor: nn.Module, space: spaces.Space, normalize_images: b
 
 class FeaturesNetwork(BaseModel):
     """
-    A network that reads observations as SB3's do: ``preprocess_obs`` (images divided by 255 when
-    ``normalize_images``, discrete values one-hot encoded) and then its features extractor.
+    A network that reads observations as SB3's do: SB3's preprocessing (images divided by 255 when
+    ``normalize_images``, discrete values one-hot encoded, see :func:`make_preprocessor`), then its features extractor.
 
     :param observation_space: the (sub)space of the observations this network reads
     :param action_space: the action space
@@ -70,13 +71,14 @@ class FeaturesNetwork(BaseModel):
         super().__init__(
             observation_space, action_space, features_extractor=features_extractor, normalize_images=normalize_images
         )
+        self._preprocess = make_preprocessor(observation_space, normalize_images)
         self._flatten_keys = _flatten_keys(features_extractor, observation_space, normalize_images)
 
     def features(self, obs: PyTorchObs) -> th.Tensor:
         """The features extractor's output for (normalized) observations, shape (batch, features_dim)."""
         keys = self._flatten_keys
         if keys is None:
-            return self.extract_features(obs, self.features_extractor)
+            return self.features_extractor(self._preprocess(obs))
         if keys == ("",):
             return obs.flatten(start_dim=1).float()  # type: ignore[union-attr]
         return th.cat([obs[key].flatten(start_dim=1).float() for key in keys], dim=1)  # type: ignore[index]
@@ -183,7 +185,7 @@ class FastTD3Policy(BasePolicy):
 
     Observations go through: the empirical normalizer (:class:`EmpiricalNormalization`, vector parts only, kept in
     the policy so that a saved model normalizes by itself at ``predict`` time), the actor's or the critic's keys,
-    SB3's ``preprocess_obs`` (images / 255, one-hot discrete values), the network's features extractor, its MLP.
+    SB3's preprocessing (images / 255, one-hot discrete values), the network's features extractor, its MLP.
     With a ``Dict`` observation space the actor reads ``actor_keys`` and the critic reads ``critic_keys``
     (asymmetric actor-critic). By default these are ``state`` / ``privileged_state`` (MuJoCo Playground) or
     ``policy`` / ``critic`` (Isaac Lab) when present, otherwise every key for both.
