@@ -107,3 +107,80 @@ class CountingTorchVecEnv(TorchVecEnv):
         self.episode = self.episode + done.long()
         self.x = th.where(done, self._draw_x(), self.x)
         return TorchStep(self._obs(), reward, terminated, truncated, final_obs)
+
+
+class BrightnessTargetEnv(gym.Env):
+    """
+    One-step task from pixels: the brightness of the image's left and right halves encodes a target action in
+    [-1, 1] (left bright: -1, right bright: +1); the reward is ``-|action - target|``. A uniformly random policy
+    scores -2/3 on average, the zero action -1/2, a perfect policy 0.
+
+    :param size: height and width of the grayscale image (NatureCNN needs at least 36)
+    :param channel_last: images of shape (size, size, 1) instead of (1, size, size)
+    """
+
+    def __init__(self, size: int = 36, channel_last: bool = False):
+        self.size = size
+        shape = (size, size, 1) if channel_last else (1, size, size)
+        self.observation_space = spaces.Box(0, 255, shape=shape, dtype=np.uint8)
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(1,), dtype=np.float32)
+        self.target = 0.0
+
+    def _obs(self) -> np.ndarray:
+        right = (self.target + 1.0) / 2.0
+        image = np.empty((self.size, self.size), dtype=np.uint8)
+        image[:, : self.size // 2] = round(235 * (1.0 - right))
+        image[:, self.size // 2 :] = round(235 * right)
+        return image.reshape(self.observation_space.shape)
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[np.ndarray, dict]:
+        super().reset(seed=seed)
+        self.target = float(self.np_random.uniform(-1.0, 1.0))
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[np.ndarray, float, bool, bool, dict]:
+        return self._obs(), -abs(float(action[0]) - self.target), True, False, {}
+
+
+class MixedDictEnv(gym.Env):
+    """
+    Dict observations of every kind FastTD3 reads: an image, a vector (mean 5, standard deviation 2), a Discrete
+    and a MultiDiscrete value, and with ``privileged`` a second vector (the critic's in an asymmetric setup).
+    The reward is the first action; episodes are truncated after ``max_steps`` steps.
+
+    :param max_steps: episode length
+    :param privileged: add the ``privileged_state`` vector
+    """
+
+    def __init__(self, max_steps: int = 5, privileged: bool = False):
+        self.max_steps = max_steps
+        vector = spaces.Box(-np.inf, np.inf, shape=(3,), dtype=np.float32)
+        self.observation_space = spaces.Dict(
+            {
+                "pixels": spaces.Box(0, 255, shape=(1, 36, 36), dtype=np.uint8),
+                "state": vector,
+                "mode": spaces.Discrete(4),
+                "flags": spaces.MultiDiscrete([2, 3]),
+                **({"privileged_state": vector} if privileged else {}),
+            }
+        )
+        self.action_space = spaces.Box(-1.0, 1.0, shape=(2,), dtype=np.float32)
+        self.t = 0
+
+    def _obs(self) -> dict[str, Any]:
+        obs = self.observation_space.sample()
+        for key in ("state", "privileged_state"):
+            if key in obs:
+                obs[key] = self.np_random.normal(5.0, 2.0, size=3).astype(np.float32)
+        return obs
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None) -> tuple[dict[str, Any], dict]:
+        super().reset(seed=seed)
+        if seed is not None:
+            self.observation_space.seed(seed)
+        self.t = 0
+        return self._obs(), {}
+
+    def step(self, action: np.ndarray) -> tuple[dict[str, Any], float, bool, bool, dict]:
+        self.t += 1
+        return self._obs(), float(action[0]), False, self.t >= self.max_steps, {}

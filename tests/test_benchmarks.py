@@ -62,7 +62,8 @@ def test_time_to_return_runs_every_peer_and_appends(tmp_path):
         assert run["curve"] and seconds == sorted(seconds) and steps == sorted(steps), run["algo"]
         # The budget stops training at the first step past it, however long that step took (a JIT compile)
         assert seconds[-1] >= run["budget"], run["algo"]
-        assert all(step == steps[-1] for step, second in zip(steps, seconds) if second >= run["budget"]), run["algo"]
+        past_budget = [step for step, second in zip(steps, seconds, strict=True) if second >= run["budget"]]
+        assert past_budget == [steps[-1]] * len(past_budget), run["algo"]
     assert (tmp_path / "time_to_return.png").is_file()
     summary = (tmp_path / "time_to_return.md").read_text()
     assert all(f"| {algo} |" in summary for algo in algos)

@@ -35,3 +35,8 @@ def test_callbacks_stop_at_threshold_then_resume(tmp_path):
     # vector step 300 holds 299 transitions per env
     assert "replay buffer restored: 299 transitions per env" in output
     assert "resumed at 1200 transitions, now at 1600" in output
+
+
+def test_train_from_pixels(tmp_path):
+    output = run_example("train_from_pixels.py", "--timesteps", "600", cwd=tmp_path)
+    assert "evaluation return" in output and (tmp_path / "fasttd3_pixels.zip").is_file()

@@ -165,15 +165,16 @@ def test_compiled_acting_matches_eager_and_shares_the_actor_weights():
     th.testing.assert_close(fast._act_fn(obs), expected, rtol=1e-5, atol=1e-6)
 
 
-def test_models_built_one_after_another_each_compile(monkeypatch):
+def test_models_built_one_after_another_each_compile():
     # Dynamo counts recompilations per code object: with a limit of 1, a second model sharing the first one's
-    # code would run eager (dynamo gives up and says so in a log line only)
-    monkeypatch.setattr(th._dynamo.config, "recompile_limit", 1)
+    # code would run eager (dynamo gives up and says so in a log line only). The limit is patched with dynamo's own
+    # context manager: restored by monkeypatch, the config attribute is lost for the rest of the session.
     graphs = []
-    for seed in range(3):
-        model = make_model(2, learning_starts=40, compile=True, seed=seed)
-        counters.clear()
-        model.learn(48)
-        graphs.append(counters["stats"]["unique_graphs"])
+    with th._dynamo.config.patch(recompile_limit=1):
+        for seed in range(3):
+            model = make_model(2, learning_starts=40, compile=True, seed=seed)
+            counters.clear()
+            model.learn(48)
+            graphs.append(counters["stats"]["unique_graphs"])
     # Each model compiled its critic loss and its acting function (its actor loss stays eager on a CPU)
     assert all(count >= 2 for count in graphs), graphs

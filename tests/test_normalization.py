@@ -4,7 +4,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 
-from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization
+from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, make_normalizer
 
 
 def test_statistics_equal_numpy_over_everything_seen():
@@ -47,3 +47,30 @@ def test_dict_normalization_per_key():
         th.testing.assert_close(out[key].mean(0), th.zeros(out[key].shape[1]), atol=1e-5, rtol=0)
         th.testing.assert_close(out[key].var(0, unbiased=False), th.ones(out[key].shape[1]), atol=1e-4, rtol=0)
     assert set(normalizer.state_dict()) == {f"normalizers.{k}.{s}" for k in "ab" for s in ("count", "mean", "var")}
+
+
+def test_only_vector_keys_are_normalized():
+    space = spaces.Dict(
+        {
+            "pixels": spaces.Box(0, 255, (1, 8, 8), dtype=np.uint8),
+            "state": spaces.Box(-np.inf, np.inf, (2,)),
+            "mode": spaces.Discrete(3),
+            "flags": spaces.MultiDiscrete([2, 2]),
+            "bits": spaces.MultiBinary(3),
+        }
+    )
+    normalizer = make_normalizer(space)
+    assert isinstance(normalizer, DictNormalization) and set(normalizer.normalizers) == {"state"}
+    batch = {key: th.as_tensor(np.stack([space[key].sample() for _ in range(6)])) for key in space.spaces}
+    batch["state"] = th.randn(6, 2) * 3 + 1
+    normalizer.update(batch)  # uint8 images and integer values are accepted and left alone
+    assert normalizer.normalizers["state"].count.item() == 6
+    out = normalizer(batch)
+    for key in ("pixels", "mode", "flags", "bits"):
+        assert out[key] is batch[key]
+    th.testing.assert_close(out["state"].mean(0), th.zeros(2), atol=1e-5, rtol=0)
+    # Nothing to normalize: no normalizer at all
+    assert make_normalizer(space["pixels"]) is None and make_normalizer(space["mode"]) is None
+    assert make_normalizer(spaces.Dict({"pixels": space["pixels"], "mode": space["mode"]})) is None
+    # A float Box of image shape is not an image for SB3 (not uint8 in [0, 255]): it is normalized
+    assert isinstance(make_normalizer(spaces.Box(0, 1, (1, 8, 8))), EmpiricalNormalization)

@@ -2,7 +2,18 @@
 
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.preprocessing import is_image_space
 from torch import nn
+
+
+def is_normalizable(space: spaces.Space) -> bool:
+    """
+    Whether running statistics normalize observations of ``space``: vector ``Box`` spaces only. Images (SB3's
+    ``is_image_space``) are scaled by the policy's preprocessing and discrete spaces are one-hot encoded there.
+
+    :param space: an observation space (not a ``Dict``)
+    """
+    return isinstance(space, spaces.Box) and not is_image_space(space)
 
 
 class EmpiricalNormalization(nn.Module):
@@ -30,7 +41,8 @@ class EmpiricalNormalization(nn.Module):
         self.shape = tuple(shape)
         self.epsilon = epsilon
         self.clip_obs = clip_obs
-        self.register_buffer("count", th.zeros((), dtype=th.int64))
+        # float64 like SB3's RunningMeanStd: exact counts up to 2**53, and every saved statistic is a float
+        self.register_buffer("count", th.zeros((), dtype=th.float64))
         self.register_buffer("mean", th.zeros(self.shape))
         self.register_buffer("var", th.ones(self.shape))
 
@@ -67,9 +79,10 @@ class EmpiricalNormalization(nn.Module):
 
 class DictNormalization(nn.Module):
     """
-    One :class:`EmpiricalNormalization` per key of a ``Dict`` observation space.
+    One :class:`EmpiricalNormalization` per vector key of a ``Dict`` observation space (see :func:`is_normalizable`);
+    the other keys (images, discrete values) pass through untouched and are never counted.
 
-    :param observation_space: a ``Dict`` of ``Box`` spaces
+    :param observation_space: a ``Dict`` observation space
     :param epsilon: see :class:`EmpiricalNormalization`
     :param clip_obs: see :class:`EmpiricalNormalization`
     """
@@ -77,7 +90,11 @@ class DictNormalization(nn.Module):
     def __init__(self, observation_space: spaces.Dict, epsilon: float = 1e-8, clip_obs: float = 10.0):
         super().__init__()
         self.normalizers = nn.ModuleDict(
-            {key: EmpiricalNormalization(space.shape, epsilon, clip_obs) for key, space in observation_space.spaces.items()}
+            {
+                key: EmpiricalNormalization(space.shape, epsilon, clip_obs)
+                for key, space in observation_space.spaces.items()
+                if is_normalizable(space)
+            }
         )
 
     @th.no_grad()
@@ -86,4 +103,29 @@ class DictNormalization(nn.Module):
             normalizer.update(batch[key])
 
     def forward(self, obs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
-        return {key: normalizer(obs[key]) for key, normalizer in self.normalizers.items()}
+        """
+        :param obs: raw observations of some or all keys
+        :return: the same keys, the vector ones normalized
+        """
+        normalizers = self.normalizers
+        return {key: normalizers[key](value) if key in normalizers else value for key, value in obs.items()}
+
+
+def make_normalizer(
+    observation_space: spaces.Space, epsilon: float = 1e-8, clip_obs: float = 10.0
+) -> EmpiricalNormalization | DictNormalization | None:
+    """
+    The normalizer of an observation space, or None when no part of it is normalized (an image, a discrete space,
+    or a ``Dict`` without vector keys).
+
+    :param observation_space: the observation space
+    :param epsilon: see :class:`EmpiricalNormalization`
+    :param clip_obs: see :class:`EmpiricalNormalization`
+    """
+    if isinstance(observation_space, spaces.Dict):
+        if not any(is_normalizable(space) for space in observation_space.spaces.values()):
+            return None
+        return DictNormalization(observation_space, epsilon, clip_obs)
+    if is_normalizable(observation_space):
+        return EmpiricalNormalization(observation_space.shape, epsilon, clip_obs)
+    return None

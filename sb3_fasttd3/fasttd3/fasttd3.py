@@ -23,7 +23,7 @@ from sb3_fasttd3.fasttd3.checks import (
     resolve_normalize_observations,
     warn_if_bf16_is_emulated,
 )
-from sb3_fasttd3.fasttd3.policies import FastTD3Policy, MlpPolicy, MultiInputPolicy
+from sb3_fasttd3.fasttd3.policies import CnnPolicy, FastTD3Policy, MlpPolicy, MultiInputPolicy
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
@@ -84,7 +84,7 @@ class FastTD3(RolloutCollection):
     actor ``512-256-128`` and critic ``1024-512-256`` (see the README). Tuned per-task values for a CPU are in
     ``hyperparams/fasttd3.yml``.
 
-    :param policy: the policy model to use (MlpPolicy, MultiInputPolicy)
+    :param policy: the policy model to use (MlpPolicy, CnnPolicy, MultiInputPolicy)
     :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
     :param learning_rate: learning rate of both actor and critic unless overridden (float or schedule)
     :param buffer_size: size of the replay buffer in transitions, over all envs
@@ -142,6 +142,7 @@ class FastTD3(RolloutCollection):
 
     policy_aliases: ClassVar[dict[str, type[BasePolicy]]] = {
         "MlpPolicy": MlpPolicy,
+        "CnnPolicy": CnnPolicy,
         "MultiInputPolicy": MultiInputPolicy,
     }
     policy: FastTD3Policy
@@ -327,7 +328,10 @@ class FastTD3(RolloutCollection):
         self.critic = self.policy.critic
         self.critic_target = self.policy.critic_target
         self.actor_target = self.policy.actor_target
-        self._critic_params = list(self.critic.parameters())
+        # What the critic's optimizer trains (a features extractor shared with the actor is the actor's), and the
+        # online parameters the soft update pairs one-to-one with the target's (the target's extractor copy included)
+        self._critic_params = [param for group in self.critic.optimizer.param_groups for param in group["params"]]
+        self._critic_polyak_params = list(self.critic.parameters())
         self._critic_target_params = list(self.critic_target.parameters())
         self._actor_params = list(self.actor.parameters())
         self._actor_target_params = [] if self.actor_target is None else list(self.actor_target.parameters())
@@ -393,6 +397,7 @@ class FastTD3(RolloutCollection):
             "critic_target",
             "actor_target",
             "_critic_params",
+            "_critic_polyak_params",
             "_critic_target_params",
             "_actor_params",
             "_actor_target_params",
@@ -491,7 +496,7 @@ class FastTD3(RolloutCollection):
             self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
             if self.actor_target is not None:
                 self._soft_update(self._actor_target_params, self._actor_params)
-        self._soft_update(self._critic_target_params, self._critic_params)
+        self._soft_update(self._critic_target_params, self._critic_polyak_params)
 
     @th.no_grad()
     def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:

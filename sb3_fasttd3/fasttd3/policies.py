@@ -1,17 +1,26 @@
 """Actor, distributional twin critic and the policy that holds them with the observation normalizer."""
 
 import copy
+from collections import OrderedDict
 from typing import Any
 
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.torch_layers import create_mlp
+from stable_baselines3.common.policies import BaseModel, BasePolicy
+from stable_baselines3.common.preprocessing import is_image_space
+from stable_baselines3.common.torch_layers import (
+    BaseFeaturesExtractor,
+    CombinedExtractor,
+    FlattenExtractor,
+    NatureCNN,
+    create_mlp,
+)
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_fasttd3.common.distributional import expected_value, make_support
-from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization
+from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, make_normalizer
+from sb3_fasttd3.common.preprocessing import make_preprocessor
 
 # Observation keys of the asymmetric actor-critic setups we know: (actor keys, critic keys)
 ASYMMETRIC_KEYS = (
@@ -20,84 +29,180 @@ ASYMMETRIC_KEYS = (
 )
 
 
-class Actor(nn.Module):
+def _flatten_keys(extractor: nn.Module, space: spaces.Space, normalize_images: bool) -> tuple[str, ...] | None:
     """
-    Deterministic actor: an MLP followed by ``tanh``, so actions lie in [-1, 1].
+    When ``preprocess_obs`` then ``extractor`` amount to flattening float vectors (SB3's ``FlattenExtractor`` on a
+    vector ``Box``, or a ``CombinedExtractor`` of such keys), the keys to flatten and concatenate (``("",)`` for a
+    ``Box``): the networks then skip the module calls, so the MLP policies cost what a plain MLP does. Else None.
+    """
 
-    :param input_dim: size of the (flattened, normalized) observation
-    :param action_dim: size of the action
+    def is_float_vector(subspace: spaces.Space) -> bool:
+        return isinstance(subspace, spaces.Box) and not (normalize_images and is_image_space(subspace))
+
+    if type(extractor) is FlattenExtractor and is_float_vector(space):
+        return ("",)
+    if type(extractor) is CombinedExtractor and isinstance(space, spaces.Dict):
+        modules = extractor.extractors
+        if all(type(modules[key]) is nn.Flatten and is_float_vector(space[key]) for key in modules):
+            return tuple(modules.keys())
+    return None
+
+
+class FeaturesNetwork(BaseModel):
+    """
+    A network that reads observations as SB3's do: SB3's preprocessing (images divided by 255 when
+    ``normalize_images``, discrete values one-hot encoded, see :func:`make_preprocessor`), then its features extractor.
+
+    :param observation_space: the (sub)space of the observations this network reads
+    :param action_space: the action space
+    :param features_extractor: the features extractor (possibly shared with another network)
+    :param normalize_images: divide images by 255
+    """
+
+    features_extractor: BaseFeaturesExtractor
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        features_extractor: BaseFeaturesExtractor,
+        normalize_images: bool = True,
+    ):
+        super().__init__(
+            observation_space, action_space, features_extractor=features_extractor, normalize_images=normalize_images
+        )
+        self._preprocess = make_preprocessor(observation_space, normalize_images)
+        self._flatten_keys = _flatten_keys(features_extractor, observation_space, normalize_images)
+
+    def features(self, obs: PyTorchObs) -> th.Tensor:
+        """The features extractor's output for (normalized) observations, shape (batch, features_dim)."""
+        keys = self._flatten_keys
+        if keys is None:
+            return self.features_extractor(self._preprocess(obs))
+        if keys == ("",):
+            return obs.flatten(start_dim=1).float()  # type: ignore[union-attr]
+        return th.cat([obs[key].flatten(start_dim=1).float() for key in keys], dim=1)  # type: ignore[index]
+
+
+class Actor(FeaturesNetwork):
+    """
+    Deterministic actor: features extractor, then an MLP followed by ``tanh``, so actions lie in [-1, 1].
+
+    :param observation_space: the (sub)space of the observations the actor reads
+    :param action_space: the action space
+    :param features_extractor: the features extractor
     :param net_arch: hidden layer sizes
     :param activation_fn: activation after each hidden layer
+    :param normalize_images: divide images by 255
     """
 
-    def __init__(self, input_dim: int, action_dim: int, net_arch: list[int], activation_fn: type[nn.Module] = nn.ReLU):
-        super().__init__()
-        self.mu = nn.Sequential(*create_mlp(input_dim, action_dim, net_arch, activation_fn, squash_output=True))
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        features_extractor: BaseFeaturesExtractor,
+        net_arch: list[int],
+        activation_fn: type[nn.Module] = nn.ReLU,
+        normalize_images: bool = True,
+    ):
+        super().__init__(observation_space, action_space, features_extractor, normalize_images)
+        action_dim = spaces.flatdim(action_space)
+        self.mu = nn.Sequential(
+            *create_mlp(features_extractor.features_dim, action_dim, net_arch, activation_fn, squash_output=True)
+        )
         # Start close to the zero action: small last layer (FastTD3 uses N(0, 0.01) weights, zero bias)
         last_linear = self.mu[-2]
         nn.init.normal_(last_linear.weight, 0.0, 0.01)
         nn.init.zeros_(last_linear.bias)
 
-    def forward(self, obs: th.Tensor) -> th.Tensor:
-        return self.mu(obs)
+    def forward(self, obs: PyTorchObs) -> th.Tensor:
+        return self.mu(self.features(obs))
 
 
-class DistributionalCritic(nn.Module):
+class DistributionalCritic(FeaturesNetwork):
     """
     Twin distributional (C51) critic: each Q-network outputs logits over a fixed support of returns.
 
-    :param input_dim: size of the (flattened, normalized) critic observation
-    :param action_dim: size of the action
+    With ``share_features_extractor``, the extractor is the actor's: as in SB3, the critic computes its features
+    without gradient (the actor's loss trains the extractor) and its optimizer leaves the extractor out.
+
+    :param observation_space: the (sub)space of the observations the critic reads
+    :param action_space: the action space
+    :param features_extractor: the features extractor (the actor's when shared)
     :param num_atoms: number of atoms of the support
     :param net_arch: hidden layer sizes of each Q-network
     :param activation_fn: activation after each hidden layer
     :param layer_norm: add a LayerNorm after each hidden Linear layer
     :param n_critics: number of Q-networks
+    :param normalize_images: divide images by 255
+    :param share_features_extractor: the features extractor is the actor's
     """
 
     def __init__(
         self,
-        input_dim: int,
-        action_dim: int,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        features_extractor: BaseFeaturesExtractor,
         num_atoms: int,
         net_arch: list[int],
         activation_fn: type[nn.Module] = nn.ReLU,
         layer_norm: bool = False,
         n_critics: int = 2,
+        normalize_images: bool = True,
+        share_features_extractor: bool = False,
     ):
-        super().__init__()
+        super().__init__(observation_space, action_space, features_extractor, normalize_images)
+        self.share_features_extractor = share_features_extractor
+        input_dim = features_extractor.features_dim + spaces.flatdim(action_space)
         post_linear = [nn.LayerNorm] if layer_norm else None
         self.q_networks = nn.ModuleList(
-            nn.Sequential(
-                *create_mlp(input_dim + action_dim, num_atoms, net_arch, activation_fn, post_linear_modules=post_linear)
-            )
+            nn.Sequential(*create_mlp(input_dim, num_atoms, net_arch, activation_fn, post_linear_modules=post_linear))
             for _ in range(n_critics)
         )
 
-    def forward(self, obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
         """
         :return: logits of every Q-network, shape (n_critics, batch, num_atoms)
         """
-        qf_input = th.cat([obs, actions], dim=-1)
+        if self.share_features_extractor:
+            with th.no_grad():
+                features = self.features(obs)
+        else:
+            features = self.features(obs)
+        qf_input = th.cat([features, actions], dim=-1)
         return th.stack([q_net(qf_input) for q_net in self.q_networks])
+
+    def optimizer_parameters(self) -> list[nn.Parameter]:
+        """The parameters the critic's optimizer trains: all but a shared features extractor's."""
+        if not self.share_features_extractor:
+            return list(self.parameters())
+        return [param for name, param in self.named_parameters() if not name.startswith("features_extractor.")]
 
 
 class FastTD3Policy(BasePolicy):
     """
     Policy of FastTD3: observation normalizer, actor, distributional twin critic and its target.
 
-    Observations are normalized inside the policy (:class:`EmpiricalNormalization`), so a saved model
-    normalizes by itself at ``predict`` time. With a ``Dict`` observation space the actor reads
-    ``actor_keys`` and the critic reads ``critic_keys`` (asymmetric actor-critic). By default these are
-    ``state`` / ``privileged_state`` (MuJoCo Playground) or ``policy`` / ``critic`` (Isaac Lab) when
-    present, otherwise every key for both.
+    Observations go through: the empirical normalizer (:class:`EmpiricalNormalization`, vector parts only, kept in
+    the policy so that a saved model normalizes by itself at ``predict`` time), the actor's or the critic's keys,
+    SB3's preprocessing (images / 255, one-hot discrete values), the network's features extractor, its MLP.
+    With a ``Dict`` observation space the actor reads ``actor_keys`` and the critic reads ``critic_keys``
+    (asymmetric actor-critic). By default these are ``state`` / ``privileged_state`` (MuJoCo Playground) or
+    ``policy`` / ``critic`` (Isaac Lab) when present, otherwise every key for both.
 
-    :param observation_space: observation space (``Box`` or ``Dict`` of ``Box``)
+    :param observation_space: observation space (``Box``, ``Discrete``, ``MultiDiscrete``, ``MultiBinary`` or a
+        ``Dict`` of those)
     :param action_space: bounded ``Box`` action space
     :param lr_schedule: learning rate schedule (the algorithm sets the actor's and critic's rates)
     :param net_arch: hidden sizes, ``dict(pi=[...], qf=[...])`` or one list for both
         (default ``[256, 256]`` for both, sized for a CPU)
     :param activation_fn: activation function
+    :param features_extractor_class: features extractor of the actor and of the critic, built over the
+        (sub)space each reads (``None``: ``CombinedExtractor`` for ``Dict`` spaces, ``FlattenExtractor`` otherwise)
+    :param features_extractor_kwargs: keyword arguments of the features extractor
+    :param normalize_images: divide images by 255
+    :param share_features_extractor: one extractor for the actor and the critic, trained by the actor's loss
+        (needs the same actor and critic keys)
     :param layer_norm: LayerNorm after each hidden layer of the critic
     :param actor_keys: observation keys the actor reads (``Dict`` spaces only)
     :param critic_keys: observation keys the critic reads (``Dict`` spaces only)
@@ -120,6 +225,10 @@ class FastTD3Policy(BasePolicy):
         lr_schedule: Schedule,
         net_arch: list[int] | dict[str, list[int]] | None = None,
         activation_fn: type[nn.Module] = nn.ReLU,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = None,
+        features_extractor_kwargs: dict[str, Any] | None = None,
+        normalize_images: bool = True,
+        share_features_extractor: bool = False,
         layer_norm: bool = False,
         actor_keys: list[str] | None = None,
         critic_keys: list[str] | None = None,
@@ -137,13 +246,17 @@ class FastTD3Policy(BasePolicy):
         if optimizer_kwargs is None:
             # Fused AdamW: one kernel for all parameters (about 5x faster than the default on a CPU)
             optimizer_kwargs = {"weight_decay": 0.1, "fused": True}
+        if features_extractor_class is None:
+            features_extractor_class = CombinedExtractor if isinstance(observation_space, spaces.Dict) else FlattenExtractor
         super().__init__(
             observation_space,
             action_space,
+            features_extractor_class,
+            features_extractor_kwargs,
             optimizer_class=optimizer_class,
             optimizer_kwargs=optimizer_kwargs,
             squash_output=True,
-            normalize_images=False,
+            normalize_images=normalize_images,
         )
         if net_arch is None:
             # Sized for a CPU; FastTD3's GPU setting is dict(pi=[512, 256, 128], qf=[1024, 512, 256])
@@ -152,6 +265,7 @@ class FastTD3Policy(BasePolicy):
             net_arch = {"pi": net_arch, "qf": net_arch}
         self.net_arch = net_arch
         self.activation_fn = activation_fn
+        self.share_features_extractor = share_features_extractor
         self.layer_norm = layer_norm
         self.num_atoms = num_atoms
         self.v_min = v_min
@@ -162,6 +276,12 @@ class FastTD3Policy(BasePolicy):
         self.clip_obs = clip_obs
         self.epsilon = epsilon
         self.actor_keys, self.critic_keys = self._select_keys(observation_space, actor_keys, critic_keys)
+        if share_features_extractor and set(self.actor_keys or []) != set(self.critic_keys or []):
+            raise ValueError(
+                "share_features_extractor=True needs the actor and the critic to read the same observation keys, got "
+                f"actor_keys={self.actor_keys} and critic_keys={self.critic_keys}: use share_features_extractor=False "
+                "(the default) or give both the same keys"
+            )
         self._build(lr_schedule)
 
     @staticmethod
@@ -185,37 +305,51 @@ class FastTD3Policy(BasePolicy):
                 raise ValueError(f"{name} must be a non-empty list of observation keys among {available}, got {keys}")
         return actor_keys, critic_keys
 
-    def _input_dim(self, keys: list[str] | None) -> int:
+    def _subspace(self, keys: list[str] | None) -> spaces.Space:
+        """The observation space of ``keys`` in their order (the whole space for ``None``)."""
         if keys is None:
-            return spaces.flatdim(self.observation_space)
-        return sum(spaces.flatdim(self.observation_space[key]) for key in keys)
+            return self.observation_space
+        return spaces.Dict(OrderedDict((key, self.observation_space[key]) for key in keys))
+
+    def _make_features_extractor(self, observation_space: spaces.Space) -> BaseFeaturesExtractor:
+        return self.features_extractor_class(observation_space, **self.features_extractor_kwargs)
 
     def _build(self, lr_schedule: Schedule) -> None:
         self.obs_normalizer: EmpiricalNormalization | DictNormalization | None = None
         if self.normalize_observations:
-            if isinstance(self.observation_space, spaces.Dict):
-                self.obs_normalizer = DictNormalization(self.observation_space, self.epsilon, self.clip_obs)
-            else:
-                self.obs_normalizer = EmpiricalNormalization(self.observation_space.shape, self.epsilon, self.clip_obs)
+            self.obs_normalizer = make_normalizer(self.observation_space, self.epsilon, self.clip_obs)
 
-        action_dim = spaces.flatdim(self.action_space)
-        self.actor = Actor(self._input_dim(self.actor_keys), action_dim, self.net_arch["pi"], self.activation_fn)
+        actor_space, critic_space = self._subspace(self.actor_keys), self._subspace(self.critic_keys)
+        self.actor = Actor(
+            actor_space,
+            self.action_space,
+            self._make_features_extractor(actor_space),
+            self.net_arch["pi"],
+            self.activation_fn,
+            self.normalize_images,
+        )
+        share = self.share_features_extractor
         self.critic = DistributionalCritic(
-            self._input_dim(self.critic_keys),
-            action_dim,
+            critic_space,
+            self.action_space,
+            self.actor.features_extractor if share else self._make_features_extractor(critic_space),
             self.num_atoms,
             self.net_arch["qf"],
             self.activation_fn,
             self.layer_norm,
             self.n_critics,
+            self.normalize_images,
+            share,
         )
-        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False) if self.use_target_actor else None
+        # Targets hold their own copies (of a shared extractor too) and stay in eval mode
+        self.critic_target = copy.deepcopy(self.critic).requires_grad_(False).train(False)
+        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False).train(False) if self.use_target_actor else None
         # Derived from (v_min, v_max, num_atoms): moves with the policy but is not saved
         self.register_buffer("support", make_support(self.v_min, self.v_max, self.num_atoms), persistent=False)
 
-        self.actor.optimizer = self.optimizer_class(self.actor.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
-        self.critic.optimizer = self.optimizer_class(self.critic.parameters(), lr=lr_schedule(1), **self.optimizer_kwargs)
+        lr = lr_schedule(1)
+        self.actor.optimizer = self.optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
+        self.critic.optimizer = self.optimizer_class(self.critic.optimizer_parameters(), lr=lr, **self.optimizer_kwargs)
         self.set_training_mode(False)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
@@ -223,6 +357,9 @@ class FastTD3Policy(BasePolicy):
         data.update(
             net_arch=self.net_arch,
             activation_fn=self.activation_fn,
+            features_extractor_class=self.features_extractor_class,
+            features_extractor_kwargs=self.features_extractor_kwargs,
+            share_features_extractor=self.share_features_extractor,
             layer_norm=self.layer_norm,
             actor_keys=self.actor_keys,
             critic_keys=self.critic_keys,
@@ -241,25 +378,24 @@ class FastTD3Policy(BasePolicy):
         return data
 
     def update_normalizer(self, obs: PyTorchObs) -> None:
-        """Merge collected (raw) observations into the normalizer's statistics."""
+        """Merge collected (raw) observations into the normalizer's statistics (vector parts only)."""
         if self.obs_normalizer is not None:
             self.obs_normalizer.update(obs)  # type: ignore[arg-type]
 
-    def _inputs(self, obs: PyTorchObs, keys: list[str] | None) -> th.Tensor:
-        obs = self.obs_normalizer(obs) if self.obs_normalizer is not None else obs
-        if keys is None:
-            return obs.flatten(start_dim=1).float()  # type: ignore[union-attr]
-        return th.cat([obs[key].flatten(start_dim=1).float() for key in keys], dim=1)  # type: ignore[index]
+    def _inputs(self, obs: PyTorchObs, keys: list[str] | None) -> PyTorchObs:
+        if keys is not None:
+            obs = {key: obs[key] for key in keys}  # type: ignore[index]
+        return obs if self.obs_normalizer is None else self.obs_normalizer(obs)  # type: ignore[arg-type]
 
-    def actor_input(self, obs: PyTorchObs) -> th.Tensor:
-        """Normalized, flattened observation the actor reads."""
+    def actor_input(self, obs: PyTorchObs) -> PyTorchObs:
+        """What the actor reads: the normalized observation, or the dict of its normalized keys."""
         return self._inputs(obs, self.actor_keys)
 
-    def critic_input(self, obs: PyTorchObs) -> th.Tensor:
-        """Normalized, flattened observation the critic reads."""
+    def critic_input(self, obs: PyTorchObs) -> PyTorchObs:
+        """What the critic reads: the normalized observation, or the dict of its normalized keys."""
         return self._inputs(obs, self.critic_keys)
 
-    def q_values(self, critic: DistributionalCritic, critic_obs: th.Tensor, actions: th.Tensor) -> th.Tensor:
+    def q_values(self, critic: DistributionalCritic, critic_obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
         """Expected value of each Q-network's distribution, shape (n_critics, batch)."""
         return expected_value(critic(critic_obs, actions), self.support)
 
@@ -271,14 +407,50 @@ class FastTD3Policy(BasePolicy):
         return self.actor(self.actor_input(observation))
 
     def set_training_mode(self, mode: bool) -> None:
-        self.actor.train(mode)
-        self.critic.train(mode)
+        """Train or eval mode of the actor and the critic, their features extractors included (targets stay in eval)."""
+        self.actor.set_training_mode(mode)
+        self.critic.set_training_mode(mode)
         self.training = mode
 
 
 class MlpPolicy(FastTD3Policy):
-    """FastTD3 policy for ``Box`` observations."""
+    """FastTD3 policy for vector observations (``FlattenExtractor``)."""
+
+
+class CnnPolicy(FastTD3Policy):
+    """FastTD3 policy for image observations (``NatureCNN`` by default, see :class:`FastTD3Policy`)."""
+
+    def __init__(
+        self,
+        observation_space: spaces.Space,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = NatureCNN,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            observation_space, action_space, lr_schedule, net_arch, activation_fn, features_extractor_class, **kwargs
+        )
 
 
 class MultiInputPolicy(FastTD3Policy):
-    """FastTD3 policy for ``Dict`` observations (asymmetric actor-critic through ``actor_keys``/``critic_keys``)."""
+    """
+    FastTD3 policy for ``Dict`` observations (``CombinedExtractor`` by default; asymmetric actor-critic through
+    ``actor_keys``/``critic_keys``, see :class:`FastTD3Policy`).
+    """
+
+    def __init__(
+        self,
+        observation_space: spaces.Dict,
+        action_space: spaces.Box,
+        lr_schedule: Schedule,
+        net_arch: list[int] | dict[str, list[int]] | None = None,
+        activation_fn: type[nn.Module] = nn.ReLU,
+        features_extractor_class: type[BaseFeaturesExtractor] | None = CombinedExtractor,
+        **kwargs: Any,
+    ):
+        super().__init__(
+            observation_space, action_space, lr_schedule, net_arch, activation_fn, features_extractor_class, **kwargs
+        )
