@@ -133,7 +133,8 @@ def test_env_reset_ends_open_windows(reset_num_timesteps):
     # Pendulum episodes last 200 steps: after 12 steps, the windows of rows 8 to 11 are still open (shorter than 5 rows)
     model = FastTD3("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, "n_steps": 5, "learning_starts": 1000})
     model.learn(12)
-    assert model.replay_buffer._open[8:12].all() and not model.replay_buffer._open[:8].any()
+    open_windows = model.replay_buffer.open_windows[0]
+    assert open_windows[8:12].all() and not open_windows[:8].any()
     rewards_before = model.replay_buffer.n_step_returns.clone()
     model.learn(5, reset_num_timesteps=reset_num_timesteps)
     returns = model.replay_buffer.n_step_returns
