@@ -10,9 +10,11 @@ import torch as th
 from gymnasium import spaces
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.utils import set_random_seed
 
+from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common import row_sampling
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.final_observations import FinalObservationStore
@@ -27,6 +29,7 @@ from tests.buffer_data import (
     assert_same_samples,
     stored_samples,
 )
+from tests.envs import CountingEnv
 
 SPACES = {"box": BOX_SPACE, "image": IMAGE_SPACE, "dict": DICT_SPACE}
 
@@ -212,3 +215,26 @@ def test_final_observation_store_keeps_its_entries_through_resizes() -> None:
     assert store.capacity < 100 and int(store.head) == 100
     kept = store.slots(th.tensor(references[96:], dtype=th.int32))
     assert [(f.tolist(), i.tolist()) for f, i in zip(store.floats[kept], store.images[kept], strict=True)] == values[96:]
+
+
+def test_fasttd3_trains_the_same_with_either_layout() -> None:
+    # Same seed: the layouts store, draw and sample the same transitions, so the updates are the same
+    parameters = {}
+    for lean in (False, True):
+        env = make_vec_env(CountingEnv, n_envs=4, seed=0, env_kwargs=dict(max_steps=7))
+        model = FastTD3(
+            "MlpPolicy",
+            env,
+            seed=0,
+            n_steps=3,
+            buffer_size=200,  # wraps around
+            replay_buffer_kwargs=dict(optimize_memory_usage=lean),
+            batch_size=16,
+            learning_starts=20,
+            num_atoms=11,
+            policy_kwargs=dict(net_arch=dict(pi=[16], qf=[32, 16])),
+        )
+        model.learn(400)
+        assert model.replay_buffer.optimize_memory_usage == lean
+        parameters[lean] = th.cat([parameter.detach().flatten() for parameter in model.policy.parameters()])
+    assert th.equal(parameters[False], parameters[True])
