@@ -19,6 +19,7 @@ from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.row_sampling import (
     draw_seed,
     gather_either,
+    gather_references,
     gather_rows,
     gather_tables,
     kernel_indices,
@@ -121,6 +122,37 @@ def test_gather_either_takes_each_row_from_its_table(rebuild: pytest.MonkeyPatch
     row_sampling._kernels.cache_clear()
     for gathered, rows in zip(gather_either(first, second, indices), expected, strict=True):
         assert th.equal(gathered, rows)
+
+
+@pytest.mark.parametrize("batch", [7, 5000])
+def test_gather_references_takes_the_rows_the_references_name(rebuild: pytest.MonkeyPatch, batch: int) -> None:
+    # References as the lean replay layout stores them, read from a column of wider int32 rows
+    generator = th.Generator().manual_seed(batch)
+    first, second = several_tables(1000, generator), several_tables(64, generator)
+    second[2] = second[2].contiguous()
+    lag_base, step = 1 << 30, 4
+    rows = th.randint(0, 1000, (batch,), generator=generator)
+    lags = th.randint(1, 4, (batch,), generator=generator)
+    numbers = th.randint(0, 1 << 20, (batch,), generator=generator)
+    to_second = th.rand(batch, generator=generator) < 0.4
+    packed = th.randint(0, 100, (batch, 5), generator=generator, dtype=th.int32)
+    packed[:, 3] = th.where(to_second, numbers, lag_base + lags).int()
+    references = packed[:, 3]
+    indices = th.where(to_second, -1 - (numbers & 63), (rows + lags * step) % 1000)
+    expected = gather_either(first, second, indices)
+    for gathered, rows_expected in zip(
+        gather_references(first, second, rows, references, lag_base, step, 63), expected, strict=True
+    ):
+        assert th.equal(gathered, rows_expected)
+    if has_compiler and batch > 7:
+        with pytest.raises(IndexError, match="names a row outside its table"):
+            gather_references(first, second, rows, references, lag_base, step, 127)  # slots beyond the 64 rows
+    rebuild.setenv("SB3_FASTTD3_NATIVE_SAMPLING", "0")
+    row_sampling._kernels.cache_clear()
+    for gathered, rows_expected in zip(
+        gather_references(first, second, rows, references, lag_base, step, 63), expected, strict=True
+    ):
+        assert th.equal(gathered, rows_expected)
 
 
 @pytest.mark.parametrize("native", [True, False])

@@ -29,7 +29,7 @@ from sb3_fasttd3.common.replay_layout import (
     flags_dtype,
     window_lengths,
 )
-from sb3_fasttd3.common.row_sampling import gather_either, gather_tables, sample_tables
+from sb3_fasttd3.common.row_sampling import gather_references, gather_tables, sample_tables
 
 # Observation spaces (and Dict sub-spaces) the buffer stores; integer observations are stored as exact float32 values
 STORABLE_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
@@ -202,15 +202,15 @@ class DeviceNStepReplayBuffer(BaseBuffer):
 
     def storage_nbytes(self) -> int:
         """
-        :return: Bytes allocated for the storage (every tensor's storage, counted once), 0 before the first add
+        :return: Bytes of the storage tensors (the final-observation store's included), 0 before the first add. On a
+            Linux CPU, tables of 2 MB or more also reserve up to 2 MB of address space before them so that they start
+            on a huge page (:func:`~sb3_fasttd3.common.memory.zeros_on_huge_pages`): never written, so never backed
+            by memory, and not counted.
         """
         tensors = [getattr(self, name) for name in self._STORAGE_NAMES]
         if self._final_obs is not None:
             tensors += self._final_obs.tensors()
-        storages = {
-            tensor.untyped_storage().data_ptr(): tensor.untyped_storage().nbytes() for tensor in tensors if tensor is not None
-        }
-        return sum(storages.values())
+        return sum(tensor.numel() * tensor.element_size() for tensor in tensors if tensor is not None)
 
     # Per-env views of the storage, shape (n_envs, rows, ...), None before the first add
     def _per_env(self, tensor: th.Tensor | None) -> th.Tensor | None:
@@ -560,12 +560,11 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             return batch[:, layout.next], None if images is None else images[:, layout.image_next]
         assert self._table is not None and self._final_obs is not None
         refs = batch[:, layout.next].view(th.int32)[:, 0]
-        later = (flat + (refs.long() - LAG_BASE) * self.n_envs) % (self.ring_rows * self.n_envs)
-        indices = th.where(refs >= LAG_BASE, later, -1 - self._final_obs.slots(refs))
         first = [self._table.flatten(0, 1)[:, layout.obs]]
         if self._images is not None:
             first.append(self._images.flatten(0, 1))
-        parts = gather_either(first, self._final_obs.tables(), indices)
+        store = self._final_obs
+        parts = gather_references(first, store.tables(), flat, refs, LAG_BASE, self.n_envs, store.slot_mask)
         return parts[0], parts[1] if len(parts) > 1 else None
 
     def _normalized_returns(self, flat: th.Tensor, env: VecNormalize) -> th.Tensor:

@@ -103,6 +103,38 @@ int64_t gather_either(const source_t *first, const source_t *second, int n_sourc
     return first_bad;
 }
 
+/* Row of `first` or `second` a reference names (the lean replay layout's next observations): a reference of at least
+   lag_base is (ref - lag_base) steps after rows[i] in `first`, wrapping at n_first; a smaller one is the slot
+   ref & slot_mask of `second`. Returns -1 - slot for `second` (as gather_either's indices) */
+static inline int64_t referenced_row(int32_t ref, int64_t row, int64_t lag_base, int64_t step, int64_t n_first,
+                                     int64_t slot_mask) {
+    if (ref < lag_base) return -1 - ((int64_t)ref & slot_mask);
+    int64_t later = row + ((int64_t)ref - lag_base) * step;
+    return later >= n_first ? later - n_first : later;
+}
+
+/* Rows named by the int32 references refs[i * ref_stride] of the rows rows[i] (see referenced_row), copied to the first
+   sources' outputs; returns the first i whose row is outside its table, else n */
+int64_t gather_references(const source_t *first, const source_t *second, int n_sources, int64_t n_first,
+                          int64_t n_second, const int64_t *rows, const int32_t *refs, int64_t ref_stride,
+                          int64_t lag_base, int64_t step, int64_t slot_mask, int64_t n, int threads) {
+    int64_t first_bad = n;
+    #pragma omp parallel for num_threads(threads) schedule(static) reduction(min : first_bad)
+    for (int64_t i = 0; i < n; ++i) {
+        if (i + AHEAD < n) {
+            int64_t ahead = referenced_row(refs[(i + AHEAD) * ref_stride], rows[i + AHEAD], lag_base, step, n_first,
+                                           slot_mask);
+            if (ahead >= 0 && ahead < n_first) prefetch_row(first, n_sources, ahead);
+            else if (ahead < 0 && -ahead - 1 < n_second) prefetch_row(second, n_sources, -ahead - 1);
+        }
+        int64_t index = referenced_row(refs[i * ref_stride], rows[i], lag_base, step, n_first, slot_mask);
+        if (index >= 0 && index < n_first) copy_row(first, first, n_sources, index, i);
+        else if (index < 0 && -index - 1 < n_second) copy_row(second, first, n_sources, -index - 1, i);
+        else if (i < first_bad) first_bad = i;
+    }
+    return first_bad;
+}
+
 /* Index i of the stream `seed`, uniform on [0, high): SplitMix64's output function of the i-th step of its
    state, mapped to [0, high) by a 64x64-bit multiply keeping the high half (bias below high / 2^64) */
 static inline int64_t draw_index(uint64_t seed, int64_t i, int64_t high) {
@@ -178,6 +210,8 @@ def _kernels() -> ctypes.CDLL | None:
     kernels.gather_rows.restype = int64
     kernels.gather_either.argtypes = [pointer, pointer, int32, int64, int64, pointer, int64, int32]
     kernels.gather_either.restype = int64
+    kernels.gather_references.argtypes = [pointer, pointer, int32, int64, int64, pointer, pointer, *[int64] * 4, int64, int32]
+    kernels.gather_references.restype = int64
     kernels.sample_rows.argtypes = [pointer, int32, int64, int64, int64, uint64, int64, pointer, int32]
     kernels.sample_rows.restype = None
     kernels.draw_indices.argtypes = [uint64, int64, int64, pointer]
@@ -328,6 +362,59 @@ def gather_either(first: Sequence[th.Tensor], second: Sequence[th.Tensor], indic
         raise IndexError(
             f"index {int(indices[first_bad])} is out of range for tables of {len(first[0])} and {len(second[0])} rows"
         )
+    return outs
+
+
+def gather_references(
+    first: Sequence[th.Tensor],
+    second: Sequence[th.Tensor],
+    rows: th.Tensor,
+    references: th.Tensor,
+    lag_base: int,
+    step: int,
+    slot_mask: int,
+) -> list[th.Tensor]:
+    """
+    :func:`gather_either` of the rows that int32 references name (the lean replay layout's next observations): a
+    reference ``r >= lag_base`` names row ``rows[i] + (r - lag_base) * step`` of ``first`` (wrapping around its
+    end), a smaller one the slot ``r & slot_mask`` of ``second``. The kernel reads the references where they are
+    (e.g. a column of gathered rows) and computes the rows itself; the plain path computes them with torch.
+
+    :param first: Tables of the same number of rows
+    :param second: Tables of the same widths and dtypes as ``first`` (and of at least one row)
+    :param rows: int64 rows of ``first`` the references are relative to, shape ``(n,)``
+    :param references: int32 references, shape ``(n,)`` (any stride)
+    :param lag_base: Smallest reference to a row of ``first``
+    :param step: Rows of ``first`` per unit of a reference
+    :param slot_mask: Mask of a slot of ``second`` (its rows are a power of two, at most ``slot_mask + 1``)
+    :return: New contiguous tensors of shapes ``(n, first[k].shape[1])``
+    :raises IndexError: (on the CPU) if a row is outside its table
+    """
+    kernels = None
+    if _fits_kernels(first, rows) and _fits_kernels(second) and rows.dtype == th.int64 and references.dim() == 1:
+        kernels = _kernels() if references.device.type == "cpu" and references.dtype == th.int32 else None
+    if kernels is None:
+        later = (rows + (references.long() - lag_base) * step) % len(first[0])
+        slots = (references & slot_mask).long()
+        return gather_either(first, second, th.where(references >= lag_base, later, -1 - slots))
+    outs = _empty_rows(first, len(rows))
+    first_bad = kernels.gather_references(
+        _sources(first, outs),
+        _sources(second, outs),
+        len(first),
+        len(first[0]),
+        len(second[0]),
+        rows.data_ptr(),
+        references.data_ptr(),
+        references.stride(0),
+        lag_base,
+        step,
+        slot_mask,
+        len(rows),
+        _threads(len(rows)),
+    )
+    if first_bad < len(rows):
+        raise IndexError(f"reference {int(references[first_bad])} of row {int(rows[first_bad])} names a row outside its table")
     return outs
 
 
