@@ -29,13 +29,11 @@ from sb3_fasttd3.common.replay_layout import (
     flags_dtype,
     window_lengths,
 )
+from sb3_fasttd3.common.replay_relay import Relay
 from sb3_fasttd3.common.row_sampling import gather_references, gather_tables, sample_tables
 
 # Observation spaces (and Dict sub-spaces) the buffer stores; integer observations are stored as exact float32 values
 STORABLE_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
-
-# Transitions copied at a time when re-laying a buffer, at most (bounds the memory of the copy)
-_RELAY_BYTES = 64 << 20
 
 
 class DeviceNStepReplayBuffer(BaseBuffer):
@@ -631,7 +629,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         )
         if self.n_transitions > 0:
             with th.no_grad():
-                relaid._fill_from(self)
+                Relay(self, relaid).copy()
         return relaid
 
     def _flat_in_env_order(self) -> th.Tensor:
@@ -640,117 +638,6 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         order = th.arange(self.n_transitions, device=self.device)
         flat = (order + self._oldest()) % n_flat
         return flat[th.argsort((flat % self.n_envs) * self.n_transitions + order)]
-
-    def _fill_from(self, source: "DeviceNStepReplayBuffer") -> None:
-        """
-        Store every transition of ``source`` in this new (empty) buffer, as :meth:`relaid` describes. The
-        transitions are written in the order of the ring, a batch at a time, so that the final observations of the
-        lean layout enter their store in the order of their rows.
-        """
-        self._allocate()
-        n_envs, total = self.n_envs, source.n_transitions
-        sequence = source._flat_in_env_order()
-        # Env e of this buffer gets the transitions starts[e] to starts[e] + lengths[e] of the sequence, in rows
-        # first_rows[e] to rows_used - 1: the longer sequences go to the last envs, so that the stored transitions
-        # are the last `total` flat indices before row rows_used
-        shorter, longer = divmod(total, n_envs)
-        lengths = th.full((n_envs,), shorter, dtype=th.int64, device=self.device)
-        lengths[n_envs - longer :] += 1
-        starts = th.cumsum(lengths, 0) - lengths
-        rows_used = shorter + int(longer > 0)
-        first_rows = rows_used - lengths
-        final_counts = th.zeros(self.ring_rows, dtype=th.int64, device=self.device)
-        row_bytes = sum(table.shape[1] * table.element_size() for table in source._flat_tables())
-        batch = max(1, _RELAY_BYTES // (3 * row_bytes))
-        first_flat = rows_used * n_envs - total
-        for begin in range(first_flat, rows_used * n_envs, batch):
-            target = th.arange(begin, min(begin + batch, rows_used * n_envs), device=self.device)
-            row, env = target // n_envs, target % n_envs
-            age = row - first_rows[env]
-            place = (starts[env] + age, lengths[env] - age)  # position in the sequence, transitions left in the env
-            self._copy_transitions(source, sequence, place, target, final_counts)
-        self.pos = rows_used % self.ring_rows
-        self.n_transitions = total
-        self.full = total == self.buffer_size * n_envs
-        if self._final_ends is not None:
-            self._final_ends.copy_(th.cumsum(final_counts, 0))
-
-    def _copy_transitions(
-        self,
-        source: "DeviceNStepReplayBuffer",
-        sequence: th.Tensor,
-        place: tuple[th.Tensor, th.Tensor],
-        target: th.Tensor,
-        final_counts: th.Tensor,
-    ) -> None:
-        """
-        Copy a batch of ``source``'s transitions to the flat indices ``target`` of this buffer (see :meth:`_fill_from`).
-
-        :param sequence: The source's flat indices, env by env
-        :param place: Positions of the transitions in ``sequence``, and the number of transitions from each one on
-            that its new env holds
-        :param target: Flat indices the transitions go to
-        :param final_counts: Entries of the final-observation store per row, counted here (lean layout)
-        """
-        assert self._table is not None and self._flags is not None and self._rewards is not None
-        position, left = place
-        flat = sequence[position]
-        rows = gather_tables(source._flat_tables(), flat)
-        batch, images = rows[0], (rows[1] if len(rows) > 1 else None)
-        next_floats, next_images = source._next_parts(flat, batch, images)
-        flags = source._flags.flatten()[flat]
-        lengths = window_lengths(flags)
-        split = (lengths > left) | ((flags & SPLIT) != 0)
-        if self.n_steps > 1 and bool(split.any()):
-            self._has_split_windows = True
-        flags = clear_bits(flags, OPEN) | split.to(flags.dtype) * SPLIT
-
-        layout, source_layout = self.layout, source.layout
-        if layout.lean:
-            next_part = self._lean_references(source, sequence, (position, left, lengths), next_floats, next_images)
-            final = next_part < LAG_BASE
-            final_counts.index_add_(0, target[final] // self.n_envs, th.ones_like(target[final]))
-            next_part = next_part[:, None]
-        else:
-            next_part = next_floats.view(th.int32)
-        kept = batch[:, source_layout.obs.start : source_layout.next.start]  # observation to signed discount
-        self._table.view(th.int32).flatten(0, 1)[target] = th.cat([kept.view(th.int32), next_part], dim=1)
-        if self._images is not None:
-            assert images is not None and next_images is not None
-            obs_images = images[:, source_layout.image_obs]
-            self._images.flatten(0, 1)[target] = obs_images if layout.lean else th.cat([obs_images, next_images], 1)
-        self._rewards.flatten()[target] = source._rewards.flatten()[flat]
-        self._flags.flatten()[target] = flags
-
-    def _lean_references(
-        self,
-        source: "DeviceNStepReplayBuffer",
-        sequence: th.Tensor,
-        window: tuple[th.Tensor, th.Tensor, th.Tensor],
-        next_floats: th.Tensor,
-        next_images: th.Tensor | None,
-    ) -> th.Tensor:
-        """
-        :param window: Positions of the transitions in ``sequence``, transitions left in their new env from each
-            one on, and their window lengths
-        :return: Next-observation references of transitions being copied into this lean buffer: the row as many
-            rows later as the window is long where that row's observation is the next observation, bit for bit;
-            else a new entry of the final-observation store
-        """
-        assert self._final_obs is not None
-        position, left, lengths = window
-        later = lengths < left
-        candidates = sequence[th.where(later, position + lengths, position)]
-        candidate_rows = gather_tables(source._flat_tables(), candidates)
-        same = later & (candidate_rows[0][:, source.layout.obs].view(th.int32) == next_floats.view(th.int32)).all(dim=1)
-        if next_images is not None:
-            same &= (candidate_rows[1][:, source.layout.image_obs] == next_images).all(dim=1)
-        references = (LAG_BASE + lengths).int()
-        final = ~same
-        if bool(final.any()):
-            images = None if next_images is None else next_images[final]
-            references[final] = self._final_obs.extend(next_floats[final], images)
-        return references
 
     def to(self, device: th.device | str) -> None:
         """

@@ -145,7 +145,7 @@ class FinalObservationStore:
         self._appends_until_check = 0
 
     def tables(self) -> list[th.Tensor]:
-        """:return: The ring's float (and image) rows, the second tables of :func:`gather_either`"""
+        """:return: The ring's float (and image) rows (the second tables of ``row_sampling.gather_references``)"""
         tables = [self.floats[: self.capacity]]
         if self.images is not None:
             tables.append(self.images[: self.capacity])

@@ -6,8 +6,9 @@ A replay batch is gathered from tables much larger than the CPU caches, so nearl
 ``index_select`` copies one row at a time through a generic copy routine and keeps few misses in flight; these
 kernels issue the loads of later rows while they copy the current one, copy the same row of several tables (any
 dtype) in one pass, and :func:`sample_tables` also draws the indices itself, in parallel, instead of writing and
-reading them back. :func:`gather_either` serves rows that live in one of two tables (next observations in the
-replay table or in its store of final observations) in one pass as well. On this project's 2-core CPU, 32,768 rows
+reading them back. :func:`gather_either` serves rows that live in one of two tables in one pass as well, and
+:func:`gather_references` the rows that int32 references name there (the lean replay layout's next observations,
+in the replay table or in its store of final observations). On this project's 2-core CPU, 32,768 rows
 of 172 bytes from a 1M-row table come about 1.5x to 2x faster than through ``index_select``
 (``python -m benchmarks.update_throughput --sampling-only``).
 
