@@ -238,3 +238,10 @@ def test_fasttd3_trains_the_same_with_either_layout() -> None:
         assert model.replay_buffer.optimize_memory_usage == lean
         parameters[lean] = th.cat([parameter.detach().flatten() for parameter in model.policy.parameters()])
     assert th.equal(parameters[False], parameters[True])
+
+
+def test_lean_layout_accepts_lists() -> None:
+    _, lean = both_layouts(spaces.Box(-1, 1, (2,), np.float32), 5, 1, n_steps=2)
+    for done in ([False], [True], [False]):
+        lean.add([[0.0, 1.0]], [[1.0, 2.0]], [[0.0, 0.0]], [1.0], done, [{}])
+    assert th.equal(lean.sample(4).next_observations, th.tensor([[1.0, 2.0]] * 4))

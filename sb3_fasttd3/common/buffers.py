@@ -360,7 +360,10 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             self._images[following, :, self.layout.image_obs] = next_images
         refs = th.full((self.n_envs,), LAG_BASE + 1, dtype=th.int32, device=self.device)
         # Where it costs no device read, skip the store when no episode ends
-        any_done = bool(done_input.any()) if isinstance(done_input, np.ndarray) or self.device.type == "cpu" else True
+        if isinstance(done_input, np.ndarray):
+            any_done = bool(done_input.any())
+        else:
+            any_done = self.device.type != "cpu" or bool(done.any())
         if any_done:
             refs = th.where(done, store.append(next_floats, next_images, done), refs)
         self._final_ends[self.pos] = store.head
