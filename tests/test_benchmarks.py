@@ -110,3 +110,19 @@ def test_env_throughput(tmp_path):
     rows = read_results(tmp_path, "env_throughput")["rows"]
     assert {row["backend"] for row in rows} == {"gymnasium", "envpool", "playground"}
     assert all(row["num_envs"] == 4 and row["bare"] > 0 for row in rows)
+
+
+def test_replay_memory(tmp_path):
+    args = ["--scale", "0.005", "--episode-lengths", "20", "--batch-sizes", "256", "--rounds", "1"]
+    run_benchmark("replay_memory", *args, results=tmp_path)
+    results = read_results(tmp_path, "replay_memory")
+    assert [row["config"] for row in results["bytes"]] == ["HalfCheetah-sized", "humanoid-sized", "84x84x3 image"]
+    for row in results["bytes"]:
+        # (at this size the lean layout's final-observation store may outweigh what it saves)
+        assert row["needed"] < min(row["lean"], row["full"]), row
+    [sampling] = results["sampling"]["rows"]
+    assert sampling["full"]["transitions_per_s"] > 0 and sampling["lean"]["transitions_per_s"] > 0
+    assert {(row["card_gb"], row["layout"]) for row in results["gpu_recipe"]} == {
+        (card, layout) for card in (24, 80) for layout in ("full", "lean")
+    }
+    assert "## GPU recipe" in (tmp_path / "replay_memory.md").read_text()

@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch as th
+from gymnasium import spaces
 from stable_baselines3.common.callbacks import BaseCallback, CheckpointCallback, EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
@@ -113,13 +114,7 @@ def test_replay_buffer_save_load_round_trip(tmp_path):
     assert other.replay_buffer.size() == model.replay_buffer.size() == 30
     th.testing.assert_close(other.replay_buffer.observations, model.replay_buffer.observations)
     th.testing.assert_close(other.replay_buffer.rewards, model.replay_buffer.rewards)
-    # A buffer stored per env cannot go into a model with another number of envs: refused, nothing replaced
-    third = make_model(3)
-    kept = third.replay_buffer
-    with pytest.raises(ValueError, match="n_envs=2 envs but the model has n_envs=3"):
-        third.load_replay_buffer(tmp_path / "buffer")
-    assert third.replay_buffer is kept
-    # Its windows were computed with n_steps and gamma: refused by a model with others
+    # Its windows were computed with n_steps and gamma: refused by a model with others, nothing replaced
     for kwargs, match in ((dict(n_steps=2), "n_steps=1 with gamma=0.99"), (dict(gamma=0.9), "n_steps=1, gamma=0.9")):
         fourth = make_model(2, **kwargs)
         kept = fourth.replay_buffer
@@ -128,12 +123,71 @@ def test_replay_buffer_save_load_round_trip(tmp_path):
         assert fourth.replay_buffer is kept
 
 
+class WideActionEnv(CountingEnv):
+    """CountingEnv with a second action (that it ignores)."""
+
+    def __init__(self):
+        super().__init__()
+        self.action_space = spaces.Box(-2.0, 2.0, shape=(2,), dtype=np.float32)
+
+
+def stored_transitions(model: FastTD3) -> set[tuple[float, ...]]:
+    """Every transition the model's buffer stores, as tuples of its fields' values."""
+    buffer = model.replay_buffer
+    flat = (buffer._oldest() + th.arange(buffer.n_transitions)) % (buffer.ring_rows * buffer.n_envs)
+    rows = [table.index_select(0, flat) for table in buffer._flat_tables()]
+    samples = buffer._samples(flat, rows, None)
+    columns = [value.reshape(len(flat), -1).double() for value in samples]
+    return {tuple(row) for row in th.cat(columns, dim=1).tolist()}
+
+
+@pytest.mark.parametrize("n_envs, lean", [(3, False), (1, True), (4, True)])
+def test_replay_buffer_loads_into_another_number_of_envs(tmp_path, n_envs, lean):
+    # Saved with 2 envs in the full layout: re-laid for the model's envs and layout, every transition kept
+    model = make_model(2, n_steps=3)
+    model.learn(60)
+    model.save_replay_buffer(tmp_path / "buffer")
+    other = make_model(n_envs, n_steps=3, buffer_size=16, replay_buffer_kwargs=dict(optimize_memory_usage=lean))
+    other.load_replay_buffer(tmp_path / "buffer")
+    buffer = other.replay_buffer
+    assert buffer.n_envs == n_envs and buffer.optimize_memory_usage == lean and buffer.n_transitions == 60
+    assert buffer.buffer_size * n_envs >= 60 and not buffer.open_windows.any()
+    assert stored_transitions(other) == stored_transitions(model)
+    other.learn(20 * n_envs, reset_num_timesteps=False)
+    assert other.replay_buffer.n_transitions == 60 + 20 * n_envs or other.replay_buffer.full
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(dict_obs=True), r"observation_space=Box\(.*\) but the model has observation_space=Dict"),
+        (dict(wide_action=True), r"action_space=Box\(.*\(1,\).*\) but the model has action_space=Box\(.*\(2,\)"),
+        (
+            dict(replay_buffer_kwargs=dict(handle_timeout_termination=False)),
+            "handle_timeout_termination=True but the model has handle_timeout_termination=False",
+        ),
+    ],
+)
+def test_replay_buffer_of_other_spaces_is_refused(tmp_path, kwargs, match):
+    make_model(2).save_replay_buffer(tmp_path / "buffer")  # saved empty: still checked
+    if kwargs.pop("wide_action", False):
+        other = FastTD3("MlpPolicy", make_vec_env(WideActionEnv, n_envs=2, seed=0), seed=0, **TINY)
+    else:
+        other = make_model(2, **kwargs)
+    kept = other.replay_buffer
+    with pytest.raises(ValueError, match=match) as error:
+        other.load_replay_buffer(tmp_path / "buffer")
+    assert "The model's current buffer was kept" in str(error.value)
+    assert other.replay_buffer is kept
+
+
 @pytest.mark.parametrize("reset_num_timesteps", [True, False])
 def test_env_reset_ends_open_windows(reset_num_timesteps):
     # Pendulum episodes last 200 steps: after 12 steps, the windows of rows 8 to 11 are still open (shorter than 5 rows)
     model = FastTD3("MlpPolicy", "Pendulum-v1", seed=0, **{**TINY, "n_steps": 5, "learning_starts": 1000})
     model.learn(12)
-    assert model.replay_buffer._open[8:12].all() and not model.replay_buffer._open[:8].any()
+    open_windows = model.replay_buffer.open_windows[0]
+    assert open_windows[8:12].all() and not open_windows[:8].any()
     rewards_before = model.replay_buffer.n_step_returns.clone()
     model.learn(5, reset_num_timesteps=reset_num_timesteps)
     returns = model.replay_buffer.n_step_returns

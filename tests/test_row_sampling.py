@@ -1,6 +1,7 @@
 """
 Tests for the sampling kernels (``sb3_fasttd3.common.row_sampling``): the rows ``index_select`` gives for the
-same indices, indices uniform over the rows asked for, and the plain path where the kernels are missing.
+same indices (one table or several, any dtype, rows in one of two tables), indices uniform over the rows asked
+for, and the plain path where the kernels are missing.
 """
 
 import shutil
@@ -15,7 +16,17 @@ from stable_baselines3.common.utils import set_random_seed
 
 from sb3_fasttd3.common import row_sampling
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
-from sb3_fasttd3.common.row_sampling import draw_seed, gather_rows, kernel_indices, numpy_indices, sample_rows
+from sb3_fasttd3.common.row_sampling import (
+    draw_seed,
+    gather_either,
+    gather_references,
+    gather_rows,
+    gather_tables,
+    kernel_indices,
+    numpy_indices,
+    sample_rows,
+    sample_tables,
+)
 
 has_compiler = sys.platform.startswith("linux") and shutil.which("cc") is not None
 needs_kernels = pytest.mark.skipif(not has_compiler, reason="needs Linux and a C compiler")
@@ -58,12 +69,114 @@ def test_gather_rejects_an_index_out_of_range(bad: int, index_dtype: th.dtype) -
         gather_rows(th.randn(1000, 8), indices)
 
 
-def test_other_layouts_and_dtypes_go_through_index_select() -> None:
+def test_other_layouts_and_dtypes_give_the_rows_of_index_select() -> None:
+    # Column-major and strided columns go through index_select; other dtypes and column ranges through the kernel
     table, indices = th.randn(50, 6), th.tensor([3, 1, 4, 1, 5])
-    for other in (table.t().contiguous().t(), table.double(), table[:, ::2]):
+    for other in (table.t().contiguous().t(), table.double(), table[:, ::2], table[:, 2:5], (table * 9).to(th.uint8)):
         assert th.equal(gather_rows(other, indices), other.index_select(0, indices))
         assert sample_rows(other, 50, 7).shape == (7, other.shape[1])
     assert th.equal(gather_rows(table, indices[::2]), table.index_select(0, indices[::2]))
+
+
+def several_tables(n_rows: int, generator: th.Generator) -> list[th.Tensor]:
+    """A float32 table, uint8 rows of another width, and a column range of a wider table (rows not packed)."""
+    wide = th.randn(n_rows, 30, generator=generator)
+    return [
+        th.randn(n_rows, 17, generator=generator),
+        th.randint(0, 256, (n_rows, 75), generator=generator, dtype=th.uint8),
+        wide[:, 3:20],
+    ]
+
+
+@pytest.mark.parametrize("batch", [3, 5000])
+@pytest.mark.parametrize("index_dtype", [th.int32, th.int64])
+def test_gather_tables_gives_the_rows_of_index_select(batch: int, index_dtype: th.dtype) -> None:
+    generator = th.Generator().manual_seed(batch)
+    tables = several_tables(1000, generator)
+    indices = th.randint(0, 1000, (batch,), generator=generator, dtype=index_dtype)
+    for gathered, table in zip(gather_tables(tables, indices), tables, strict=True):
+        assert gathered.dtype == table.dtype and gathered.is_contiguous()
+        assert th.equal(gathered, table.index_select(0, indices))
+    with pytest.raises(IndexError, match="index 1000 is out of range"):
+        gather_tables(tables, th.tensor([0, 1000, 2]))
+
+
+@pytest.mark.parametrize("batch", [7, 5000])
+def test_gather_either_takes_each_row_from_its_table(rebuild: pytest.MonkeyPatch, batch: int) -> None:
+    generator = th.Generator().manual_seed(batch)
+    first, second = several_tables(1000, generator), several_tables(40, generator)
+    second[2] = second[2].contiguous()  # same widths and dtypes, rows laid out otherwise
+    indices = th.randint(-40, 1000, (batch,), generator=generator)
+    indices[:2] = th.tensor([-1, -40])
+    expected = [
+        th.stack([a[i] if i >= 0 else b[-i - 1] for i in indices.tolist()]) for a, b in zip(first, second, strict=True)
+    ]
+    for gathered, rows in zip(gather_either(first, second, indices), expected, strict=True):
+        assert th.equal(gathered, rows)
+    if has_compiler:
+        for bad in (1000, -41):
+            with pytest.raises(IndexError, match=f"index {bad} is out of range"):
+                gather_either(first, second, th.tensor([0, bad]))
+    # The plain path (where and two index_select) gives the same rows
+    rebuild.setenv("SB3_FASTTD3_NATIVE_SAMPLING", "0")
+    row_sampling._kernels.cache_clear()
+    for gathered, rows in zip(gather_either(first, second, indices), expected, strict=True):
+        assert th.equal(gathered, rows)
+
+
+@pytest.mark.parametrize("batch", [7, 5000])
+def test_gather_references_takes_the_rows_the_references_name(rebuild: pytest.MonkeyPatch, batch: int) -> None:
+    # References as the lean replay layout stores them, read from a column of wider int32 rows
+    generator = th.Generator().manual_seed(batch)
+    first, second = several_tables(1000, generator), several_tables(64, generator)
+    second[2] = second[2].contiguous()
+    lag_base, step = 1 << 30, 4
+    rows = th.randint(0, 1000, (batch,), generator=generator)
+    lags = th.randint(1, 4, (batch,), generator=generator)
+    numbers = th.randint(0, 1 << 20, (batch,), generator=generator)
+    to_second = th.rand(batch, generator=generator) < 0.4
+    packed = th.randint(0, 100, (batch, 5), generator=generator, dtype=th.int32)
+    packed[:, 3] = th.where(to_second, numbers, lag_base + lags).int()
+    references = packed[:, 3]
+    indices = th.where(to_second, -1 - (numbers & 63), (rows + lags * step) % 1000)
+    expected = gather_either(first, second, indices)
+    for gathered, rows_expected in zip(
+        gather_references(first, second, rows, references, lag_base, step, 63), expected, strict=True
+    ):
+        assert th.equal(gathered, rows_expected)
+    if has_compiler and batch > 7:
+        with pytest.raises(IndexError, match="names a row outside its table"):
+            gather_references(first, second, rows, references, lag_base, step, 127)  # slots beyond the 64 rows
+    rebuild.setenv("SB3_FASTTD3_NATIVE_SAMPLING", "0")
+    row_sampling._kernels.cache_clear()
+    for gathered, rows_expected in zip(
+        gather_references(first, second, rows, references, lag_base, step, 63), expected, strict=True
+    ):
+        assert th.equal(gathered, rows_expected)
+
+
+@pytest.mark.parametrize("native", [True, False])
+@pytest.mark.parametrize("high, offset", [(1000, 0), (600, 700), (1, 999), (300, 0)])
+def test_sample_tables_draws_from_the_rows_after_offset(
+    rebuild: pytest.MonkeyPatch, native: bool, high: int, offset: int
+) -> None:
+    if native and not has_compiler:
+        pytest.skip("needs Linux and a C compiler")
+    rebuild.setenv("SB3_FASTTD3_NATIVE_SAMPLING", "1" if native else "0")
+    tables = several_tables(1000, th.Generator().manual_seed(0))
+    np.random.seed(high)
+    rows, indices = sample_tables(tables, high, 5000, offset)
+    assert indices.dtype == th.int64 and indices.shape == (5000,)
+    # The rows offset to offset + high - 1, wrapping around the end of the tables: every one of them when high is small
+    assert th.equal(th.unique((indices - offset) % 1000), th.arange(high)) or high > 300
+    assert int(((indices - offset) % 1000).max()) < high
+    for gathered, table in zip(rows, tables, strict=True):
+        assert th.equal(gathered, table.index_select(0, indices))
+    if native:
+        np.random.seed(high)
+        assert th.equal(indices, (kernel_indices(draw_seed(), high, 5000) + offset) % 1000)
+    with pytest.raises(ValueError, match=r"offset must be in \[0, 1000\)"):
+        sample_tables(tables, high, 5, offset=1000)
 
 
 @needs_kernels

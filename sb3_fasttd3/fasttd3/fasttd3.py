@@ -418,7 +418,12 @@ class FastTD3(RolloutCollection):
 
     def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
         """
-        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device.
+        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device. A buffer
+        saved with another number of envs, or in the other layout (``optimize_memory_usage``), is re-laid for this
+        model (:meth:`~sb3_fasttd3.common.buffers.DeviceNStepReplayBuffer.relaid`): every stored transition is
+        kept, in storage for at least this model's ``buffer_size``, and its windows are closed. The observation and
+        action spaces, ``handle_timeout_termination``, ``n_steps`` and ``gamma`` must be the model's; on any error
+        the model keeps its current buffer.
 
         :param path: path to the pickled replay buffer
         :param truncate_last_traj: End the n-step windows of the newest transitions there, as if their
@@ -428,19 +433,27 @@ class FastTD3(RolloutCollection):
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
+        current = self.replay_buffer
         kept = "The model's current buffer was kept."
-        if replay_buffer.n_envs != self.n_envs:
-            raise ValueError(
-                f"The replay buffer in {path} stores n_envs={replay_buffer.n_envs} envs but the model has "
-                f"n_envs={self.n_envs}: load it into a model whose env has {replay_buffer.n_envs} envs "
-                f"(the buffer is stored per env). {kept}"
-            )
+        for name, saved, ours in (
+            ("observation_space", replay_buffer.observation_space, self.observation_space),
+            ("action_space", replay_buffer.action_space, self.action_space),
+            ("handle_timeout_termination", replay_buffer.handle_timeout_termination, current.handle_timeout_termination),
+        ):
+            if saved != ours:
+                raise ValueError(
+                    f"The replay buffer in {path} has {name}={saved} but the model has {name}={ours}: load it into a "
+                    f"model with the same {name}. {kept}"
+                )
         if (replay_buffer.n_steps, replay_buffer.gamma) != (self.n_steps, self.gamma):
             raise ValueError(
                 f"The replay buffer in {path} holds returns over n_steps={replay_buffer.n_steps} with "
                 f"gamma={replay_buffer.gamma}, but the model has n_steps={self.n_steps}, gamma={self.gamma}: "
                 f"load it into a model with the same n_steps and gamma. {kept}"
             )
+        lean = current.optimize_memory_usage
+        if (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
+            replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
         if truncate_last_traj:
             replay_buffer.close_windows()
         replay_buffer.to(self.device)
