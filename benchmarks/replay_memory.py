@@ -215,7 +215,7 @@ def markdown(results: dict[str, Any]) -> str:
         )
     lines += [
         "",
-        "So, at batch 32,768: pass `replay_buffer_kwargs=dict(optimize_memory_usage=True)` and "
+        "So, at batch 32,768: pass `optimize_memory_usage=True` and "
         "`buffer_size=n_envs * rows`, with rows per env at most the column of the card and env count above "
         "(e.g. 1024 envs x 10240 rows of a humanoid-sized observation fit a 24 GB card only in the lean layout).",
     ]

@@ -228,7 +228,7 @@ def test_fasttd3_trains_the_same_with_either_layout() -> None:
             seed=0,
             n_steps=3,
             buffer_size=200,  # wraps around
-            replay_buffer_kwargs=dict(optimize_memory_usage=lean),
+            optimize_memory_usage=lean,
             batch_size=16,
             learning_starts=20,
             num_atoms=11,

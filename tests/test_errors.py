@@ -60,6 +60,7 @@ def test_unsupported_observation_space():
         (dict(std_min=-0.1), "std_min must be a float >= 0"),
         (dict(tau=-0.1), r"tau must be in \[0, 1\]"),
         (dict(tau=1.5), r"tau must be in \[0, 1\]"),
+        (dict(replay_buffer_kwargs=dict(optimize_memory_usage=True)), r"replay_buffer_kwargs must not contain"),
         (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),
         (dict(gamma=1.01), r"gamma must be in \(0, 1\]"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),

@@ -147,7 +147,7 @@ def test_replay_buffer_loads_into_another_number_of_envs(tmp_path, n_envs, lean)
     model = make_model(2, n_steps=3)
     model.learn(60)
     model.save_replay_buffer(tmp_path / "buffer")
-    other = make_model(n_envs, n_steps=3, buffer_size=16, replay_buffer_kwargs=dict(optimize_memory_usage=lean))
+    other = make_model(n_envs, n_steps=3, buffer_size=16, optimize_memory_usage=lean)
     other.load_replay_buffer(tmp_path / "buffer")
     buffer = other.replay_buffer
     assert buffer.n_envs == n_envs and buffer.optimize_memory_usage == lean and buffer.n_transitions == 60

@@ -8,11 +8,13 @@ import torch as th
 from stable_baselines3 import TD3
 from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
+from stable_baselines3.common.preprocessing import get_flattened_obs_dim
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_fasttd3 import FastTD3
 from tests.envs import CountingTorchVecEnv
-from tests.test_fasttd3 import TINY, counting_env, make_model
+from tests.test_fasttd3 import TINY, counting_env, make_model, stored_transitions
 
 
 def test_the_arguments_shared_with_td3_come_in_td3s_order():
@@ -130,3 +132,90 @@ def test_a_replaced_lr_schedule_applies_at_the_next_train_call():
     model.critic_lr_schedule = lambda _: 1e-3
     model.train(gradient_steps=4, batch_size=16)
     assert not all(th.equal(b, p) for b, p in zip(before, trained, strict=True))
+
+
+def test_train_has_td3s_default_batch_size():
+    assert inspect.signature(FastTD3.train).parameters["batch_size"].default == 100
+    assert inspect.signature(TD3.train).parameters["batch_size"].default == 100
+
+
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_the_actor_alone_predicts_as_the_policy_and_survives_save_load(tmp_path, dict_obs):
+    # The actor applies the policy's normalizer in predict(): a saved actor acts as the whole policy does
+    model = make_model(2, dict_obs=dict_obs, use_target_actor=True)
+    model.learn(60)
+    obs = model.env.reset()
+    actions, _ = model.predict(obs, deterministic=True)
+    assert np.array_equal(model.actor.predict(obs, deterministic=True)[0], actions)
+    model.actor.save(tmp_path / "actor.pkl")
+    loaded = type(model.actor).load(tmp_path / "actor.pkl")
+    assert np.array_equal(loaded.predict(obs, deterministic=True)[0], actions)
+    assert model.actor.obs_normalizer is model.policy.obs_normalizer is model.actor_target.obs_normalizer
+
+
+def test_a_policy_state_dict_with_the_normalizer_under_the_policy_only_still_loads():
+    model = make_model(2)
+    model.learn(60)
+    state = {k: v for k, v in model.policy.state_dict().items() if not k.startswith("actor.obs_normalizer.")}
+    fresh = make_model(2)
+    fresh.policy.load_state_dict(state)
+    assert th.equal(fresh.actor.obs_normalizer.mean, model.policy.obs_normalizer.mean)
+    assert fresh.actor.obs_normalizer.count.item() == 60
+
+
+class BatchNormExtractor(BaseFeaturesExtractor):
+    """Flatten then BatchNorm: running statistics that training changes."""
+
+    def __init__(self, observation_space):
+        super().__init__(observation_space, get_flattened_obs_dim(observation_space))
+        self.norm = th.nn.BatchNorm1d(self.features_dim)
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return self.norm(observations.flatten(start_dim=1))
+
+
+def test_batch_norm_statistics_reach_the_targets():
+    model = make_model(2, use_target_actor=True, policy_kwargs=dict(features_extractor_class=BatchNormExtractor))
+    model.learn(60)
+    pairs = [(model.critic, model.critic_target), (model.actor, model.actor_target)]
+    for online, target in pairs:
+        online_mean = online.features_extractor.norm.running_mean
+        assert not th.equal(online_mean, th.zeros_like(online_mean))
+        assert th.equal(target.features_extractor.norm.running_mean, online_mean)
+        assert th.equal(target.features_extractor.norm.running_var, online.features_extractor.norm.running_var)
+
+
+def test_a_lean_buffer_keeps_the_last_transition_when_learn_starts_over(recwarn):
+    # SB3 marks the lean buffer's last transition done (and warns); here it keeps its next observation instead,
+    # so both layouts hold the same transitions after learn() starts over
+    transitions = {}
+    for lean in (False, True):
+        model = make_model(2, optimize_memory_usage=lean, n_steps=1, seed=3)
+        model.learn(30)
+        model.learn(30)
+        transitions[lean] = stored_transitions(model)
+    assert transitions[True] == transitions[False]
+    assert not [w for w in recwarn if "truncated" in str(w.message)]
+
+
+def test_load_replay_buffer_into_a_model_without_one(tmp_path):
+    model = make_model(2, buffer_size=200)
+    model.learn(40)
+    model.save_replay_buffer(tmp_path / "buffer")
+    observations = model.replay_buffer.observations.clone()
+    model.replay_buffer = None
+    model.load_replay_buffer(tmp_path / "buffer")
+    assert th.equal(model.replay_buffer.observations, observations)
+
+
+def test_a_shared_extractor_is_shared_by_the_targets_too_and_soft_updated_once():
+    kwargs = dict(features_extractor_class=BatchNormExtractor, share_features_extractor=True)
+    model = make_model(2, use_target_actor=True, policy_delay=1, tau=0.5, policy_kwargs=kwargs)
+    assert model.actor_target.features_extractor is model.critic_target.features_extractor
+    model.learn(40)
+    target = list(model.critic_target.features_extractor.parameters())
+    before = [param.clone() for param in target]
+    model.train(gradient_steps=1, batch_size=16)
+    online = list(model.critic.features_extractor.parameters())
+    for old, new, param in zip(before, target, online, strict=True):
+        th.testing.assert_close(new, old + 0.5 * (param - old))

@@ -6,12 +6,13 @@ from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
+from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
-from stable_baselines3.common.noise import ActionNoise
+from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
-from stable_baselines3.common.utils import FloatSchedule, update_learning_rate
+from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch.nn import functional as F
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
@@ -276,6 +277,12 @@ class FastTD3(RolloutCollection):
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
             raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
         warn_if_bf16_is_emulated(self.amp_dtype, self.device)
+        set_by_the_algorithm = sorted({"optimize_memory_usage", "n_envs", "n_steps", "gamma"} & set(self.replay_buffer_kwargs))
+        if set_by_the_algorithm:
+            raise ValueError(
+                f"replay_buffer_kwargs must not contain {set_by_the_algorithm}: FastTD3 passes these to the buffer from "
+                "its own arguments of the same names"
+            )
         # buffer_size is checked against n_envs * (n_steps + 1) by the replay buffer, created next
 
     # ------------------------------------------------------------------ setup
@@ -334,7 +341,19 @@ class FastTD3(RolloutCollection):
         self._critic_polyak_params = list(self.critic.parameters())
         self._critic_target_params = list(self.critic_target.parameters())
         self._actor_params = list(self.actor.parameters())
-        self._actor_target_params = [] if self.actor_target is None else list(self.actor_target.parameters())
+        # The actor's soft-updated pairs, less a target extractor shared with the critic target (updated with it)
+        critic_target_params = {id(param) for param in self._critic_target_params}
+        pairs = () if self.actor_target is None else zip(self.actor_target.parameters(), self._actor_params, strict=True)
+        actor_pairs = [(target, online) for target, online in pairs if id(target) not in critic_target_params]
+        self._actor_target_params = [target for target, _ in actor_pairs]
+        self._actor_polyak_params = [online for _, online in actor_pairs]
+        # BatchNorm running statistics: copied to the targets at each soft update (SB3's TD3 does the same)
+        self._critic_batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
+        self._critic_target_batch_norm_stats = get_parameters_by_name(self.critic_target, ["running_"])
+        self._actor_batch_norm_stats = get_parameters_by_name(self.actor, ["running_"])
+        self._actor_target_batch_norm_stats = (
+            [] if self.actor_target is None else get_parameters_by_name(self.actor_target, ["running_"])
+        )
         self._one = th.ones((), device=self.device)
         # Sums read at each log dump: critic loss, mean Q, critic updates, actor loss, actor updates
         self._train_stats = th.zeros(5, device=self.device)
@@ -380,7 +399,11 @@ class FastTD3(RolloutCollection):
         if reset_num_timesteps or self._last_obs is None:
             # The envs are about to be reset: the next transitions do not follow the stored ones
             self.replay_buffer.close_windows()
-        result = super()._setup_learn(total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        if self.action_noise is not None and self.n_envs > 1 and not isinstance(self.action_noise, VectorizedActionNoise):
+            self.action_noise = VectorizedActionNoise(self.action_noise, self.n_envs)
+        # OffPolicyAlgorithm's step is skipped: it marks the lean buffer's newest row done (a truncated trajectory),
+        # where close_windows has kept that row's next observation
+        result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         noise = self.exploration_noise
         if self.action_noise is not None:
             self.exploration_noise = None  # SB3's action noise replaces the mixed noise
@@ -401,6 +424,11 @@ class FastTD3(RolloutCollection):
             "_critic_target_params",
             "_actor_params",
             "_actor_target_params",
+            "_actor_polyak_params",
+            "_critic_batch_norm_stats",
+            "_critic_target_batch_norm_stats",
+            "_actor_batch_norm_stats",
+            "_actor_target_batch_norm_stats",
             "_one",
             "exploration_noise",
             "_last_obs_tensor",
@@ -433,12 +461,12 @@ class FastTD3(RolloutCollection):
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
-        current = self.replay_buffer
         kept = "The model's current buffer was kept."
+        handle_timeout = self.replay_buffer_kwargs.get("handle_timeout_termination", True)
         for name, saved, ours in (
             ("observation_space", replay_buffer.observation_space, self.observation_space),
             ("action_space", replay_buffer.action_space, self.action_space),
-            ("handle_timeout_termination", replay_buffer.handle_timeout_termination, current.handle_timeout_termination),
+            ("handle_timeout_termination", replay_buffer.handle_timeout_termination, handle_timeout),
         ):
             if saved != ours:
                 raise ValueError(
@@ -451,7 +479,7 @@ class FastTD3(RolloutCollection):
                 f"gamma={replay_buffer.gamma}, but the model has n_steps={self.n_steps}, gamma={self.gamma}: "
                 f"load it into a model with the same n_steps and gamma. {kept}"
             )
-        lean = current.optimize_memory_usage
+        lean = self.optimize_memory_usage
         if (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
             replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
         if truncate_last_traj:
@@ -460,7 +488,7 @@ class FastTD3(RolloutCollection):
         self.replay_buffer = replay_buffer
 
     # ------------------------------------------------------------------ updates
-    def train(self, gradient_steps: int, batch_size: int) -> None:
+    def train(self, gradient_steps: int, batch_size: int = 100) -> None:
         self.policy.set_training_mode(True)
         actor_lr, critic_lr = self._current_learning_rates()
         update_learning_rate(self.actor.optimizer, actor_lr)
@@ -508,8 +536,10 @@ class FastTD3(RolloutCollection):
             self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
             self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
             if self.actor_target is not None:
-                self._soft_update(self._actor_target_params, self._actor_params)
+                self._soft_update(self._actor_target_params, self._actor_polyak_params)
+                self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
         self._soft_update(self._critic_target_params, self._critic_polyak_params)
+        self._copy_stats(self._critic_target_batch_norm_stats, self._critic_batch_norm_stats)
 
     @th.no_grad()
     def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:
@@ -518,6 +548,12 @@ class FastTD3(RolloutCollection):
         chain one node per update onto every target weight (memory growing for the whole run).
         """
         th._foreach_lerp_(target_params, params, self.tau)
+
+    @staticmethod
+    @th.no_grad()
+    def _copy_stats(target_stats: list[th.Tensor], stats: list[th.Tensor]) -> None:
+        if stats:
+            th._foreach_copy_(target_stats, stats)
 
     def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: list[th.Tensor]) -> None:
         """

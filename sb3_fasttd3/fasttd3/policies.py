@@ -4,6 +4,7 @@ import copy
 from collections import OrderedDict
 from typing import Any
 
+import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.policies import BaseModel, BasePolicy
@@ -48,6 +49,19 @@ def _flatten_keys(extractor: nn.Module, space: spaces.Space, normalize_images: b
     return None
 
 
+def _copy_normalizer_statistics(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """
+    The normalizer's statistics are saved under each module that holds it (the policy, the actor, the target
+    actor); a state dict that has them under the policy's ``obs_normalizer.`` only (as saved before the actor held
+    the normalizer) gets them copied to the others, so that it still loads.
+    """
+    own = prefix + "obs_normalizer."
+    for key in [key for key in state_dict if key.startswith(own)]:
+        for holder in ("actor.", "actor_target."):
+            if getattr(module, holder[:-1], None) is not None:
+                state_dict.setdefault(prefix + holder + key[len(prefix) :], state_dict[key])
+
+
 class FeaturesNetwork(BaseModel):
     """
     A network that reads observations as SB3's do: SB3's preprocessing (images divided by 255 when
@@ -84,9 +98,12 @@ class FeaturesNetwork(BaseModel):
         return th.cat([obs[key].flatten(start_dim=1).float() for key in keys], dim=1)  # type: ignore[index]
 
 
-class Actor(FeaturesNetwork):
+class Actor(FeaturesNetwork, BasePolicy):
     """
     Deterministic actor: features extractor, then an MLP followed by ``tanh``, so actions lie in [-1, 1].
+    ``forward`` reads normalized observations (the algorithm normalizes a batch once for the actor and the critic);
+    ``predict`` reads raw ones (the env's whole observation) and applies ``obs_normalizer`` first, so a saved actor
+    acts as its policy does.
 
     :param observation_space: the (sub)space of the observations the actor reads
     :param action_space: the action space
@@ -94,6 +111,7 @@ class Actor(FeaturesNetwork):
     :param net_arch: hidden layer sizes
     :param activation_fn: activation after each hidden layer
     :param normalize_images: divide images by 255
+    :param obs_normalizer: the policy's observation normalizer (the same module, not a copy), or None
     """
 
     def __init__(
@@ -104,8 +122,13 @@ class Actor(FeaturesNetwork):
         net_arch: list[int],
         activation_fn: type[nn.Module] = nn.ReLU,
         normalize_images: bool = True,
+        obs_normalizer: EmpiricalNormalization | DictNormalization | None = None,
     ):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
+        self._squash_output = True  # predict() maps actions from [-1, 1] to the action space's bounds
+        self.net_arch = net_arch
+        self.activation_fn = activation_fn
+        self.obs_normalizer = obs_normalizer
         action_dim = spaces.flatdim(action_space)
         self.mu = nn.Sequential(
             *create_mlp(features_extractor.features_dim, action_dim, net_arch, activation_fn, squash_output=True)
@@ -115,8 +138,29 @@ class Actor(FeaturesNetwork):
         nn.init.normal_(last_linear.weight, 0.0, 0.01)
         nn.init.zeros_(last_linear.bias)
 
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data.update(
+            features_extractor=self.features_extractor,
+            net_arch=self.net_arch,
+            activation_fn=self.activation_fn,
+            obs_normalizer=self.obs_normalizer,
+        )
+        return data
+
     def forward(self, obs: PyTorchObs) -> th.Tensor:
         return self.mu(self.features(obs))
+
+    def obs_to_tensor(self, observation: np.ndarray | dict[str, np.ndarray]) -> tuple[PyTorchObs, bool]:
+        # The env's whole observation is accepted: the actor keeps the keys it reads
+        if isinstance(observation, dict) and isinstance(self.observation_space, spaces.Dict):
+            observation = {key: observation[key] for key in self.observation_space.spaces}
+        return super().obs_to_tensor(observation)
+
+    def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
+        if self.obs_normalizer is not None:
+            observation = self.obs_normalizer(observation)  # type: ignore[arg-type]
+        return self(observation)
 
 
 class DistributionalCritic(FeaturesNetwork):
@@ -327,6 +371,7 @@ class FastTD3Policy(BasePolicy):
             self.net_arch["pi"],
             self.activation_fn,
             self.normalize_images,
+            self.obs_normalizer,
         )
         share = self.share_features_extractor
         self.critic = DistributionalCritic(
@@ -341,9 +386,15 @@ class FastTD3Policy(BasePolicy):
             self.normalize_images,
             share,
         )
-        # Targets hold their own copies (of a shared extractor too) and stay in eval mode
+        # Targets hold their own copies and stay in eval mode
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False).train(False)
-        self.actor_target = copy.deepcopy(self.actor).requires_grad_(False).train(False) if self.use_target_actor else None
+        self.actor_target = None
+        if self.use_target_actor:
+            self.actor_target = copy.deepcopy(self.actor).requires_grad_(False).train(False)
+            self.actor_target.obs_normalizer = self.obs_normalizer  # one set of statistics
+            if share:  # as the online networks, the targets share one extractor (the critic target's)
+                self.actor_target.features_extractor = self.critic_target.features_extractor
+        self.register_load_state_dict_pre_hook(_copy_normalizer_statistics)
         # Derived from (v_min, v_max, num_atoms): moves with the policy but is not saved
         self.register_buffer("support", make_support(self.v_min, self.v_max, self.num_atoms), persistent=False)
 
