@@ -31,9 +31,8 @@ def test_callbacks_stop_at_threshold_then_resume(tmp_path):
     output = run_example(
         "resume.py", "--checkpoint", str(checkpoints / "fasttd3_1200_steps.zip"), "--timesteps", "400", cwd=tmp_path
     )
-    # As in SB3, callbacks run after env.step() and before the transition is stored: the checkpoint taken at
-    # vector step 300 holds 299 transitions per env
-    assert "replay buffer restored: 299 transitions per env" in output
+    # The step is stored before the callbacks run: the checkpoint taken at vector step 300 holds 300 transitions
+    assert "replay buffer restored: 300 transitions per env" in output
     assert "resumed at 1200 transitions, now at 1600" in output
 
 
