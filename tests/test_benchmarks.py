@@ -15,11 +15,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_benchmark(name: str, *args: str, results: Path) -> str:
+def run_benchmark(name: str, *args: str, results: Path, timeout: float = 900) -> str:
     """Run ``python -m benchmarks.<name> args`` from the checkout, writing its results to ``results``."""
     env = {**os.environ, "BENCHMARK_RESULTS_DIR": str(results)}
     command = [sys.executable, "-m", f"benchmarks.{name}", *args]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     assert result.returncode == 0, f"{name} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
     return result.stdout
 
@@ -126,3 +126,24 @@ def test_replay_memory(tmp_path):
         (card, layout) for card in (24, 80) for layout in ("full", "lean")
     }
     assert "## GPU recipe" in (tmp_path / "replay_memory.md").read_text()
+
+
+def test_soak(tmp_path):
+    args = ["--transitions", "3000", "--buffer-size", "500", "--window", "500", "--n-envs", "4", "--batch-size", "32"]
+    run_benchmark("soak", *args, "--no-compile", results=tmp_path)
+    results = read_results(tmp_path, "soak")
+    records = results["records"]
+    assert [record["transitions"] for record in records] == list(range(500, 3001, 500))
+    assert all(record["resident_mb"] > 0 and record["ms_per_step"] > 0 for record in records)
+    summary = results["summary"]
+    assert summary["warm_up_transitions"] == 1000 and summary["records_after_warm_up"] == 4
+    assert summary["resident_mb_first"] == records[2]["resident_mb"]
+
+
+@pytest.mark.slow
+def test_soak_one_million_transitions_keeps_memory_flat(tmp_path):
+    run_benchmark("soak", results=tmp_path, timeout=3600)
+    summary = read_results(tmp_path, "soak")["summary"]
+    assert abs(summary["resident_mb_slope_per_100k_transitions"]) < 1.0  # flat: under 1 MiB per 100k transitions
+    assert summary["compiled_graphs_last"] == summary["compiled_graphs_first"]
+    assert summary["ms_per_step_last"] < 1.5 * summary["ms_per_step_first"]
