@@ -219,3 +219,15 @@ def test_a_shared_extractor_is_shared_by_the_targets_too_and_soft_updated_once()
     online = list(model.critic.features_extractor.parameters())
     for old, new, param in zip(before, target, online, strict=True):
         th.testing.assert_close(new, old + 0.5 * (param - old))
+
+
+def test_parameters_copied_from_another_model_leave_its_optimizers_independent():
+    source = make_model(2, learning_starts=20)
+    source.learn(40)
+    copy = make_model(2, learning_starts=20)
+    copy.set_parameters(source.get_parameters())
+    states = [copy.critic.optimizer.state_dict(), copy.actor.optimizer.state_dict()]
+    expected = [{k: v["exp_avg"].clone() for k, v in state["state"].items()} for state in states]
+    source.train(gradient_steps=2, batch_size=16)
+    for state, before in zip(states, expected, strict=True):
+        assert all(th.equal(state["state"][k]["exp_avg"], v) for k, v in before.items())

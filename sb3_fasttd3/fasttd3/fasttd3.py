@@ -441,6 +441,21 @@ class FastTD3(RolloutCollection):
             "_act_fn",
         ]
 
+    def set_parameters(
+        self,
+        load_path_or_dict: str | dict[str, dict],
+        exact_match: bool = True,
+        device: th.device | str = "auto",
+    ) -> None:
+        super().set_parameters(load_path_or_dict, exact_match, device)
+        # torch's Optimizer.load_state_dict keeps the state tensors it is given: take copies, so that the dict of
+        # another model's get_parameters() leaves the two models' optimizers independent
+        for optimizer in (self.actor.optimizer, self.critic.optimizer):
+            for state in optimizer.state.values():
+                for key, value in state.items():
+                    if isinstance(value, th.Tensor):
+                        state[key] = value.clone()
+
     def _get_torch_save_params(self) -> tuple[list[str], list[str]]:
         return ["policy", "actor.optimizer", "critic.optimizer"], []
 
