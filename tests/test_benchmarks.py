@@ -147,3 +147,17 @@ def test_soak_one_million_transitions_keeps_memory_flat(tmp_path):
     assert abs(summary["resident_mb_slope_per_100k_transitions"]) < 1.0  # flat: under 1 MiB per 100k transitions
     assert summary["compiled_graphs_last"] == summary["compiled_graphs_first"]
     assert summary["ms_per_step_last"] < 1.5 * summary["ms_per_step_first"]
+
+
+def test_gpu_check_falls_back_to_the_cpu(tmp_path):
+    run_benchmark("gpu_check", "--quick", "--repeats", "1", "--device", "cpu", results=tmp_path)
+    results = read_results(tmp_path, "gpu_check")
+    assert results["tests"]["passed"] and not results["tests"]["failed"]  # the tests marked device, on the CPU
+    updates = results["updates"]
+    assert updates["eager fp32"]["relative_difference_to_eager_fp32"] == 0.0
+    assert updates["compiled fp32"]["relative_difference_to_eager_fp32"] < 1e-4  # the same update, fused
+    assert 0 < updates["eager bf16"]["relative_difference_to_eager_fp32"] < 0.1
+    assert updates["eager fp16"] == {"skipped": "fp16 needs CUDA"}
+    assert [row["layout"] for row in results["memory"]] == ["full", "lean"]
+    assert results["memory"][1]["buffer_gb"] < results["memory"][0]["buffer_gb"]
+    assert results["playground"]["skipped"].startswith("needs JAX on a GPU")

@@ -13,6 +13,7 @@ from stable_baselines3.common.save_util import load_from_pkl, save_to_pkl
 from stable_baselines3.common.utils import set_random_seed
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from tests.device import TEST_DEVICE
 
 OBS_DIM = 8
 ACTION_DIM = 2
@@ -127,6 +128,7 @@ def assert_same_samples(samples_a, samples_b) -> None:
             assert th.equal(value_a, value_b), field
 
 
+@pytest.mark.device
 @settings(max_examples=30, deadline=None)
 @given(
     n_envs=st.sampled_from([1, 3]),
@@ -145,7 +147,7 @@ def test_nstep_matches_brute_force(
         rows_per_env * n_envs,
         BOX_OBS_SPACE,
         ACTION_SPACE,
-        device="cpu",
+        device=TEST_DEVICE,
         n_envs=n_envs,
         handle_timeout_termination=handle_timeout,
         n_steps=n_steps,
@@ -171,13 +173,13 @@ def test_nstep_matches_brute_force(
         start, env = divmod(sample_id, n_envs)
         # Only transitions that are still stored can be sampled
         assert oldest_stored <= start < n_adds
-        np.testing.assert_array_equal(samples.observations[i].numpy(), steps[start]["obs"][env])
-        np.testing.assert_array_equal(samples.actions[i].numpy(), steps[start]["action"][env])
+        np.testing.assert_array_equal(samples.observations[i].cpu().numpy(), steps[start]["obs"][env])
+        np.testing.assert_array_equal(samples.actions[i].cpu().numpy(), steps[start]["action"][env])
 
         n_step_return, discount, next_obs, done = expected_nstep(steps, start, env, n_steps, gamma, handle_timeout)
         np.testing.assert_allclose(float(samples.rewards[i, 0]), n_step_return, rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(float(samples.discounts[i, 0]), discount, rtol=1e-6)
-        np.testing.assert_array_equal(samples.next_observations[i].numpy(), next_obs)
+        np.testing.assert_array_equal(samples.next_observations[i].cpu().numpy(), next_obs)
         assert float(samples.dones[i, 0]) == done
 
 

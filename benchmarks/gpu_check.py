@@ -1,0 +1,310 @@
+"""
+GPU readiness: one command that runs every GPU path of FastTD3 on the machine at hand and writes one result.
+
+    python -m benchmarks.gpu_check            # on a CUDA machine: the paper's sizes, sized for 8 minutes on one GPU
+    python -m benchmarks.gpu_check --quick    # small sizes; on a CPU this is the fallback that CI runs
+
+Sections:
+
+1. tests: the tests marked ``device`` (``pytest -m device``), run on this device through ``FASTTD3_TEST_DEVICE``.
+2. updates: two updates (critic, then critic and actor) of eager and compiled FastTD3 in fp32, bf16 and fp16 (fp16
+   on CUDA only) at the paper's batch (32,768) and widths (critic 1024-512-256, actor 512-256-128), from the same
+   weights, batch and random numbers: how far each variant's parameter change is from the eager fp32 one
+   (relative norm of the difference), updates/s, and the update's FLOP/s against this device's measured GEMM peak
+   in the same dtype.
+3. memory: peak device memory of those updates with the reference's humanoid-sized buffer (1024 envs x 10240
+   rows, 376-float observations) in the full and the memory-lean layouts, next to the GPU recipe's estimate
+   (``benchmarks/results/replay_memory.md``). On a CPU: the buffer's storage bytes only.
+4. distributed: a 2-rank NCCL run when two GPUs are present (recorded as not built while data-parallel training
+   is not part of FastTD3).
+5. playground: a short learning run of ``examples/playground_cheetah_run.py`` when JAX sees a GPU.
+
+Writes ``benchmarks/results/gpu_check.{json,md}``.
+"""
+
+import argparse
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch as th
+from stable_baselines3.common.logger import configure
+from stable_baselines3.common.utils import set_random_seed
+from torch._inductor import config as inductor_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from benchmarks.common import BoxEnv, machine_info, write_results
+from benchmarks.replay_memory import MODEL_RESERVE_GB, REFERENCE_ENVS, REFERENCE_ROWS
+from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+
+ROOT = Path(__file__).resolve().parents[1]
+OBS_DIM, ACTION_DIM = 376, 17  # Humanoid-v5's sizes
+VARIANTS = {
+    "eager fp32": dict(compile=False, amp_dtype=None),
+    "compiled fp32": dict(compile=True, amp_dtype=None),
+    "eager bf16": dict(compile=False, amp_dtype="bf16"),
+    "compiled bf16": dict(compile=True, amp_dtype="bf16"),
+    "eager fp16": dict(compile=False, amp_dtype="fp16"),
+    "compiled fp16": dict(compile=True, amp_dtype="fp16"),
+}
+GEMM_DTYPES = {"fp32": th.float32, "bf16": th.bfloat16, "fp16": th.float16}
+SIZES = {  # batch, critic widths, actor widths, buffer envs and rows
+    "paper": dict(batch=32768, critic=[1024, 512, 256], actor=[512, 256, 128], envs=REFERENCE_ENVS, rows=REFERENCE_ROWS),
+    "quick": dict(batch=256, critic=[64, 32, 16], actor=[32, 16], envs=16, rows=64),
+}
+
+
+def synchronize(device: th.device) -> None:
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], Any], device: th.device, repeats: int) -> float:
+    """Median wall time of ``fn`` over ``repeats`` calls after one warm-up call, waiting for the device each time."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def gemm_peak(dtype: th.dtype, device: th.device, size: int, repeats: int) -> float:
+    """FLOP/s of a square matrix product in ``dtype`` on ``device``."""
+    a, b = th.randn(size, size, device=device).to(dtype), th.randn(size, size, device=device).to(dtype)
+    return 2 * size**3 / median_seconds(lambda: a @ b, device, repeats)
+
+
+def run_device_tests(device: th.device) -> dict[str, Any]:
+    """The tests marked ``device``, on ``device``: their outcomes and the names of those that failed."""
+    with tempfile.TemporaryDirectory() as folder:
+        report = Path(folder) / "report.xml"
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "device", f"--junitxml={report}"]
+        env = {**os.environ, "FASTTD3_TEST_DEVICE": str(device)}
+        subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
+        outcomes = {"passed": [], "failed": [], "skipped": []}
+        for case in ET.parse(report).iter("testcase"):
+            kinds = {child.tag for child in case}
+            kind = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+            outcomes[kind].append(f"{case.get('classname')}::{case.get('name')}")
+    return outcomes
+
+
+def make_model(device: th.device, sizes: dict[str, Any], **kwargs: Any) -> FastTD3:
+    """A model at ``sizes`` on ``device``, with a silent logger so that ``train()`` can run before ``learn()``."""
+    model = FastTD3(
+        "MlpPolicy",
+        BoxEnv(OBS_DIM, ACTION_DIM, n_envs=1),
+        batch_size=sizes["batch"],
+        learning_starts=0,
+        policy_kwargs=dict(net_arch=dict(pi=sizes["actor"], qf=sizes["critic"])),
+        device=device,
+        seed=0,
+        **kwargs,
+    )
+    model.set_logger(configure(None, []))
+    return model
+
+
+def filled_buffer(device: th.device, envs: int, rows: int, lean: bool) -> DeviceNStepReplayBuffer:
+    """A buffer of ``envs`` x ``rows`` humanoid-sized transitions on ``device``, allocated and partly written."""
+    model_env = BoxEnv(OBS_DIM, ACTION_DIM, n_envs=1)
+    buffer = DeviceNStepReplayBuffer(
+        envs * rows,
+        model_env.observation_space,
+        model_env.action_space,
+        device=device,
+        n_envs=envs,
+        optimize_memory_usage=lean,
+        n_steps=3,
+    )
+    generator = th.Generator(device=device).manual_seed(0)
+    for step in range(8):
+        obs = th.randn(envs, OBS_DIM, device=device, generator=generator)
+        next_obs = th.randn(envs, OBS_DIM, device=device, generator=generator)
+        actions = th.rand(envs, ACTION_DIM, device=device, generator=generator) * 2 - 1
+        rewards = th.randn(envs, device=device, generator=generator)
+        dones = th.full((envs,), step % 5 == 4, device=device)
+        buffer.add(obs, next_obs, actions, rewards, dones, [{}] * envs)
+    return buffer
+
+
+def update_flops(model: FastTD3, batch: int) -> float:
+    """FLOPs of one update (averaged over the actor's delay), counted on the eager path."""
+    counter = FlopCounterMode(display=False)
+    with counter:
+        model.train(gradient_steps=model.policy_delay, batch_size=batch)
+    return counter.get_total_flops() / model.policy_delay
+
+
+def parameter_change(model: FastTD3, before: list[th.Tensor]) -> th.Tensor:
+    pairs = zip(model.policy.parameters(), before, strict=True)
+    return th.cat([(param.detach() - old).float().flatten() for param, old in pairs])
+
+
+def check_updates(device: th.device, sizes: dict[str, Any], repeats: int) -> dict[str, Any]:
+    """Agreement with the eager fp32 update, updates/s and FLOP/s against the GEMM peak, for each variant."""
+    batch = sizes["batch"]
+    buffer = filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
+    reference = make_model(device, sizes)
+    reference.replay_buffer = buffer
+    reference.train(gradient_steps=2, batch_size=batch)  # optimizer states exist
+    weights = reference.get_parameters()
+    flops = update_flops(reference, batch)
+    size = 8192 if device.type == "cuda" else 1024
+    peaks = {name: gemm_peak(dtype, device, size, repeats) for name, dtype in GEMM_DTYPES.items()}
+    rows: dict[str, Any] = {"gflop_per_update": flops / 1e9, "gemm_peak_tflop_per_s": {k: v / 1e12 for k, v in peaks.items()}}
+    reference_change = None
+    for name, kwargs in VARIANTS.items():
+        if kwargs["amp_dtype"] == "fp16" and device.type != "cuda":
+            rows[name] = {"skipped": "fp16 needs CUDA"}
+            continue
+        th._dynamo.reset()
+        model = make_model(device, sizes, **kwargs)
+        model.set_parameters(weights)
+        model.replay_buffer = buffer
+        before = [param.detach().clone() for param in model.policy.parameters()]
+        with inductor_config.patch(fallback_random=True):  # compiled code draws eager's random numbers
+            set_random_seed(0)
+            model.train(gradient_steps=2, batch_size=batch)
+        change = parameter_change(model, before)
+        if reference_change is None:
+            reference_change = change
+        relative = float((change - reference_change).norm() / reference_change.norm())
+        seconds = median_seconds(lambda model=model: model.train(gradient_steps=2, batch_size=batch), device, repeats) / 2
+        dtype = kwargs["amp_dtype"] or "fp32"
+        rows[name] = {
+            "relative_difference_to_eager_fp32": relative,
+            "updates_per_s": 1 / seconds,
+            "tflop_per_s": flops / seconds / 1e12,
+            "share_of_gemm_peak": flops / seconds / peaks[dtype],
+        }
+    return rows
+
+
+def check_memory(device: th.device, sizes: dict[str, Any]) -> list[dict[str, Any]]:
+    """Peak device memory of updates at the batch size with the reference's buffer, in either layout."""
+    rows = []
+    for layout, lean in (("full", False), ("lean", True)):
+        if device.type == "cuda":
+            th.cuda.empty_cache()
+            th.cuda.reset_peak_memory_stats(device)
+        row: dict[str, Any] = {"layout": layout, "envs": sizes["envs"], "rows": sizes["rows"]}
+        try:
+            buffer = filled_buffer(device, sizes["envs"], sizes["rows"], lean)
+            model = make_model(device, sizes)
+            model.replay_buffer = buffer
+            model.train(gradient_steps=4, batch_size=sizes["batch"])
+        except th.OutOfMemoryError as error:
+            rows.append({**row, "out_of_memory": str(error).split(".")[0]})
+            continue
+        row["buffer_gb"] = buffer.storage_nbytes() / 1e9
+        if device.type == "cuda":
+            row["peak_allocated_gb"] = th.cuda.max_memory_allocated(device) / 1e9
+            row["peak_reserved_gb"] = th.cuda.max_memory_reserved(device) / 1e9
+            row["beyond_the_buffer_gb"] = row["peak_reserved_gb"] - row["buffer_gb"]
+            row["recipe_reserve_gb"] = MODEL_RESERVE_GB
+        rows.append(row)
+        del model, buffer
+    return rows
+
+
+def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:
+    """A short CheetahRun run on the GPU when JAX sees one."""
+    try:
+        import jax
+
+        backend = jax.default_backend()
+    except ImportError:
+        return {"skipped": "JAX is not installed"}
+    if device.type != "cuda" or backend != "gpu":
+        return {"skipped": f"needs JAX on a GPU (JAX backend: {backend}, torch device: {device})"}
+    command = [sys.executable, "examples/playground_cheetah_run.py", "--device", "cuda", "--timesteps", "100000"]
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=budget_s)
+    except subprocess.TimeoutExpired:
+        return {"failed": f"did not finish within {budget_s} s"}
+    lines = [line for line in result.stdout.splitlines() if "return" in line or "transitions in" in line]
+    return {"returncode": result.returncode, "output": lines or result.stderr.splitlines()[-5:]}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    tests, updates = results["tests"], results["updates"]
+    lines = [
+        f"# GPU check on {results['device']} ({results['sizes']} sizes)",
+        "",
+        f"Tests marked `device`: {len(tests['passed'])} passed, {len(tests['failed'])} failed, "
+        f"{len(tests['skipped'])} skipped." + (f" Failed: {', '.join(tests['failed'])}." if tests["failed"] else ""),
+        "",
+        f"Updates: {updates['gflop_per_update']:.2f} GFLOP each; GEMM peak (TFLOP/s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in updates["gemm_peak_tflop_per_s"].items()),
+        "",
+        "| variant | relative difference to eager fp32 | updates/s | TFLOP/s | share of the GEMM peak |",
+        "|---|---|---|---|---|",
+    ]
+    for name in VARIANTS:
+        row = updates[name]
+        if "skipped" in row:
+            lines.append(f"| {name} | skipped: {row['skipped']} | | | |")
+            continue
+        lines.append(
+            f"| {name} | {row['relative_difference_to_eager_fp32']:.2e} | {row['updates_per_s']:.1f} | "
+            f"{row['tflop_per_s']:.3f} | {row['share_of_gemm_peak']:.1%} |"
+        )
+    lines += ["", "| layout | envs x rows | buffer GB | peak allocated GB | peak reserved GB | beyond the buffer GB |"]
+    lines.append("|---|---|---|---|---|---|")
+    for row in results["memory"]:
+        if "out_of_memory" in row:
+            lines.append(f"| {row['layout']} | {row['envs']} x {row['rows']} | {row['out_of_memory']} | | | |")
+            continue
+        peaks = [f"{row[key]:.2f}" if key in row else "n/a" for key in ("peak_allocated_gb", "peak_reserved_gb")]
+        beyond = "n/a"
+        if "beyond_the_buffer_gb" in row:
+            beyond = f"{row['beyond_the_buffer_gb']:.2f} (recipe: {row['recipe_reserve_gb']:g})"
+        size = f"{row['envs']} x {row['rows']}"
+        lines.append(f"| {row['layout']} | {size} | {row['buffer_gb']:.3f} | {' | '.join(peaks)} | {beyond} |")
+    lines += ["", f"Distributed: {results['distributed']}", "", f"Playground: {results['playground']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="small sizes (what CI runs on a CPU)")
+    parser.add_argument("--device", default="auto", help="cuda, cpu or auto (cuda when available)")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-tests", action="store_true", help="leave out the tests marked device")
+    parser.add_argument("--playground-budget", type=int, default=120, help="seconds for the Playground run")
+    args = parser.parse_args()
+
+    device = th.device("cuda" if args.device == "auto" and th.cuda.is_available() else args.device.replace("auto", "cpu"))
+    sizes_name = "quick" if args.quick else "paper"
+    sizes = SIZES[sizes_name]
+    start = time.perf_counter()
+    results: dict[str, Any] = {"device": th.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    results["sizes"] = sizes_name
+    results["tests"] = {"passed": [], "failed": [], "skipped": ["all: --skip-tests"]}
+    if not args.skip_tests:
+        results["tests"] = run_device_tests(device)
+    results["updates"] = check_updates(device, sizes, args.repeats)
+    results["memory"] = check_memory(device, sizes)
+    two_gpus = device.type == "cuda" and th.cuda.device_count() >= 2
+    results["distributed"] = "not built: FastTD3 has no data-parallel training yet" if two_gpus else "skipped: one device"
+    results["playground"] = check_playground(device, args.playground_budget)
+    results["seconds"] = time.perf_counter() - start
+    results["machine"] = machine_info()
+    write_results("gpu_check", results, markdown(results))
+
+
+if __name__ == "__main__":
+    main()
