@@ -1,4 +1,4 @@
-# Two entry points that work on a fresh machine: `make train` and `make test`.
+# Two entry points that work on a fresh machine: `make train` and `make test` (`make docs` builds the site).
 # Each creates the virtual environment and installs torch FIRST (a bare `torch` requirement resolved
 # later would pull a multi-GB CUDA build): override TORCH_SPEC for another build.
 PYTHON ?= python3
@@ -8,7 +8,7 @@ ENV_ID ?= HalfCheetah-v5
 TIMESTEPS ?= 100000
 PY := $(VENV)/bin/python
 
-.PHONY: install train test lint clean
+.PHONY: install train test docs lint clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,8 +25,12 @@ train: install
 test: install
 	$(PY) -m pytest -q
 
+# The documentation site, warnings as errors, into docs/_build/html
+docs: install
+	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
+
 lint: install
 	$(PY) -m ruff check . && $(PY) -m ruff format --check .
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache .hypothesis
+	rm -rf $(VENV) build docs/_build *.egg-info .pytest_cache .ruff_cache .hypothesis

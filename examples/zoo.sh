@@ -9,7 +9,7 @@ set -euo pipefail
 ENV_ID=${ENV_ID:-InvertedPendulum-v5}
 STEPS=${STEPS:-8000}
 LOGS=${LOGS:-logs/zoo}
-export MUJOCO_GL=${MUJOCO_GL:-egl}   # headless rendering for record_video (see the README)
+export MUJOCO_GL=${MUJOCO_GL:-egl}   # headless rendering for record_video (see docs/guide/install.md)
 export MPLBACKEND=${MPLBACKEND:-Agg}
 
 # Train with periodic evaluation (best_model.zip) and checkpoints; the observation normalizer is in the
@@ -20,7 +20,7 @@ python -m rl_zoo3.train --algo fasttd3 --env "$ENV_ID" -n "$STEPS" -f "$LOGS" \
 # Watch it (without a display: --no-render) and record a video of the final model
 python -m rl_zoo3.enjoy --algo fasttd3 --env "$ENV_ID" -f "$LOGS" -n 1000 --no-render
 python -m rl_zoo3.record_video --algo fasttd3 --env "$ENV_ID" -f "$LOGS" -n 500 || \
-  echo "record_video failed: MuJoCo rendering needs an OpenGL backend (MUJOCO_GL=egl or osmesa, see the README)"
+  echo "record_video failed: MuJoCo rendering needs an OpenGL backend (MUJOCO_GL=egl or osmesa, see docs/guide/install.md)"
 
 # Continue training the last run, and plot the training curves
 LAST=$(ls -d "$LOGS/fasttd3/${ENV_ID}_"* | sort -t_ -k2 -n | tail -1)

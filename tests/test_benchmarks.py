@@ -1,5 +1,5 @@
 """
-The benchmarks run from a checkout as the README says (``python -m benchmarks.<name>``), at sizes small
+The benchmarks run from a checkout as docs/misc/benchmarks.md says (``python -m benchmarks.<name>``), at sizes small
 enough for CI, and write the results they document; their numbers are only checked for sense.
 """
 

@@ -166,7 +166,7 @@ def test_record_video_and_record_training(wheel_env, tmp_path):
         capture_output=True,
     )
     if probe.returncode != 0:
-        pytest.skip("no EGL OpenGL library here (install libegl1 and libegl-mesa0, see the README)")
+        pytest.skip("no EGL OpenGL library here (install libegl1 and libegl-mesa0, see docs/guide/install.md)")
     common = ["--algo", "fasttd3", "--env", "InvertedPendulum-v5", "-f", "logs"]
     run(
         python,

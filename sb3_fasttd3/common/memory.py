@@ -27,8 +27,8 @@ def zeros_on_huge_pages(shape: tuple[int, ...], dtype: th.dtype, device: th.devi
     """
     ``th.zeros(shape)``; on a Linux CPU, for tensors of at least one huge page, the memory starts on a huge page
     boundary and is advised to use transparent huge pages before it is first written (a no-op when the system
-    disables them). A random row gather from a 1M-row replay table then misses the TLB far less: about 25%
-    faster on this project's 2-core CPU. Other devices and systems get a plain ``th.zeros``.
+    disables them), so that a random row gather from a large replay table misses the TLB far less. Other devices
+    and systems get a plain ``th.zeros``.
 
     :param shape: Shape of the tensor
     :param dtype: Its dtype

@@ -51,7 +51,7 @@ class EmpiricalNormalization(nn.Module):
         """
         Merge a batch of observations into the statistics.
 
-        :param batch: observations, shape (n, *shape)
+        :param batch: observations, shape ``(n, *shape)``
         """
         batch = batch.reshape(-1, *self.shape).to(self.mean.dtype)
         batch_count = batch.shape[0]
@@ -67,7 +67,7 @@ class EmpiricalNormalization(nn.Module):
 
     def forward(self, obs: th.Tensor) -> th.Tensor:
         """
-        :param obs: raw observations, shape (..., *shape)
+        :param obs: raw observations, shape ``(..., *shape)``
         :return: normalized and clipped observations
         """
         normalized = (obs - self.mean) / th.sqrt(self.var + self.epsilon)

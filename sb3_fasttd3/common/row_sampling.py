@@ -8,13 +8,12 @@ kernels issue the loads of later rows while they copy the current one, copy the 
 dtype) in one pass, and :func:`sample_tables` also draws the indices itself, in parallel, instead of writing and
 reading them back. :func:`gather_either` serves rows that live in one of two tables in one pass as well, and
 :func:`gather_references` the rows that int32 references name there (the lean replay layout's next observations,
-in the replay table or in its store of final observations). On this project's 2-core CPU, 32,768 rows
-of 172 bytes from a 1M-row table come about 1.5x to 2x faster than through ``index_select``
-(``python -m benchmarks.update_throughput --sampling-only``).
+in the replay table or in its store of final observations). Both paths are compared in
+benchmarks/results/update_throughput.md (``python -m benchmarks.update_throughput --sampling-only``).
 
-The kernels are compiled with the system's C compiler (``$CC``, else ``cc``) on first use, in ~0.1 s, and loaded
-with ctypes. Without a compiler, or with ``SB3_FASTTD3_NATIVE_SAMPLING=0``, NumPy draws the indices and
-``index_select`` gathers the rows.
+The kernels are compiled with the system's C compiler (``$CC``, else ``cc``) on first use and loaded with ctypes.
+Without a compiler, or with ``SB3_FASTTD3_NATIVE_SAMPLING=0``, NumPy draws the indices and ``index_select``
+gathers the rows.
 """
 
 import ctypes
@@ -264,8 +263,8 @@ def _threads(n_rows: int) -> int:
 
 def numpy_indices(high: int, n: int) -> th.Tensor:
     """
-    ``n`` indices uniform on ``[0, high)`` from NumPy's global RNG, as SB3's buffers draw them (on the CPU twice
-    as fast as ``th.randint``), as int32 while they fit (drawn ~20% faster than int64).
+    ``n`` indices uniform on ``[0, high)`` from NumPy's global RNG, as SB3's buffers draw them (on the CPU faster
+    than ``th.randint``), as int32 while they fit (drawn faster than int64).
     """
     dtype = np.int32 if high <= np.iinfo(np.int32).max else np.int64
     return th.from_numpy(np.random.randint(0, high, n, dtype=dtype))

@@ -163,9 +163,7 @@ def has_native_bf16(device: th.device) -> bool:
 def warn_if_bf16_is_emulated(amp_dtype: str | None, device: th.device) -> None:
     """
     Warn when ``amp_dtype="bf16"`` runs on a CPU without native bf16 products: PyTorch then converts to fp32 and
-    back, and training is slower than in fp32 (measured on a Xeon without either: 47 against 170 GFLOP/s, an update
-    0.43x as fast; with AVX512-BF16, on a Zen 4 EPYC: ~400 against ~180 GFLOP/s, an update 2.3x to
-    2.65x as fast).
+    back, and training is slower than in fp32 (with native bf16 it is faster: benchmarks/results/update_throughput.md).
     """
     if amp_dtype == "bf16" and device.type == "cpu" and cpu_has_native_bf16() is False:
         warnings.warn(

@@ -82,8 +82,8 @@ class FastTD3(RolloutCollection):
 
     Defaults follow the reference, except the batch size and the network sizes, which are sized for a CPU
     (``batch_size=256``, actor and critic ``256-256``); the reference's GPU settings are ``batch_size=32768``,
-    actor ``512-256-128`` and critic ``1024-512-256`` (see the README). Tuned per-task values for a CPU are in
-    ``hyperparams/fasttd3.yml``.
+    actor ``512-256-128`` and critic ``1024-512-256`` (see docs/guide/hyperparameters.md). Tuned per-task values
+    for a CPU are in ``hyperparams/fasttd3.yml``.
 
     :param policy: the policy model to use (MlpPolicy, CnnPolicy, MultiInputPolicy)
     :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
@@ -103,6 +103,7 @@ class FastTD3(RolloutCollection):
     :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
     :param optimize_memory_usage: store the next observation only where an episode ends (or an n-step window
         needs it) instead of once per transition: about half the memory for a sample that costs a second gather
+        (benchmarks/results/replay_memory.md)
     :param n_steps: length of the n-step returns
     :param policy_delay: the actor (and target actor) is updated once every ``policy_delay`` critic updates,
         counted over the whole training
@@ -374,9 +375,8 @@ class FastTD3(RolloutCollection):
             # The actor's loss goes through the critic. Its compiled backward computes the critic's weight
             # gradients, which eager autograd skips (``backward(inputs=...)``), a third of the actor step's matrix
             # products; with the critic detached inside the graph instead, inductor saves the ReLU masks as bool
-            # tensors, which its CPU kernels write 4x to 7x slower than eager (torch 2.13). So on a CPU it stays
-            # eager: 5% to 6% more updates per second at batch 8192 and 32768, the same at batch 256
-            # (benchmarks/actor_loss_compile.py).
+            # tensors, which its CPU kernels write several times slower than eager. So on a CPU it stays eager
+            # (benchmarks/results/actor_loss_compile.md).
             if self.device.type != "cpu":
                 self._actor_loss_fn = _compile_for_this_model(self._actor_loss, mode)
 
@@ -527,8 +527,7 @@ class FastTD3(RolloutCollection):
     def _sample_batches(self, gradient_steps: int, batch_size: int) -> Iterator[Any]:
         """
         The minibatches of one ``train()`` call, each as the replay buffer returns them, gathered with one
-        ``sample`` per group of updates: one large gather is cheaper than many small ones (measured on 2 CPU
-        cores at batch 256 and 2 updates, with the sampling kernel: 69 µs instead of 133 µs).
+        ``sample`` per group of updates: one large gather is cheaper than many small ones.
         """
         group = max(1, min(gradient_steps, MAX_SAMPLES_PER_GATHER // batch_size))
         for start in range(0, gradient_steps, group):

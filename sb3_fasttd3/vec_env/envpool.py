@@ -41,8 +41,8 @@ def _observation_space(space: spaces.Space, flatten: bool) -> spaces.Space:
 class _DirectStep:
     """
     One synchronous envpool step through its C++ binding (``_send`` / ``_recv``), skipping the Python layer of
-    ``pool.step`` that rebuilds the action list and the observation and info trees at every call (~50 to 100 us
-    here, as long as a one-env HalfCheetah step itself). It returns what ``pool.step`` returns, with envpool's own
+    ``pool.step`` that rebuilds the action list and the observation and info trees at every call (as long as a
+    one-env MuJoCo step itself). It returns what ``pool.step`` returns, with envpool's own
     ``done`` in place of ``terminated`` (``done & ~truncated``) and ``elapsed_step`` in place of ``info``.
 
     It relies on envpool 1.2.5's layout: the action list in ``_spec._action_keys`` order, the state list in

@@ -2,7 +2,7 @@
 MuJoCo Playground (JAX / MJX) tasks as a :class:`~sb3_fasttd3.vec_env.TorchVecEnv`.
 
 The batch of environments lives in JAX; observations, rewards and flags reach torch through DLPack without a
-copy, and actions go back the same way. The auto-reset is ours: Playground 0.2.0's own wrapper drops the final
+copy, and actions go back the same way. The auto-reset is ours: Playground's own wrapper (0.2) drops the final
 observation and, with ``full_reset=True``, clears the time-limit flag.
 """
 
@@ -128,9 +128,9 @@ def _to_torch(tree: Any) -> Any:
 
 def _actions_for_jax(actions: th.Tensor) -> Any:
     """
-    Torch actions as an argument of a jitted JAX call. On the CPU, the NumPy view, which the call takes in ~10 us
-    (importing the tensor through DLPack, or a ``device_put``, costs ~150 us on this project's CPU). Elsewhere a
-    zero-copy DLPack import: JAX reads the torch memory, and the step's outputs are ready (DLPack export waits)
+    Torch actions as an argument of a jitted JAX call. On the CPU, the NumPy view, which the call takes an order of
+    magnitude faster than a tensor imported through DLPack or a ``device_put``. Elsewhere a zero-copy DLPack
+    import: JAX reads the torch memory, and the step's outputs are ready (DLPack export waits)
     before torch may reuse it.
     """
     actions = actions.detach().contiguous()
@@ -152,10 +152,10 @@ class _Batch(NamedTuple):
 
 class _Packer:
     """
-    Packs a pytree of arrays into one flat array per dtype, and back. JAX's dispatch of a jitted call costs
-    about 7 us per argument and per result leaf on this project's CPU: a Playground state has ~95 leaves, the
-    batch with its reset pool ~190 (~2 ms per step, more than a small batch's physics). Packed, the batch is
-    a handful of arrays; inside the jitted step the unpacking is free (slices) and the packing one copy.
+    Packs a pytree of arrays into one flat array per dtype, and back. JAX's dispatch of a jitted call costs per
+    argument and per result leaf, and a Playground state has about a hundred leaves (twice that with the reset
+    pool): more than a small batch's physics. Packed, the batch is a handful of arrays; inside the jitted step the
+    unpacking is free (slices) and the packing one copy.
 
     :param example: the pytree (or its ``jax.eval_shape``)
     """
@@ -247,8 +247,7 @@ class PlaygroundVecEnv(TorchVecEnv):
         self._reset_jit = jax.jit(self._packed_reset)
         # The packed batch is not used after a step: XLA may write the next one in its place
         self._step_jit = jax.jit(self._packed_step, donate_argnums=0)
-        # Kept out of the step: XLA:CPU pays for every call the size of a conditional's branches, taken or not
-        # (a CheetahRun reset in a never-taken branch made a 1-env step 0.6 ms -> 1.5 ms)
+        # Kept out of the step: XLA:CPU pays at every call for the size of a conditional's branches, taken or not
         self._restart_jit = jax.jit(self._packed_restart, donate_argnums=0)
         self._keys_jit = jax.jit(lambda packed: self._packer.unpack(packed).keys)
         self._packed: tuple[jax.Array, ...] | None = None
