@@ -15,6 +15,7 @@ from gymnasium import spaces
 from mujoco_playground import State
 from mujoco_playground._src import mjx_env
 
+from sb3_fasttd3.vec_env import playground as playground_module
 from sb3_fasttd3.vec_env.playground import PlaygroundVecEnv, _actions_for_jax, _Packer, needs_menagerie, playground_tasks
 
 NUM_ENVS, EPISODE_LENGTH = 4, 5
@@ -336,3 +337,10 @@ def test_packer_round_trip_keeps_every_leaf(cartpole):
     cartpole.reset()
     assert len(cartpole._packed) <= 5
     assert len(jax.tree.leaves(cartpole.state)) > 50
+
+
+@pytest.mark.parametrize("release", ["0.1.0", "0.3.0", "1.0"])
+def test_another_playground_release_fails_with_a_clear_error(monkeypatch, release):
+    monkeypatch.setattr(playground_module, "version", lambda name: release)
+    with pytest.raises(ImportError, match=rf"private modules as of playground>=0.2,<0.3, found {release}: install"):
+        playground_module._private_playground_modules()

@@ -7,8 +7,10 @@ observation and, with ``full_reset=True``, clears the time-limit flag.
 """
 
 import functools
+import importlib
 import subprocess
 from collections.abc import Callable, Mapping
+from importlib.metadata import version
 from typing import Any, NamedTuple
 
 import jax
@@ -17,10 +19,34 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from mujoco_playground import dm_control_suite, locomotion, manipulation, registry
-from mujoco_playground._src import mjx_env
-from mujoco_playground._src.wrapper import BraxDomainRandomizationVmapWrapper
 
 from sb3_fasttd3.vec_env.base import TorchObs, TorchStep, TorchVecEnv
+
+# The Playground releases whose private modules (menagerie paths, the domain-randomization wrapper) are used here
+SUPPORTED_PLAYGROUND = ((0, 2), (0, 3))  # [0.2, 0.3)
+
+
+def _private_playground_modules() -> tuple[Any, Any]:
+    """
+    ``mujoco_playground._src.mjx_env`` and ``mujoco_playground._src.wrapper``, behind one version check: they are
+    not public API, so another release fails here with a clear error rather than deep inside a step.
+    """
+    installed = version("playground")
+    release = tuple(int(part) for part in installed.split(".")[:2] if part.isdigit())
+    (low, high), wanted = SUPPORTED_PLAYGROUND, "playground>=0.2,<0.3"
+    error = f"sb3_fasttd3's PlaygroundVecEnv uses MuJoCo Playground's private modules as of {wanted}, found {installed}"
+    if not low <= release < high:
+        raise ImportError(f"{error}: install {wanted}")
+    try:
+        return importlib.import_module("mujoco_playground._src.mjx_env"), importlib.import_module(
+            "mujoco_playground._src.wrapper"
+        )
+    except ImportError as err:
+        raise ImportError(f"{error}, where they could not be imported: install {wanted}") from err
+
+
+mjx_env, _wrapper = _private_playground_modules()
+BraxDomainRandomizationVmapWrapper = _wrapper.BraxDomainRandomizationVmapWrapper
 
 # fn(mjx_model, rng of shape (num_envs, 2)) -> (batched mjx_model, in_axes), as registry.get_domain_randomizer returns
 RandomizationFn = Callable[[Any, jax.Array], tuple[Any, Any]]
