@@ -3,6 +3,7 @@
 import copy
 import warnings
 
+import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.utils import set_random_seed
@@ -195,3 +196,16 @@ def test_models_built_one_after_another_each_compile():
             graphs.append(counters["stats"]["unique_graphs"])
     # Each model compiled its critic loss and its acting function (its actor loss stays eager on a CPU)
     assert all(count >= 2 for count in graphs), graphs
+
+
+def test_a_model_trained_in_fp16_loads_on_a_cpu_in_fp32(tmp_path):
+    model = make_model(2, learning_starts=20)
+    model.learn(30)
+    model.amp_dtype = "fp16"  # what a model trained on a GPU in fp16 saves
+    model.save(tmp_path / "fp16_model")
+    with pytest.warns(UserWarning, match="amp_dtype='fp16' needs a CUDA device: the model loaded on cpu runs in fp32"):
+        loaded = FastTD3.load(tmp_path / "fp16_model", env=model.get_env(), device="cpu")
+    assert loaded.amp_dtype is None and loaded.autocast_dtype is None
+    obs = model.get_env().reset()
+    np.testing.assert_array_equal(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+    loaded.learn(20, reset_num_timesteps=False)  # and trains on

@@ -16,6 +16,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.fasttd3.rollouts import DEVICE_SYNC_STEPS
 from sb3_fasttd3.vec_env import EpisodeTracker, NumpyVecEnv
+from sb3_fasttd3.vec_env.base import TorchStep
 from tests.envs import CountingTorchVecEnv
 
 TINY = dict(policy_kwargs=dict(net_arch=[16]), batch_size=16, learning_starts=20, num_atoms=11, v_min=-50.0, v_max=10.0)
@@ -215,3 +216,25 @@ def test_evaluation_of_a_model_trained_on_device(tmp_path):
     assert np.isfinite(mean_reward)
     obs = eval_env.reset()
     assert np.array_equal(model.predict(obs, deterministic=True)[0], loaded.predict(obs, deterministic=True)[0])
+
+
+class BothFlagsTorchVecEnv(CountingTorchVecEnv):
+    """A backend that reports ``truncated`` with ``terminated`` when an episode terminates at its time limit."""
+
+    def _step(self, actions: th.Tensor) -> TorchStep:
+        step = super()._step(actions)
+        return step._replace(truncated=step.truncated | step.terminated)
+
+
+def test_termination_wins_over_truncation_for_every_backend():
+    env = BothFlagsTorchVecEnv(num_envs=2, bound=0.5)
+    env.reset()
+    for _ in range(20):
+        infos = env.step(th.ones(2, 1))[3]
+        assert not (infos["terminated"] & infos["truncated"]).any()
+    model = FastTD3("MlpPolicy", BothFlagsTorchVecEnv(num_envs=2, bound=0.5), learning_starts=1000, seed=0)
+    model.learn(40)
+    # Terminations are the steps that left [-0.5, 0.5] (reward below -0.5): stored as done, never as timeouts
+    buffer, stored = model.replay_buffer, slice(0, 20)
+    ends = buffer.rewards[:, stored] < -0.5
+    assert ends.any() and buffer.dones[:, stored][ends].all() and not buffer.timeouts[:, stored][ends].any()

@@ -1,6 +1,7 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
 import types
+import warnings
 from collections.abc import Callable, Iterator
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -245,6 +246,8 @@ class FastTD3(RolloutCollection):
 
         if self.env is not None:  # an env given by its id was made by SB3: check what it made
             check_env_spaces(self.env)
+        # SB3's load() builds the model without setting it up, restores its data, then sets it up
+        self._loading = not _init_setup_model
         if _init_setup_model:
             self._setup_model()
 
@@ -276,7 +279,11 @@ class FastTD3(RolloutCollection):
         require(self.epsilon > 0, "epsilon", "a float > 0")
         require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
-            raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
+            if not self._loading:
+                raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
+            # A model trained in fp16 still loads anywhere, to predict, deploy or train on
+            warnings.warn(f"amp_dtype='fp16' needs a CUDA device: the model loaded on {self.device} runs in fp32")
+            self.amp_dtype = None
         warn_if_bf16_is_emulated(self.amp_dtype, self.device)
         set_by_the_algorithm = sorted({"optimize_memory_usage", "n_envs", "n_steps", "gamma"} & set(self.replay_buffer_kwargs))
         if set_by_the_algorithm:
@@ -415,6 +422,7 @@ class FastTD3(RolloutCollection):
     def _excluded_save_params(self) -> list[str]:
         return [
             *super()._excluded_save_params(),
+            "_loading",
             "actor",
             "critic",
             "critic_target",

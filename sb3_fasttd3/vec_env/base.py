@@ -178,8 +178,10 @@ class TorchVecEnv(VecEnv, ABC):
         assert self._actions is not None, "call step_async() first"
         step = self._step(self._actions)
         dones = step.terminated | step.truncated if step.dones is None else step.dones
+        # An episode that ends in a terminal state at its time limit is terminated: it must not bootstrap
+        truncated = step.truncated & ~step.terminated
         self.episode_tracker.update(step.reward, dones)
-        infos = {"final_observation": step.final_obs, "terminated": step.terminated, "truncated": step.truncated}
+        infos = {"final_observation": step.final_obs, "terminated": step.terminated, "truncated": truncated}
         return step.obs, step.reward, dones, infos
 
     def close(self) -> None:
