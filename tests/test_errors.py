@@ -6,10 +6,10 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
-from stable_baselines3.common.vec_env import VecNormalize
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 
 from sb3_fasttd3 import FastTD3
-from tests.envs import CountingEnv
+from tests.envs import CountingEnv, CountingTorchVecEnv
 from tests.test_fasttd3 import TINY, counting_env, make_model
 
 
@@ -131,3 +131,37 @@ def test_non_finite_reward_fails():
     model = FastTD3("MlpPolicy", make_vec_env(NanRewardEnv, n_envs=1), **TINY)
     with pytest.raises(ValueError, match=r"Env 0 returned a non-finite .*reward at timestep 3"):
         model.learn(50)
+
+
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_a_non_finite_observation_from_reset_leaves_the_normalizer_unchanged(torch_env):
+    if torch_env:
+        env = CountingTorchVecEnv(num_envs=2, nan_at=0)
+    else:
+        env = make_vec_env(CountingEnv, n_envs=2, seed=0, env_kwargs=dict(nan_at=0))  # NaN before the first step
+    model = FastTD3("MlpPolicy", env, seed=0, **TINY)
+    with pytest.raises(ValueError, match=r"Env 0 returned a non-finite \(NaN or inf\) observation from reset\(\)"):
+        model.learn(10)
+    normalizer = model.policy.obs_normalizer
+    assert normalizer.count.item() == 0 and th.isfinite(normalizer.mean).all() and th.isfinite(normalizer.var).all()
+
+
+class DropsFinalObservations(VecEnvWrapper):
+    """A VecEnv whose infos lack ``terminal_observation``."""
+
+    def reset(self):
+        return self.venv.reset()
+
+    def step_wait(self):
+        obs, rewards, dones, infos = self.venv.step_wait()
+        for info in infos:
+            info.pop("terminal_observation", None)
+        return obs, rewards, dones, infos
+
+
+def test_an_episode_end_without_its_final_observation_fails_and_stores_nothing_of_the_step():
+    env = DropsFinalObservations(make_vec_env(CountingEnv, n_envs=2, seed=0, env_kwargs=dict(max_steps=5)))
+    model = FastTD3("MlpPolicy", env, seed=0, **TINY)
+    with pytest.raises(ValueError, match=r"Env 0 ended an episode at timestep 10 without info\['terminal_observation'\]"):
+        model.learn(100)
+    assert model.replay_buffer.size() == 4  # the four steps before, nothing of the fifth

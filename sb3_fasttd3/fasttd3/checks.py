@@ -112,6 +112,40 @@ def check_finite(
                 _raise_non_finite(name, env_idx, timestep)
 
 
+def check_final_observations(final_obs: dict[int, Any], timestep: int) -> None:
+    """
+    Refuse a finished episode without its final observation, before anything of the step is stored: the next
+    observation stored would otherwise be the reset observation of the next episode.
+
+    :param final_obs: ``info["terminal_observation"]`` (None where missing) of each env whose episode ended
+    :param timestep: the model's timestep, for the message
+    """
+    missing = [env_idx for env_idx, obs in final_obs.items() if obs is None]
+    if missing:
+        raise ValueError(
+            f"Env {missing[0]} ended an episode at timestep {timestep} without info['terminal_observation']: FastTD3 "
+            "stores the true final observation of every episode, which SB3's VecEnvs put there when they reset an "
+            "env. Nothing of this step was stored; use a VecEnv that fills it (DummyVecEnv, SubprocVecEnv)."
+        )
+
+
+def check_finite_reset(obs: Any) -> None:
+    """
+    Refuse NaN or inf in the observations that ``reset()`` returned, before they reach the normalizer's statistics
+    (which one non-finite value would spoil for good).
+
+    :param obs: the observations of ``reset()`` (array or tensor, or a dict of them, leading dimension n_envs)
+    """
+    for name, value in _named_parts("observation", obs).items():
+        rows = th.as_tensor(value)
+        finite = th.isfinite(rows.reshape(rows.shape[0], -1)).all(dim=1)
+        if not finite.all():
+            raise ValueError(
+                f"Env {int(th.nonzero(~finite)[0, 0])} returned a non-finite (NaN or inf) {name} from reset(): "
+                "nothing was collected from it and the observation normalizer is unchanged. Fix the environment."
+            )
+
+
 def _raise_non_finite(name: str, env_idx: int, timestep: int) -> None:
     raise ValueError(
         f"Env {env_idx} returned a non-finite (NaN or inf) {name} at timestep {timestep}: "

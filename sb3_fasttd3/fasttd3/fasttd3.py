@@ -21,6 +21,7 @@ from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
 from sb3_fasttd3.fasttd3.checks import (
     check_env_spaces,
+    check_finite_reset,
     has_native_bf16,
     resolve_normalize_observations,
     warn_if_bf16_is_emulated,
@@ -411,6 +412,7 @@ class FastTD3(RolloutCollection):
         # OffPolicyAlgorithm's step is skipped: it marks the lean buffer's newest row done (a truncated trajectory),
         # where close_windows has kept that row's next observation
         result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
+        check_finite_reset(self._last_obs)
         noise = self.exploration_noise
         if self.action_noise is not None:
             self.exploration_noise = None  # SB3's action noise replaces the mixed noise

@@ -13,7 +13,7 @@ from stable_baselines3.common.type_aliases import RolloutReturn, TrainFreq, Trai
 from stable_baselines3.common.utils import obs_as_tensor, should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_fasttd3.fasttd3.checks import check_finite, check_finite_on_device
+from sb3_fasttd3.fasttd3.checks import check_final_observations, check_finite, check_finite_on_device
 from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
 
 # With a TorchVecEnv, finished episodes are read from the device once every this many vector steps
@@ -204,18 +204,19 @@ class RolloutCollection(OffPolicyAlgorithm):
         Behind a ``VecNormalize``, the original (unnormalized) observations and rewards are stored, as in SB3.
         """
         final_obs = {int(i): infos[i].get("terminal_observation") for i in np.flatnonzero(dones)}
+        check_final_observations(final_obs, self.num_timesteps)
         stored_obs, stored_new_obs = obs, new_obs
         vec_normalize = self._vec_normalize_env
         if vec_normalize is not None:
             rewards = vec_normalize.get_original_reward()
-            final_obs = {i: None if o is None else vec_normalize.unnormalize_obs(o) for i, o in final_obs.items()}
+            final_obs = {i: vec_normalize.unnormalize_obs(o) for i, o in final_obs.items()}
             if vec_normalize.norm_obs:
                 stored_obs = obs_as_tensor(self._last_original_obs, self.device)  # type: ignore[arg-type]
                 stored_new_obs = self._last_original_obs = vec_normalize.get_original_obs()
         check_finite(stored_new_obs, rewards, final_obs, self.num_timesteps)
         new_obs_tensor = obs_as_tensor(new_obs, self.device)  # type: ignore[arg-type]
         next_obs = new_obs_tensor if stored_new_obs is new_obs else obs_as_tensor(stored_new_obs, self.device)  # type: ignore[arg-type]
-        next_obs = self._replace_rows(next_obs, {i: o for i, o in final_obs.items() if o is not None})
+        next_obs = self._replace_rows(next_obs, final_obs)
         truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
         self.replay_buffer.add(stored_obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
         return new_obs_tensor
