@@ -61,6 +61,8 @@ def test_unsupported_observation_space():
         (dict(tau=-0.1), r"tau must be in \[0, 1\]"),
         (dict(tau=1.5), r"tau must be in \[0, 1\]"),
         (dict(replay_buffer_kwargs=dict(optimize_memory_usage=True)), r"replay_buffer_kwargs must not contain"),
+        (dict(policy_kwargs=dict(num_atoms=51)), r"policy_kwargs must not contain \['num_atoms'\]: pass them to FastTD3"),
+        (dict(policy_kwargs=dict(v_min=-1, use_target_actor=True)), r"\['use_target_actor', 'v_min'\]"),
         (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),
         (dict(gamma=1.01), r"gamma must be in \(0, 1\]"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),

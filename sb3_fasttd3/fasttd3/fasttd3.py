@@ -327,6 +327,15 @@ class FastTD3(RolloutCollection):
             self.action_space,
             self.critic_lr_schedule,
             **self.policy_kwargs,
+            **self._algorithm_policy_kwargs(),
+        ).to(self.device)
+        self._convert_train_freq()
+        self._create_aliases()
+        self._setup_fast_path()
+
+    def _algorithm_policy_kwargs(self) -> dict[str, Any]:
+        """The policy's arguments that FastTD3 sets from its own: ``policy_kwargs`` may not hold them too."""
+        kwargs = dict(
             num_atoms=self.num_atoms,
             v_min=self.v_min,
             v_max=self.v_max,
@@ -334,10 +343,14 @@ class FastTD3(RolloutCollection):
             normalize_observations=self.normalize_observations,
             clip_obs=self.clip_obs,
             epsilon=self.epsilon,
-        ).to(self.device)
-        self._convert_train_freq()
-        self._create_aliases()
-        self._setup_fast_path()
+        )
+        duplicates = sorted(set(kwargs) & set(self.policy_kwargs))
+        if duplicates:
+            raise ValueError(
+                f"policy_kwargs must not contain {duplicates}: pass them to FastTD3 itself, e.g. "
+                f"FastTD3(..., {duplicates[0]}=...), which hands them to the policy"
+            )
+        return kwargs
 
     def _create_aliases(self) -> None:
         self.actor = self.policy.actor
