@@ -1,5 +1,6 @@
 """How FastTD3 steps its environments and stores transitions: from NumPy VecEnvs, and from TorchVecEnvs on device."""
 
+import time
 from typing import Any
 
 import numpy as np
@@ -19,6 +20,32 @@ from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
 # With a TorchVecEnv, finished episodes are read from the device once every this many vector steps
 # (episode statistics reach the logs at most this late)
 DEVICE_SYNC_STEPS = 100
+
+
+class EnvStepError(RuntimeError):
+    """An environment failed during ``step``; the original exception is its ``__cause__``."""
+
+
+def _failed_env_index(env: VecEnv, error: BaseException) -> int | None:
+    """
+    Which env failed, where the VecEnv lets us tell: a dead worker of a ``SubprocVecEnv``, or the env that
+    ``DummyVecEnv.step_wait`` was stepping when it raised. None otherwise (a batched simulator fails as a whole).
+    """
+    processes = getattr(getattr(env, "unwrapped", env), "processes", None)
+    if processes is not None:
+        for _ in range(20):  # a dead worker's pipe may close a moment before its process is reaped
+            dead = [index for index, process in enumerate(processes) if not process.is_alive()]
+            if dead:
+                return dead[0]
+            time.sleep(0.05)
+        return None
+    traceback = error.__traceback__
+    while traceback is not None:
+        frame = traceback.tb_frame
+        if frame.f_code.co_name == "step_wait" and isinstance(frame.f_locals.get("env_idx"), int):
+            return frame.f_locals["env_idx"]
+        traceback = traceback.tb_next
+    return None
 
 
 class RolloutCollection(OffPolicyAlgorithm):
@@ -70,7 +97,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
             actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
 
-            new_obs, rewards, dones, infos = env.step(actions)
+            new_obs, rewards, dones, infos = self._step_env(env, actions)
             self.num_timesteps += env.num_envs
             num_collected_steps += 1
 
@@ -93,6 +120,22 @@ class RolloutCollection(OffPolicyAlgorithm):
                 return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
         callback.on_rollout_end()
         return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
+
+    def _step_env(self, env: VecEnv, actions: Any) -> Any:
+        """
+        ``env.step(actions)``; an exception from the envs is raised again as an :class:`EnvStepError` naming the
+        env (where known) and the timestep, before anything of the step is stored or counted.
+        """
+        try:
+            return env.step(actions)
+        except Exception as error:
+            env_idx = _failed_env_index(env, error)
+            which = "An environment" if env_idx is None else f"Env {env_idx}"
+            raise EnvStepError(
+                f"{which} failed at timestep {self.num_timesteps + env.num_envs} ({type(error).__name__}: {error}). "
+                "Nothing of this step was stored: the model and its replay buffer are intact and can be saved. "
+                "To go on, replace the envs with model.set_env(new_env) and call learn() again."
+            ) from error
 
     def _reset_noise(self, done_indices: np.ndarray, dones: th.Tensor) -> None:
         """
@@ -120,7 +163,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             buffer_actions = self._exploration_actions(self._to_model_device(obs), learning_starts)
             actions = self._env_action_low + (buffer_actions.to(env.device) + 1.0) * self._env_action_half_range
 
-            new_obs, rewards, dones, infos = env.step(actions)
+            new_obs, rewards, dones, infos = self._step_env(env, actions)
             self.num_timesteps += env.num_envs
             num_collected_steps += 1
 
