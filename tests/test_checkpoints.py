@@ -6,16 +6,20 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
+import gymnasium as gym
+import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.callbacks import FastTD3CheckpointCallback
-from sb3_fasttd3.common.checkpoints import CheckpointError, atomic_write
+from sb3_fasttd3.common.checkpoints import CheckpointError, atomic_write, make_generator
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path(__file__).with_name("checkpoint_run.py")
@@ -209,3 +213,39 @@ def test_keep_last_keeps_exactly_the_newest(tmp_path):
 def test_keep_last_rejects_non_positive(tmp_path, keep_last):
     with pytest.raises(ValueError, match="keep_last"):
         FastTD3CheckpointCallback(10, str(tmp_path), keep_last=keep_last)
+
+
+class Unpicklable(gym.Wrapper):
+    """An env holding something pickle refuses, as a renderer or a simulator handle would."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        self.lock = threading.Lock()
+
+
+def test_envs_that_do_not_pickle_keep_their_rngs_and_are_reset(tmp_path):
+    def make_env(seed: int) -> VecEnv:
+        return make_vec_env("Pendulum-v1", n_envs=2, seed=seed, wrapper_class=Unpicklable)
+
+    model = FastTD3("MlpPolicy", make_env(0), seed=0, **TINY)
+    model.learn(100)
+    with pytest.warns(UserWarning, match="cannot be pickled"):
+        path = model.save_checkpoint(tmp_path / "rng_only.zip")
+    saved = [generator.bit_generator.state for generator in model.env.get_attr("np_random")]
+
+    other = make_env(7)  # other RNG states, overwritten by the checkpoint's
+    assert [generator.bit_generator.state for generator in other.get_attr("np_random")] != saved
+    resumed = FastTD3.load_checkpoint(path, env=other, device="cpu")
+    assert [generator.bit_generator.state for generator in resumed.env.get_attr("np_random")] == saved
+    assert resumed._last_obs is None  # the envs' simulator state is lost: learn() resets them
+
+    # The envs reset from the checkpoint's RNGs, not from a seed queued by the new env or the model
+    expected = []
+    for state in saved:
+        env = gym.make("Pendulum-v1")
+        env.unwrapped.np_random = make_generator(state)
+        expected.append(env.reset()[0])
+    assert np.array_equal(resumed.env.reset(), np.stack(expected))
+    resumed._last_obs = None
+    resumed.learn(40, reset_num_timesteps=False)
+    assert resumed.num_timesteps == 140

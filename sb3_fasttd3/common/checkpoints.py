@@ -174,6 +174,11 @@ def restore_envs(env: VecEnv, envs_bytes: bytes | None, rng_states: list[dict[st
 
     :return: whether the envs' full state was restored (else they must be reset before training)
     """
+    innermost = env
+    while isinstance(innermost, VecEnvWrapper):
+        innermost = innermost.venv
+    if hasattr(innermost, "_reset_seeds"):
+        innermost._reset_seeds()  # seeds queued by make_vec_env(seed=...) would override the restored RNGs at reset
     dummy = dummy_vec_env(env)
     if envs_bytes is not None and dummy is not None:
         envs = pickle.loads(envs_bytes)
