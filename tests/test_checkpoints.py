@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.noise import OrnsteinUhlenbeckActionNoise
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_fasttd3 import FastTD3
@@ -58,9 +59,11 @@ def checkpoint(tmp_path_factory) -> Path:
     return Path(model.save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "model.zip"))
 
 
-def test_save_then_load_checkpoint_continues_exactly(tmp_path):
-    # Mixed noise scales, RNGs, buffer windows and the envs' own state all carry over
-    model = make_model()
+@pytest.mark.parametrize("action_noise", [None, "ornstein_uhlenbeck"])
+def test_save_then_load_checkpoint_continues_exactly(tmp_path, action_noise):
+    # Mixed noise scales (or SB3 action noise with its own state), RNGs, buffer windows and the envs carry over
+    noise = OrnsteinUhlenbeckActionNoise(np.zeros(1), 0.3 * np.ones(1)) if action_noise else None
+    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), seed=0, action_noise=noise, **TINY)
     model.learn(150)
     path = model.save_checkpoint(tmp_path / "at_150.zip")
     model.learn(100, reset_num_timesteps=False)
@@ -70,7 +73,10 @@ def test_save_then_load_checkpoint_continues_exactly(tmp_path):
     resumed.learn(100, reset_num_timesteps=False)
     assert (resumed.num_timesteps, resumed._n_updates) == (model.num_timesteps, model._n_updates)
     assert_same_parameters(model.policy.state_dict(), resumed.policy.state_dict())
-    assert th.equal(model.exploration_noise.sigmas, resumed.exploration_noise.sigmas)
+    if action_noise:
+        assert np.array_equal(model.action_noise._noises[1].noise_prev, resumed.action_noise._noises[1].noise_prev)
+    else:
+        assert th.equal(model.exploration_noise.sigmas, resumed.exploration_noise.sigmas)
 
 
 def test_resume_after_kill_9_is_bit_exact(tmp_path):
