@@ -1,16 +1,18 @@
 """
-Evaluation with SB3 callbacks: EvalCallback that stops at a reward threshold, periodic checkpoints
-(with the replay buffer, to resume later with examples/resume.py) and a progress bar.
+Evaluation with SB3 callbacks: EvalCallback that stops at a reward threshold, crash-safe checkpoints
+(FastTD3CheckpointCallback: the replay buffer, noise and RNGs included, the newest three kept, to resume later
+with examples/resume.py) and a progress bar.
 
     python examples/callbacks.py --timesteps 20000 --threshold -200
 """
 
 import argparse
 
-from stable_baselines3.common.callbacks import CheckpointCallback, EvalCallback, StopTrainingOnRewardThreshold
+from stable_baselines3.common.callbacks import EvalCallback, StopTrainingOnRewardThreshold
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.common.callbacks import FastTD3CheckpointCallback
 from sb3_fasttd3.hyperparams import load_hyperparams
 
 
@@ -38,11 +40,11 @@ def main() -> None:
         log_path=args.log_dir,
         verbose=1,
     )
-    checkpoint_callback = CheckpointCallback(
+    checkpoint_callback = FastTD3CheckpointCallback(
         save_freq=max(args.eval_every // n_envs, 1),
         save_path=f"{args.log_dir}/checkpoints",
         name_prefix="fasttd3",
-        save_replay_buffer=True,
+        keep_last=3,
     )
     model.learn(args.timesteps, callback=[eval_callback, checkpoint_callback], progress_bar=True)
     print(f"stopped after {model.num_timesteps} transitions; best evaluation return {eval_callback.best_mean_reward:.1f}")

@@ -25,7 +25,7 @@ def test_callbacks_stop_at_threshold_then_resume(tmp_path):
     output = run_example("callbacks.py", "--timesteps", "8000", "--eval-every", "1200", "--threshold=-1e9", cwd=tmp_path)
     assert "stopped after 1200 transitions" in output
     checkpoints = tmp_path / "logs" / "fasttd3_callbacks" / "checkpoints"
-    assert (checkpoints / "fasttd3_replay_buffer_1200_steps.pkl").is_file()
+    assert (checkpoints / "fasttd3_1200_steps.zip").is_file()
     assert (tmp_path / "logs" / "fasttd3_callbacks" / "best_model.zip").is_file()
 
     output = run_example(
@@ -34,6 +34,7 @@ def test_callbacks_stop_at_threshold_then_resume(tmp_path):
     # The step is stored before the callbacks run: the checkpoint taken at vector step 300 holds 300 transitions
     assert "replay buffer restored: 300 transitions per env" in output
     assert "resumed at 1200 transitions, now at 1600" in output
+    assert (checkpoints / "fasttd3_1600_steps.zip").is_file()
 
 
 def test_train_from_pixels(tmp_path):
