@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 
 from sb3_fasttd3 import FastTD3
@@ -167,3 +169,46 @@ def test_an_episode_end_without_its_final_observation_fails_and_stores_nothing_o
     with pytest.raises(ValueError, match=r"Env 0 ended an episode at timestep 10 without info\['terminal_observation'\]"):
         model.learn(100)
     assert model.replay_buffer.size() == 4  # the four steps before, nothing of the fifth
+
+
+@pytest.mark.parametrize("name", ["learning_rate", "actor_learning_rate", "critic_learning_rate"])
+def test_learning_rates_must_be_positive_or_schedules(name):
+    with pytest.raises(ValueError, match=rf"{name} must be a float > 0 or a schedule"):
+        make_model(**{name: 0.0})
+    make_model(**{name: lambda progress: 1e-3 * progress})  # a schedule is accepted
+
+
+def test_action_noise_of_another_shape_fails_before_the_first_step():
+    model = make_model(2, action_noise=NormalActionNoise(np.zeros(3), np.ones(3)))
+    with pytest.raises(ValueError, match=r"action_noise must return noise of the action shape \(1,\).*got \(2, 3\)"):
+        model.learn(10)
+    assert model.replay_buffer.size() == 0
+
+
+def test_a_bad_device_string_is_refused_at_construction():
+    with pytest.raises(ValueError, match=r"device must be 'auto', a device type .*'cuda:N'.*got 'gpu0'"):
+        make_model(device="gpu0")
+
+
+def test_loading_with_an_env_of_other_spaces_is_refused(tmp_path):
+    make_model(2).save(tmp_path / "model")
+    other = make_vec_env(lambda: SpaceEnv(spaces.Box(-1, 1, (1,), np.float32)), n_envs=2)
+    with pytest.raises(ValueError, match="Observation spaces do not match"):
+        FastTD3.load(tmp_path / "model", env=other)
+
+
+class RaisingCallback(BaseCallback):
+    def _on_step(self) -> bool:
+        if self.num_timesteps >= 6:
+            raise KeyError("a bug in the callback")
+        return True
+
+
+def test_a_callback_that_raises_propagates_and_leaves_the_model_saveable(tmp_path):
+    model = make_model(2)
+    with pytest.raises(KeyError, match="a bug in the callback"):
+        model.learn(100, callback=RaisingCallback())
+    assert model.num_timesteps == 6 and model.replay_buffer.size() == 3  # the step was stored before the callback
+    model.save(tmp_path / "model")
+    model.save_replay_buffer(tmp_path / "buffer")
+    model.learn(10, reset_num_timesteps=False)

@@ -112,6 +112,18 @@ def check_finite(
                 _raise_non_finite(name, env_idx, timestep)
 
 
+def check_device(device: th.device | str) -> None:
+    """Refuse a device torch cannot parse, naming the accepted forms."""
+    if isinstance(device, th.device) or device == "auto":
+        return
+    try:
+        th.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(
+            f"device must be 'auto', a device type ('cpu', 'cuda', 'mps'...), 'cuda:N' or a torch.device, got {device!r}"
+        ) from error
+
+
 def check_final_observations(final_obs: dict[int, Any], timestep: int) -> None:
     """
     Refuse a finished episode without its final observation, before anything of the step is stored: the next

@@ -25,6 +25,7 @@ from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
 from sb3_fasttd3.fasttd3.checks import (
+    check_device,
     check_env_spaces,
     check_finite_reset,
     has_native_bf16,
@@ -208,6 +209,7 @@ class FastTD3(RolloutCollection):
     ):
         # Before SB3's own (assert-based) checks, so the user gets our explicit message
         check_env_spaces(env)
+        check_device(device)
         super().__init__(
             policy,
             env,
@@ -277,6 +279,12 @@ class FastTD3(RolloutCollection):
         require(self.std_min >= 0.0, "std_min", "a float >= 0")
         if not self.std_min <= self.std_max:
             raise ValueError(f"std_min must be <= std_max, got std_min={self.std_min}, std_max={self.std_max}")
+        for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
+            rate = getattr(self, name)
+            accepted = "a float > 0 or a schedule (a callable of the remaining progress)" + (
+                ", or None (learning_rate)" if name != "learning_rate" else ""
+            )
+            require(callable(rate) or (rate is None and name != "learning_rate") or rate > 0, name, accepted)
         require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
         require(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")

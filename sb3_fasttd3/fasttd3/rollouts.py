@@ -226,6 +226,12 @@ class RolloutCollection(OffPolicyAlgorithm):
         if action_noise is None:
             return actions
         noise = th.as_tensor(action_noise(), device=self.device, dtype=th.float32)
+        if noise.shape not in (actions.shape, actions.shape[1:]):
+            raise ValueError(
+                f"action_noise must return noise of the action shape {tuple(actions.shape[1:])} (or, vectorized, "
+                f"{tuple(actions.shape)}), got {tuple(noise.shape)}: build it from the action space, e.g. "
+                f"NormalActionNoise(mean=np.zeros({actions.shape[1]}), sigma=0.1 * np.ones({actions.shape[1]}))"
+            )
         return (actions + noise).clamp(-1.0, 1.0)
 
     def _noisy_actions(self, obs: TorchObs) -> th.Tensor:
