@@ -1,7 +1,9 @@
 """How FastTD3 steps its environments and stores transitions: from NumPy VecEnvs, and from TorchVecEnvs on device."""
 
 import time
-from typing import Any
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch as th
@@ -14,8 +16,13 @@ from stable_baselines3.common.type_aliases import RolloutReturn, TrainFreq, Trai
 from stable_baselines3.common.utils import obs_as_tensor, should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from sb3_fasttd3.common.noise import MixedGaussianNoise
 from sb3_fasttd3.fasttd3.checks import check_final_observations, check_finite, check_finite_on_device
 from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
+
+if TYPE_CHECKING:
+    from sb3_fasttd3.fasttd3.policies import FastTD3Policy
 
 # With a TorchVecEnv, finished episodes are read from the device once every this many vector steps
 # (episode statistics reach the logs at most this late)
@@ -54,6 +61,17 @@ class RolloutCollection(OffPolicyAlgorithm):
     true final observations stored for finished episodes, callbacks once per vector step.
     A :class:`~sb3_fasttd3.vec_env.TorchVecEnv` keeps the whole loop on the device.
     """
+
+    # The state the loop uses, set up by the algorithm (FastTD3's _setup_model, _setup_fast_path and _setup_learn)
+    policy: "FastTD3Policy"
+    replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
+    action_space: spaces.Box
+    exploration_noise: MixedGaussianNoise | None  # the mixed noise, None when SB3's action_noise replaces it
+    _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
+    _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
+    _autocast: Callable[[], AbstractContextManager]  # the autocast context of the updates and of acting
+    _env_action_low: th.Tensor  # the action space's bounds on the env's device (TorchVecEnv only)
+    _env_action_half_range: th.Tensor
 
     def _setup_device_rollouts(self) -> None:
         """Checks and constants for the on-device loop (called by ``_setup_learn``)."""
