@@ -30,7 +30,7 @@ docs: install
 	$(PY) -m sphinx -W --keep-going -b html docs docs/_build/html
 
 lint: install
-	$(PY) -m ruff check . && $(PY) -m ruff format --check .
+	$(PY) -m ruff check . && $(PY) -m ruff format --check . && $(PY) -m mypy sb3_fasttd3
 
 clean:
 	rm -rf $(VENV) build docs/_build *.egg-info .pytest_cache .ruff_cache .hypothesis

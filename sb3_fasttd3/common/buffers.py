@@ -309,7 +309,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             elif truncated is not None:
                 timeout_t = self._bools(truncated)
             else:
-                timeout_t = self._bools([bool(info.get("TimeLimit.truncated", False)) for info in infos])
+                timeout_t = self._bools(np.array([bool(info.get("TimeLimit.truncated", False)) for info in infos]))
             terminal_t = done_t & ~timeout_t
             obs_floats, obs_images = self.codec.encode(obs, n_envs, self.device)
             next_floats, next_images = self.codec.encode(next_obs, n_envs, self.device)
@@ -356,7 +356,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
             # The row after this one is the oldest stored: it is dropped by this add
             store.release(self._final_ends[following])
         self._table[following, :, self.layout.obs] = next_floats
-        if self._images is not None:
+        if self._images is not None and next_images is not None:
             self._images[following, :, self.layout.image_obs] = next_images
         refs = th.full((self.n_envs,), LAG_BASE + 1, dtype=th.int32, device=self.device)
         # Where it costs no device read, skip the store when no episode ends

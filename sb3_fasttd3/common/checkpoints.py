@@ -104,7 +104,7 @@ def capture_global_rngs() -> dict[str, Any]:
         "cuda": th.cuda.get_rng_state_all() if th.cuda.is_available() else [],
         "numpy": {
             "kind": kind,
-            "keys": th.from_numpy(keys.astype(np.int64)),
+            "keys": th.from_numpy(np.asarray(keys).astype(np.int64)),
             "pos": int(pos),
             "has_gauss": int(has_gauss),
             "cached_gaussian": float(cached_gaussian),
@@ -127,7 +127,7 @@ def restore_global_rngs(state: dict[str, Any]) -> None:
 
 def generator_state(generator: np.random.Generator) -> dict[str, Any]:
     """A NumPy ``Generator``'s bit generator state (a dict of plain values)."""
-    return generator.bit_generator.state
+    return dict(generator.bit_generator.state)
 
 
 def make_generator(state: dict[str, Any]) -> np.random.Generator:

@@ -91,7 +91,7 @@ class DictNormalization(nn.Module):
         super().__init__()
         self.normalizers = nn.ModuleDict(
             {
-                key: EmpiricalNormalization(space.shape, epsilon, clip_obs)
+                key: EmpiricalNormalization(space.shape or (), epsilon, clip_obs)
                 for key, space in observation_space.spaces.items()
                 if is_normalizable(space)
             }
@@ -100,7 +100,7 @@ class DictNormalization(nn.Module):
     @th.no_grad()
     def update(self, batch: dict[str, th.Tensor]) -> None:
         for key, normalizer in self.normalizers.items():
-            normalizer.update(batch[key])
+            normalizer.update(batch[key])  # type: ignore[operator]  # a ModuleDict's items are typed as Modules
 
     def forward(self, obs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
         """
@@ -127,5 +127,5 @@ def make_normalizer(
             return None
         return DictNormalization(observation_space, epsilon, clip_obs)
     if is_normalizable(observation_space):
-        return EmpiricalNormalization(observation_space.shape, epsilon, clip_obs)
+        return EmpiricalNormalization(observation_space.shape or (), epsilon, clip_obs)
     return None

@@ -5,7 +5,7 @@ import os
 import pickle
 import types
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -32,7 +32,14 @@ from sb3_fasttd3.fasttd3.checks import (
     resolve_normalize_observations,
     warn_if_bf16_is_emulated,
 )
-from sb3_fasttd3.fasttd3.policies import CnnPolicy, FastTD3Policy, MlpPolicy, MultiInputPolicy
+from sb3_fasttd3.fasttd3.policies import (
+    Actor,
+    CnnPolicy,
+    DistributionalCritic,
+    FastTD3Policy,
+    MlpPolicy,
+    MultiInputPolicy,
+)
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
@@ -162,6 +169,10 @@ class FastTD3(RolloutCollection):
     }
     policy: FastTD3Policy
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
+    actor: Actor
+    critic: DistributionalCritic
+    critic_target: DistributionalCritic
+    actor_target: Actor | None
 
     def __init__(
         self,
@@ -329,7 +340,7 @@ class FastTD3(RolloutCollection):
         if self.replay_buffer_class is None:
             self.replay_buffer_class = DeviceNStepReplayBuffer  # type: ignore[assignment]
         # Storage is allocated on the first add: loading a model to predict allocates nothing
-        self.replay_buffer = self.replay_buffer_class(  # type: ignore[misc]
+        self.replay_buffer = self.replay_buffer_class(  # type: ignore[misc, call-arg, assignment]
             self.buffer_size,
             self.observation_space,
             self.action_space,
@@ -340,7 +351,7 @@ class FastTD3(RolloutCollection):
             gamma=self.gamma,
             **self.replay_buffer_kwargs,
         )
-        self.policy = self.policy_class(
+        self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space,
             self.action_space,
             self.critic_lr_schedule,
@@ -378,15 +389,15 @@ class FastTD3(RolloutCollection):
         # What the critic's optimizer trains (a features extractor shared with the actor is the actor's), and the
         # online parameters the soft update pairs one-to-one with the target's (the target's extractor copy included)
         self._critic_params = [param for group in self.critic.optimizer.param_groups for param in group["params"]]
-        self._critic_polyak_params = list(self.critic.parameters())
-        self._critic_target_params = list(self.critic_target.parameters())
-        self._actor_params = list(self.actor.parameters())
+        self._critic_polyak_params: list[th.Tensor] = list(self.critic.parameters())
+        self._critic_target_params: list[th.Tensor] = list(self.critic_target.parameters())
+        self._actor_params: list[th.Tensor] = list(self.actor.parameters())
         # The actor's soft-updated pairs, less a target extractor shared with the critic target (updated with it)
         critic_target_params = {id(param) for param in self._critic_target_params}
         pairs = () if self.actor_target is None else zip(self.actor_target.parameters(), self._actor_params, strict=True)
         actor_pairs = [(target, online) for target, online in pairs if id(target) not in critic_target_params]
-        self._actor_target_params = [target for target, _ in actor_pairs]
-        self._actor_polyak_params = [online for _, online in actor_pairs]
+        self._actor_target_params: list[th.Tensor] = [target for target, _ in actor_pairs]
+        self._actor_polyak_params: list[th.Tensor] = [online for _, online in actor_pairs]
         # BatchNorm running statistics: copied to the targets at each soft update (SB3's TD3 does the same)
         self._critic_batch_norm_stats = get_parameters_by_name(self.critic, ["running_"])
         self._critic_target_batch_norm_stats = get_parameters_by_name(self.critic_target, ["running_"])
@@ -484,7 +495,7 @@ class FastTD3(RolloutCollection):
 
     def set_parameters(
         self,
-        load_path_or_dict: str | dict[str, dict],
+        load_path_or_dict: str | dict[str, th.Tensor],
         exact_match: bool = True,
         device: th.device | str = "auto",
     ) -> None:
@@ -685,7 +696,7 @@ class FastTD3(RolloutCollection):
         if stats:
             th._foreach_copy_(target_stats, stats)
 
-    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: list[th.Tensor]) -> None:
+    def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: Sequence[th.Tensor]) -> None:
         """
         One optimizer step on ``loss``, differentiating with respect to ``params`` (the optimizer's) only: the
         actor's loss goes through the critic, whose weight gradients it would otherwise compute for nothing

@@ -135,6 +135,7 @@ class Actor(FeaturesNetwork, BasePolicy):
         )
         # Start close to the zero action: small last layer (FastTD3 uses N(0, 0.01) weights, zero bias)
         last_linear = self.mu[-2]
+        assert isinstance(last_linear, nn.Linear)
         nn.init.normal_(last_linear.weight, 0.0, 0.01)
         nn.init.zeros_(last_linear.bias)
 
@@ -198,7 +199,7 @@ class DistributionalCritic(FeaturesNetwork):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
         self.share_features_extractor = share_features_extractor
         input_dim = features_extractor.features_dim + spaces.flatdim(action_space)
-        post_linear = [nn.LayerNorm] if layer_norm else None
+        post_linear: list[type[nn.Module]] | None = [nn.LayerNorm] if layer_norm else None
         self.q_networks = nn.ModuleList(
             nn.Sequential(*create_mlp(input_dim, num_atoms, net_arch, activation_fn, post_linear_modules=post_linear))
             for _ in range(n_critics)
@@ -261,6 +262,8 @@ class FastTD3Policy(BasePolicy):
     :param optimizer_class: optimizer (AdamW by default)
     :param optimizer_kwargs: optimizer arguments (default ``weight_decay=0.1, fused=True``)
     """
+
+    support: th.Tensor  # the critic's atoms (a buffer derived from v_min, v_max and num_atoms)
 
     def __init__(
         self,
@@ -353,6 +356,7 @@ class FastTD3Policy(BasePolicy):
         """The observation space of ``keys`` in their order (the whole space for ``None``)."""
         if keys is None:
             return self.observation_space
+        assert isinstance(self.observation_space, spaces.Dict)
         return spaces.Dict(OrderedDict((key, self.observation_space[key]) for key in keys))
 
     def _make_features_extractor(self, observation_space: spaces.Space) -> BaseFeaturesExtractor:
@@ -364,9 +368,11 @@ class FastTD3Policy(BasePolicy):
             self.obs_normalizer = make_normalizer(self.observation_space, self.epsilon, self.clip_obs)
 
         actor_space, critic_space = self._subspace(self.actor_keys), self._subspace(self.critic_keys)
+        action_space = self.action_space
+        assert isinstance(action_space, spaces.Box)
         self.actor = Actor(
             actor_space,
-            self.action_space,
+            action_space,
             self._make_features_extractor(actor_space),
             self.net_arch["pi"],
             self.activation_fn,
@@ -376,7 +382,7 @@ class FastTD3Policy(BasePolicy):
         share = self.share_features_extractor
         self.critic = DistributionalCritic(
             critic_space,
-            self.action_space,
+            action_space,
             self.actor.features_extractor if share else self._make_features_extractor(critic_space),
             self.num_atoms,
             self.net_arch["qf"],
@@ -399,8 +405,10 @@ class FastTD3Policy(BasePolicy):
         self.register_buffer("support", make_support(self.v_min, self.v_max, self.num_atoms), persistent=False)
 
         lr = lr_schedule(1)
-        self.actor.optimizer = self.optimizer_class(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)
-        self.critic.optimizer = self.optimizer_class(self.critic.optimizer_parameters(), lr=lr, **self.optimizer_kwargs)
+        make_optimizer = self.optimizer_class
+        self.actor.optimizer = make_optimizer(self.actor.parameters(), lr=lr, **self.optimizer_kwargs)  # type: ignore[call-arg]
+        critic_parameters = self.critic.optimizer_parameters()
+        self.critic.optimizer = make_optimizer(critic_parameters, lr=lr, **self.optimizer_kwargs)  # type: ignore[call-arg]
         self.set_training_mode(False)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:

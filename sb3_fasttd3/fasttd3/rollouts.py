@@ -78,9 +78,11 @@ class RolloutCollection(OffPolicyAlgorithm):
         env = self.env
         if not isinstance(env, TorchVecEnv):
             return
-        if self.train_freq.unit == TrainFrequencyUnit.EPISODE:
+        train_freq = self.train_freq
+        assert isinstance(train_freq, TrainFreq)  # converted by _setup_model
+        if train_freq.unit == TrainFrequencyUnit.EPISODE:
             raise ValueError(
-                f"train_freq={tuple(self.train_freq)} counts episodes, which with a TorchVecEnv would need a host "
+                f"train_freq={tuple(train_freq)} counts episodes, which with a TorchVecEnv would need a host "
                 "sync every step: use a number of steps, e.g. train_freq=1"
             )
         low = th.as_tensor(self.action_space.low, device=env.device, dtype=th.float32)
@@ -187,7 +189,7 @@ class RolloutCollection(OffPolicyAlgorithm):
 
             final_obs = infos["final_observation"]
             check_finite_on_device(new_obs, rewards, final_obs, self.num_timesteps)
-            self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])
+            self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])  # type: ignore[arg-type]
             if self.action_noise is not None:
                 # SB3's action noise lives on the host: reading which envs are done costs a sync per step
                 self._reset_noise(th.nonzero(dones).flatten().cpu().numpy(), dones)
@@ -276,7 +278,7 @@ class RolloutCollection(OffPolicyAlgorithm):
         vec_normalize = self._vec_normalize_env
         if vec_normalize is not None:
             rewards = vec_normalize.get_original_reward()
-            final_obs = {i: vec_normalize.unnormalize_obs(o) for i, o in final_obs.items()}
+            final_obs = {i: vec_normalize.unnormalize_obs(o) for i, o in final_obs.items()}  # type: ignore[arg-type]
             if vec_normalize.norm_obs:
                 stored_obs = obs_as_tensor(self._last_original_obs, self.device)  # type: ignore[arg-type]
                 stored_new_obs = self._last_original_obs = vec_normalize.get_original_obs()
@@ -293,7 +295,7 @@ class RolloutCollection(OffPolicyAlgorithm):
         if not rows:
             return obs
         if isinstance(obs, dict):
-            return {key: self._replace_rows(value, {i: row[key] for i, row in rows.items()}) for key, value in obs.items()}
+            return {key: self._replace_rows(value, {i: row[key] for i, row in rows.items()}) for key, value in obs.items()}  # type: ignore[misc]
         obs = obs.clone()
         indices = list(rows)
         obs[indices] = th.as_tensor(np.stack([rows[i] for i in indices]), device=obs.device, dtype=obs.dtype)

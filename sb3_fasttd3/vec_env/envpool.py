@@ -34,8 +34,8 @@ def _observation_space(space: spaces.Space, flatten: bool) -> spaces.Space:
     if not isinstance(space, spaces.Dict) or not all(isinstance(s, spaces.Box) for s in space.spaces.values()):
         raise TypeError(f"EnvpoolVecEnv supports Box or Dict-of-Box observation spaces, got {space}")
     if flatten:
-        return _box((sum(int(np.prod(s.shape)) for s in space.spaces.values()),))
-    return spaces.Dict({key: _box(s.shape) for key, s in space.spaces.items()})
+        return _box((sum(int(np.prod(s.shape or ())) for s in space.spaces.values()),))
+    return spaces.Dict({key: _box(s.shape or ()) for key, s in space.spaces.items()})
 
 
 class _DirectStep:
@@ -142,11 +142,12 @@ class EnvpoolVecEnv(TorchVecEnv):
         if self.task_id is None:
             if max_episode_steps is not None or make_kwargs:
                 raise ValueError("max_episode_steps and envpool.make arguments need a task id, not a pool")
-            self.max_episode_steps = int(env.config["max_episode_steps"])
+            self.max_episode_steps = int(env.config["max_episode_steps"])  # type: ignore[union-attr]
         else:
             default_max_episode_steps = self._default_max_episode_steps()
             self.max_episode_steps = max_episode_steps or default_max_episode_steps
             env = self._make(seed)
+        assert not isinstance(env, str)
         self._check_pool(env)
         space = env.observation_space
         self._keys = list(space.spaces) if isinstance(space, spaces.Dict) else None
@@ -157,7 +158,7 @@ class EnvpoolVecEnv(TorchVecEnv):
         super().__init__(env.num_envs, _observation_space(space, self.flatten_obs), action_space, device)
         self._time_limit = np.int32(self.max_episode_steps)  # compared with envpool's int32 elapsed_step
         if self.device.type == "cpu":  # a step makes five tensors: at one env, even a wrapper call is a visible cost
-            self._tensor = th.from_numpy  # type: ignore[method-assign]
+            self._tensor = th.from_numpy  # type: ignore[method-assign, assignment]
 
     def _default_max_episode_steps(self) -> int:
         """The task's time limit; checks that envpool knows the task."""
@@ -192,8 +193,9 @@ class EnvpoolVecEnv(TorchVecEnv):
 
     def _to_numpy(self, obs: NumpyObs) -> NumpyObs:
         """envpool's observation (float64) as float32 arrays, flattened if asked."""
-        if self._keys is None:
+        if not isinstance(obs, dict):
             return obs.astype(np.float32, copy=False)
+        assert self._keys is not None
         if self.flatten_obs:
             return np.concatenate([obs[key].reshape(len(obs[key]), -1) for key in self._keys], axis=1, dtype=np.float32)
         return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
@@ -212,13 +214,14 @@ class EnvpoolVecEnv(TorchVecEnv):
         reset_obs, info = self.pool.reset(env_ids.astype(np.int32))
         reset_obs, rows = self._to_numpy(reset_obs), info["env_id"]
         if isinstance(final_obs, dict):
+            assert isinstance(reset_obs, dict)
             obs = {key: value.copy() for key, value in final_obs.items()}
             for key, value in obs.items():
                 value[rows] = reset_obs[key]
             return obs
-        obs = final_obs.copy()
-        obs[rows] = reset_obs
-        return obs
+        rows_obs = final_obs.copy()
+        rows_obs[rows] = reset_obs
+        return rows_obs
 
     def _reset(self, seed: int | None) -> TorchObs:
         if seed is not None and self.task_id is None:

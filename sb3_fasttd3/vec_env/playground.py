@@ -198,13 +198,14 @@ class _Packer:
 
     def pack(self, tree: Any) -> tuple[jax.Array, ...]:
         parts: list[list[jax.Array]] = [[] for _ in self.dtypes]
-        for leaf, (group, *_) in zip(self.treedef.flatten_up_to(tree), self.places, strict=True):
+        leaves = self.treedef.flatten_up_to(tree)  # type: ignore[attr-defined]  # missing from JAX's stubs
+        for leaf, (group, *_) in zip(leaves, self.places, strict=True):
             parts[group].append(jnp.ravel(leaf))
         return tuple(jnp.concatenate(group_parts) for group_parts in parts)
 
     def unpack(self, packed: tuple[jax.Array, ...]) -> Any:
         leaves = [packed[group][start : start + size].reshape(shape) for group, start, size, shape in self.places]
-        return self.treedef.unflatten(leaves)
+        return self.treedef.unflatten(leaves)  # type: ignore[attr-defined]  # missing from JAX's stubs
 
 
 class PlaygroundVecEnv(TorchVecEnv):
@@ -259,7 +260,8 @@ class PlaygroundVecEnv(TorchVecEnv):
         else:
             self.env = task
         self.jax_device = jax.devices()[0] if device == "auto" else _jax_device(th.device(device))
-        self.episode_length = int(episode_length or getattr(getattr(self.env, "_config", None), "episode_length", 1000))
+        config_length = getattr(getattr(self.env, "_config", None), "episode_length", 1000)
+        self.episode_length = int(episode_length or config_length)
         if self.episode_length < 1:
             raise ValueError(f"episode_length={self.episode_length} must be at least 1")
         self.randomize_episode_start = randomize_episode_start
@@ -284,7 +286,8 @@ class PlaygroundVecEnv(TorchVecEnv):
         if randomization_fn is None:
             return lambda index, key: self.env.reset(key), jax.vmap(self.env.step)
         rng = jax.device_put(jax.random.split(jax.random.fold_in(jax.random.PRNGKey(seed), 1), num_envs), self.jax_device)
-        randomized = BraxDomainRandomizationVmapWrapper(self.env, functools.partial(randomization_fn, rng=rng))
+        randomize = functools.partial(randomization_fn, rng=rng)  # type: ignore[call-arg]  # passed by keyword
+        randomized = BraxDomainRandomizationVmapWrapper(self.env, randomize)
         models, in_axes = randomized._mjx_model_v, randomized._in_axes
 
         def reset(index: jax.Array, key: jax.Array) -> Any:
