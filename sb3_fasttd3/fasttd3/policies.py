@@ -264,6 +264,8 @@ class FastTD3Policy(BasePolicy):
     """
 
     support: th.Tensor  # the critic's atoms (a buffer derived from v_min, v_max and num_atoms)
+    # The features extractor when none is given (None: CombinedExtractor for Dict spaces, FlattenExtractor otherwise)
+    default_features_extractor_class: type[BaseFeaturesExtractor] | None = None
 
     def __init__(
         self,
@@ -293,6 +295,8 @@ class FastTD3Policy(BasePolicy):
         if optimizer_kwargs is None:
             # Fused AdamW: one kernel for all parameters (about 5x faster than the default on a CPU)
             optimizer_kwargs = {"weight_decay": 0.1, "fused": True}
+        if features_extractor_class is None:
+            features_extractor_class = self.default_features_extractor_class
         if features_extractor_class is None:
             features_extractor_class = CombinedExtractor if isinstance(observation_space, spaces.Dict) else FlattenExtractor
         super().__init__(
@@ -479,19 +483,7 @@ class MlpPolicy(FastTD3Policy):
 class CnnPolicy(FastTD3Policy):
     """FastTD3 policy for image observations (``NatureCNN`` by default, see :class:`FastTD3Policy`)."""
 
-    def __init__(
-        self,
-        observation_space: spaces.Space,
-        action_space: spaces.Box,
-        lr_schedule: Schedule,
-        net_arch: list[int] | dict[str, list[int]] | None = None,
-        activation_fn: type[nn.Module] = nn.ReLU,
-        features_extractor_class: type[BaseFeaturesExtractor] | None = NatureCNN,
-        **kwargs: Any,
-    ):
-        super().__init__(
-            observation_space, action_space, lr_schedule, net_arch, activation_fn, features_extractor_class, **kwargs
-        )
+    default_features_extractor_class = NatureCNN
 
 
 class MultiInputPolicy(FastTD3Policy):
@@ -500,16 +492,4 @@ class MultiInputPolicy(FastTD3Policy):
     ``actor_keys``/``critic_keys``, see :class:`FastTD3Policy`).
     """
 
-    def __init__(
-        self,
-        observation_space: spaces.Dict,
-        action_space: spaces.Box,
-        lr_schedule: Schedule,
-        net_arch: list[int] | dict[str, list[int]] | None = None,
-        activation_fn: type[nn.Module] = nn.ReLU,
-        features_extractor_class: type[BaseFeaturesExtractor] | None = CombinedExtractor,
-        **kwargs: Any,
-    ):
-        super().__init__(
-            observation_space, action_space, lr_schedule, net_arch, activation_fn, features_extractor_class, **kwargs
-        )
+    default_features_extractor_class = CombinedExtractor
