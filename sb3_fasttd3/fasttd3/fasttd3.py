@@ -311,9 +311,8 @@ class FastTD3(RolloutCollection):
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
             if not self._loading:
                 raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
-            # A model trained in fp16 still loads anywhere, to predict, deploy or train on
+            # A model trained in fp16 still loads anywhere, to predict, deploy or train on (in fp16 again on CUDA)
             warnings.warn(f"amp_dtype='fp16' needs a CUDA device: the model loaded on {self.device} runs in fp32")
-            self.amp_dtype = None
         warn_if_bf16_is_emulated(self.amp_dtype, self.device)
         set_by_the_algorithm = sorted({"optimize_memory_usage", "n_envs", "n_steps", "gamma"} & set(self.replay_buffer_kwargs))
         if set_by_the_algorithm:
@@ -414,6 +413,8 @@ class FastTD3(RolloutCollection):
         amp_dtype = self.amp_dtype
         if amp_dtype == "auto":
             amp_dtype = "bf16" if has_native_bf16(self.device) else None
+        elif amp_dtype == "fp16" and self.device.type != "cuda":  # a model trained in fp16, loaded elsewhere
+            amp_dtype = None
         self.autocast_dtype = dtype = AMP_DTYPES[amp_dtype]
         self._autocast = partial(th.autocast, device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
         self._grad_scaler = th.amp.GradScaler("cuda") if dtype == th.float16 else None
