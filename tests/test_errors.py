@@ -172,9 +172,10 @@ def test_an_episode_end_without_its_final_observation_fails_and_stores_nothing_o
 
 
 @pytest.mark.parametrize("name", ["learning_rate", "actor_learning_rate", "critic_learning_rate"])
-def test_learning_rates_must_be_positive_or_schedules(name):
-    with pytest.raises(ValueError, match=rf"{name} must be a float > 0 or a schedule"):
-        make_model(**{name: 0.0})
+def test_learning_rates_must_be_non_negative_or_schedules(name):
+    with pytest.raises(ValueError, match=rf"{name} must be a float >= 0 or a schedule"):
+        make_model(**{name: -1e-3})
+    make_model(**{name: 0.0})  # frozen, as the RL Zoo's enjoy loads models
     make_model(**{name: lambda progress: 1e-3 * progress})  # a schedule is accepted
 
 

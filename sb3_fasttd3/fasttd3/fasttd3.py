@@ -292,10 +292,11 @@ class FastTD3(RolloutCollection):
             raise ValueError(f"std_min must be <= std_max, got std_min={self.std_min}, std_max={self.std_max}")
         for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
             rate = getattr(self, name)
-            accepted = "a float > 0 or a schedule (a callable of the remaining progress)" + (
+            # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
+            accepted = "a float >= 0 or a schedule (a callable of the remaining progress)" + (
                 ", or None (learning_rate)" if name != "learning_rate" else ""
             )
-            require(callable(rate) or (rate is None and name != "learning_rate") or rate > 0, name, accepted)
+            require(callable(rate) or (rate is None and name != "learning_rate") or rate >= 0, name, accepted)
         require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
         require(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
