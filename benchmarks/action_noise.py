@@ -5,7 +5,7 @@ with a NumPy ``DummyVecEnv`` and with a ``TorchVecEnv``, where the NumPy noise o
 done flags from the device once per vector step. Both noises are measured in the same process, interleaved.
 
     python -m benchmarks.action_noise
-    python -m benchmarks.action_noise --n-envs 64 --steps 500 --repeats 3   # a quick run
+    python -m benchmarks.action_noise --n-envs 16 --steps 100 --repeats 1   # a quick run
 
 Writes ``benchmarks/results/action_noise.{json,md}``. On a CPU the device read costs next to nothing; on a GPU it
 is a synchronization per step (run it there with ``--device cuda``).
@@ -60,8 +60,8 @@ def transitions_per_second(env_kind: str, noise: str, n_envs: int, steps: int, d
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n-envs", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=2000, help="vector steps per measurement")
+    parser.add_argument("--n-envs", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=1000, help="vector steps per measurement")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()

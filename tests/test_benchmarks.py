@@ -161,3 +161,12 @@ def test_gpu_check_falls_back_to_the_cpu(tmp_path):
     assert [row["layout"] for row in results["memory"]] == ["full", "lean"]
     assert results["memory"][1]["buffer_gb"] < results["memory"][0]["buffer_gb"]
     assert results["playground"]["skipped"].startswith("needs JAX on a GPU")
+
+
+def test_action_noise(tmp_path):
+    run_benchmark("action_noise", "--n-envs", "4", "--steps", "30", "--repeats", "1", results=tmp_path)
+    rows = read_results(tmp_path, "action_noise")["rows"]
+    assert [row["env"] for row in rows] == ["DummyVecEnv", "TorchVecEnv"]
+    for row in rows:
+        assert row["mixed noise"] > 0 and row["action_noise"] > 0
+        assert row["action_noise / mixed noise"] == pytest.approx(row["action_noise"] / row["mixed noise"])
