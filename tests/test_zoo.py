@@ -1,6 +1,7 @@
 """RL Zoo integration in-process: registration, default config, the Optuna sampler, the fallback CLI."""
 
 import inspect
+import pickle
 import sys
 from argparse import Namespace
 
@@ -102,3 +103,18 @@ def test_fallback_cli_trains(tmp_path, monkeypatch):
     model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
     assert model.num_timesteps == 400 and model.batch_size == zoo_entry("Pendulum-v1")["batch_size"]
     assert model.policy.obs_normalizer.count.item() > 0
+
+
+def test_zoo_normalize_rewards_only(tmp_path, monkeypatch):
+    """The Zoo's ``normalize: "{'norm_obs': False, 'norm_reward': True}"``: a VecNormalize of rewards only."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    normalize = "normalize:\"{'norm_obs': False, 'norm_reward': True}\""
+    args = ["--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "400", "-f", "logs", "--hyperparams", "learning_starts:200"]
+    zoo_main(["train", *args, normalize])
+    run = tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1"
+    model = FastTD3.load(run / "Pendulum-v1.zip")
+    assert model.num_timesteps == 400 and model.policy.obs_normalizer.count.item() > 0  # FastTD3 normalizes obs
+    with open(run / "Pendulum-v1" / "vecnormalize.pkl", "rb") as file:
+        vec_normalize = pickle.load(file)
+    assert not vec_normalize.norm_obs and vec_normalize.norm_reward and vec_normalize.ret_rms.count > 1
