@@ -1,8 +1,5 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
-import io
-import os
-import pickle
 import types
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -17,13 +14,12 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
-from stable_baselines3.common.vec_env import DummyVecEnv
 from torch.nn import functional as F
 
-from sb3_fasttd3.common import checkpoints as ckpt
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
+from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
 from sb3_fasttd3.fasttd3.checks import (
     check_device,
     check_env_spaces,
@@ -43,10 +39,6 @@ from sb3_fasttd3.fasttd3.policies import (
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
-
-
-def _identity(env: Any) -> Any:
-    return env
 
 
 # Largest number of transitions gathered at once when the updates of a train() call share one gather
@@ -84,7 +76,7 @@ def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
     return th.compile(types.MethodType(own, method.__self__), mode=mode)  # type: ignore[attr-defined]
 
 
-class FastTD3(RolloutCollection):
+class FastTD3(RolloutCollection, Checkpointing):
     """
     FastTD3: TD3 scaled by parallel simulation, large batches and a distributional (C51) twin critic.
 
@@ -555,81 +547,6 @@ class FastTD3(RolloutCollection):
             replay_buffer.close_windows()
         replay_buffer.to(self.device)
         self.replay_buffer = replay_buffer
-
-    # ------------------------------------------------------------------ checkpoints
-    def save_checkpoint(self, path: str | os.PathLike) -> str:
-        """
-        Save everything training needs to resume exactly (see ``docs/checkpoints.md``) into one file, atomically:
-        a crash during the save leaves any previous file at ``path`` intact. Resume with :meth:`load_checkpoint`.
-
-        :param path: the checkpoint file (a zip; no extension is added)
-        :return: the path written
-        """
-        model = io.BytesIO()
-        self.save(model)
-        envs, env_rngs = ckpt.capture_envs(self.env)
-        noise = self.exploration_noise
-        state = {
-            "rngs": ckpt.capture_global_rngs(),
-            "action_space_rng": ckpt.generator_state(self.action_space.np_random),
-            "env_rngs": env_rngs,
-            "exploration_sigmas": None if noise is None else noise.sigmas.detach().cpu().clone(),
-        }
-        members = {ckpt.MODEL: model.getvalue(), ckpt.STATE: ckpt.tensors_to_bytes(state)}
-        members[ckpt.BUFFER] = pickle.dumps(self.replay_buffer, protocol=pickle.HIGHEST_PROTOCOL)
-        if envs is not None:
-            members[ckpt.ENVS] = envs
-        manifest = {"num_timesteps": self.num_timesteps, "envs": "full" if envs else "rng" if env_rngs else "none"}
-        return str(ckpt.write_checkpoint(path, members, manifest))
-
-    @classmethod
-    def load_checkpoint(
-        cls: type[SelfFastTD3],
-        path: str | os.PathLike,
-        env: GymEnv | None = None,
-        device: th.device | str = "auto",
-        **kwargs: Any,
-    ) -> SelfFastTD3:
-        """
-        Load a checkpoint written by :meth:`save_checkpoint` (or ``FastTD3CheckpointCallback``), ready to go on with
-        ``model.learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)``.
-
-        When the checkpoint holds the envs (in-process ``DummyVecEnv`` envs that pickle), they are put into ``env``
-        (or, with ``env=None``, into a new ``DummyVecEnv``) and training continues from the very step it was saved
-        at. Otherwise the envs' ``np_random`` states are restored where captured and the envs are reset when
-        training resumes (the newest n-step windows are closed, as after ``load_replay_buffer``).
-
-        :param path: the checkpoint file
-        :param env: the env to train on (same spaces and number of envs as the checkpoint's)
-        :param device: device of the model
-        :param kwargs: passed to :meth:`load`
-        :return: the model, its replay buffer, exploration noise, RNGs and envs restored
-        :raises CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted or not a checkpoint
-        """
-        _, members = ckpt.read_checkpoint(path)
-        try:
-            state = ckpt.tensors_from_bytes(members[ckpt.STATE])
-            envs_bytes = members.get(ckpt.ENVS)
-            if env is None and envs_bytes is not None:
-                env = DummyVecEnv([partial(_identity, saved) for saved in pickle.loads(envs_bytes)])
-            model = cls.load(io.BytesIO(members[ckpt.MODEL]), env=env, device=device, force_reset=False, **kwargs)
-            replay_buffer = pickle.loads(members[ckpt.BUFFER])
-        except Exception as error:
-            raise ckpt.CheckpointError(f"Cannot load the checkpoint {path}: {type(error).__name__}: {error}") from error
-        exact = model.env is not None and ckpt.restore_envs(model.env, envs_bytes, state["env_rngs"])
-        if not exact:
-            model._last_obs = None  # type: ignore[assignment]  # learn() resets the envs
-            replay_buffer.close_windows()
-        replay_buffer.to(model.device)
-        model.replay_buffer = replay_buffer
-        if state["exploration_sigmas"] is not None:
-            sigmas = state["exploration_sigmas"]
-            model.exploration_noise = MixedGaussianNoise(len(sigmas), model.std_min, model.std_max, model.device)
-            model.exploration_noise.sigmas.copy_(sigmas)
-        model.action_space._np_random = ckpt.make_generator(state["action_space_rng"])
-        # Last: building the model above draws from the global RNGs
-        ckpt.restore_global_rngs(state["rngs"])
-        return model
 
     # ------------------------------------------------------------------ updates
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:

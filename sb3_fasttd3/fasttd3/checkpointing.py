@@ -1,0 +1,109 @@
+"""Checkpoints of a whole training run, to resume it exactly: FastTD3's ``save_checkpoint`` and ``load_checkpoint``."""
+
+import io
+import os
+import pickle
+from functools import partial
+from typing import Any, TypeVar
+
+import torch as th
+from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.type_aliases import GymEnv
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from sb3_fasttd3.common import checkpoints as ckpt
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from sb3_fasttd3.common.noise import MixedGaussianNoise
+
+SelfCheckpointing = TypeVar("SelfCheckpointing", bound="Checkpointing")
+
+
+def _identity(env: Any) -> Any:
+    return env
+
+
+class Checkpointing(OffPolicyAlgorithm):
+    """
+    Save and load everything a run needs to go on exactly: the model, the replay buffer, the exploration noise,
+    every RNG and, where they pickle, the envs (the file format is :mod:`sb3_fasttd3.common.checkpoints`').
+    """
+
+    # The state a checkpoint holds beyond SB3's, set up by the algorithm
+    replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
+    exploration_noise: MixedGaussianNoise | None
+    std_min: float
+    std_max: float
+
+    def save_checkpoint(self, path: str | os.PathLike) -> str:
+        """
+        Save everything training needs to resume exactly (see ``docs/checkpoints.md``) into one file, atomically:
+        a crash during the save leaves any previous file at ``path`` intact. Resume with :meth:`load_checkpoint`.
+
+        :param path: the checkpoint file (a zip; no extension is added)
+        :return: the path written
+        """
+        model = io.BytesIO()
+        self.save(model)
+        envs, env_rngs = ckpt.capture_envs(self.env)
+        noise = self.exploration_noise
+        state = {
+            "rngs": ckpt.capture_global_rngs(),
+            "action_space_rng": ckpt.generator_state(self.action_space.np_random),
+            "env_rngs": env_rngs,
+            "exploration_sigmas": None if noise is None else noise.sigmas.detach().cpu().clone(),
+        }
+        members = {ckpt.MODEL: model.getvalue(), ckpt.STATE: ckpt.tensors_to_bytes(state)}
+        members[ckpt.BUFFER] = pickle.dumps(self.replay_buffer, protocol=pickle.HIGHEST_PROTOCOL)
+        if envs is not None:
+            members[ckpt.ENVS] = envs
+        manifest = {"num_timesteps": self.num_timesteps, "envs": "full" if envs else "rng" if env_rngs else "none"}
+        return str(ckpt.write_checkpoint(path, members, manifest))
+
+    @classmethod
+    def load_checkpoint(
+        cls: type[SelfCheckpointing],
+        path: str | os.PathLike,
+        env: GymEnv | None = None,
+        device: th.device | str = "auto",
+        **kwargs: Any,
+    ) -> SelfCheckpointing:
+        """
+        Load a checkpoint written by :meth:`save_checkpoint` (or ``FastTD3CheckpointCallback``), ready to go on with
+        ``model.learn(total_timesteps - model.num_timesteps, reset_num_timesteps=False)``.
+
+        When the checkpoint holds the envs (in-process ``DummyVecEnv`` envs that pickle), they are put into ``env``
+        (or, with ``env=None``, into a new ``DummyVecEnv``) and training continues from the very step it was saved
+        at. Otherwise the envs' ``np_random`` states are restored where captured and the envs are reset when
+        training resumes (the newest n-step windows are closed, as after ``load_replay_buffer``).
+
+        :param path: the checkpoint file
+        :param env: the env to train on (same spaces and number of envs as the checkpoint's)
+        :param device: device of the model
+        :param kwargs: passed to :meth:`load`
+        :return: the model, its replay buffer, exploration noise, RNGs and envs restored
+        :raises CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted or not a checkpoint
+        """
+        _, members = ckpt.read_checkpoint(path)
+        try:
+            state = ckpt.tensors_from_bytes(members[ckpt.STATE])
+            envs_bytes = members.get(ckpt.ENVS)
+            if env is None and envs_bytes is not None:
+                env = DummyVecEnv([partial(_identity, saved) for saved in pickle.loads(envs_bytes)])
+            model = cls.load(io.BytesIO(members[ckpt.MODEL]), env=env, device=device, force_reset=False, **kwargs)
+            replay_buffer = pickle.loads(members[ckpt.BUFFER])
+        except Exception as error:
+            raise ckpt.CheckpointError(f"Cannot load the checkpoint {path}: {type(error).__name__}: {error}") from error
+        exact = model.env is not None and ckpt.restore_envs(model.env, envs_bytes, state["env_rngs"])
+        if not exact:
+            model._last_obs = None  # type: ignore[assignment]  # learn() resets the envs
+            replay_buffer.close_windows()
+        replay_buffer.to(model.device)
+        model.replay_buffer = replay_buffer
+        if state["exploration_sigmas"] is not None:
+            sigmas = state["exploration_sigmas"]
+            model.exploration_noise = MixedGaussianNoise(len(sigmas), model.std_min, model.std_max, model.device)
+            model.exploration_noise.sigmas.copy_(sigmas)
+        model.action_space._np_random = ckpt.make_generator(state["action_space_rng"])
+        # Last: building the model above draws from the global RNGs
+        ckpt.restore_global_rngs(state["rngs"])
+        return model
