@@ -31,9 +31,10 @@ def paired_models(**fast_kwargs):
     fast = make_model(2, learning_starts=40, device=TEST_DEVICE, **fast_kwargs)
     fast.set_parameters(plain.get_parameters())
     fast.replay_buffer = plain.replay_buffer
-    fast._n_updates, fast._train_stats = plain._n_updates, th.zeros_like(plain._train_stats)
+    fast._n_updates = plain._n_updates
     fast.set_logger(plain.logger)
-    plain._train_stats.zero_()
+    for model in (plain, fast):
+        model._update_statistics.means()  # read (and reset), so that both count from here
     return plain, fast
 
 
@@ -110,7 +111,7 @@ def test_fast_train_calls_follow_the_plain_ones(fast_kwargs):
             set_random_seed(seed)
             model.train(gradient_steps=2, batch_size=16)
     tolerance = 2e-2 if "amp_dtype" in fast_kwargs else 1e-4
-    th.testing.assert_close(fast._train_stats, plain._train_stats, rtol=tolerance, atol=tolerance)
+    th.testing.assert_close(fast._update_statistics.sums, plain._update_statistics.sums, rtol=tolerance, atol=tolerance)
     # Adam's step is at most about lr per parameter and update: where a gradient is ~0 its sign is
     # rounding noise, so parameters may differ by up to 2 * lr per update
     bound = 2 * LEARNING_RATE * 2 * n_calls + 1e-6

@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
+from sb3_fasttd3.common.update_statistics import UpdateStatistics
 from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
 from sb3_fasttd3.fasttd3.checks import (
     check_device,
@@ -397,9 +398,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._actor_target_batch_norm_stats = (
             [] if self.actor_target is None else get_parameters_by_name(self.actor_target, ["running_"])
         )
-        self._one = th.ones((), device=self.device)
-        # Sums read at each log dump: critic loss, mean Q, critic updates, actor loss, actor updates
-        self._train_stats = th.zeros(5, device=self.device)
+        self._update_statistics = UpdateStatistics(self.device)
 
     def _setup_fast_path(self) -> None:
         """The one place where speed switches apply: autocast, gradient scaling and compilation."""
@@ -475,10 +474,9 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_critic_target_batch_norm_stats",
             "_actor_batch_norm_stats",
             "_actor_target_batch_norm_stats",
-            "_one",
             "exploration_noise",
             "_last_obs_tensor",
-            "_train_stats",
+            "_update_statistics",
             "_autocast",
             "autocast_dtype",  # resolved again on load: "auto" depends on the machine
             "_grad_scaler",
@@ -589,12 +587,12 @@ class FastTD3(RolloutCollection, Checkpointing):
         with self._autocast():
             critic_loss, q_mean = self._critic_loss_fn(replay_data)
         self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
-        self._train_stats[:3] += th.stack([critic_loss.detach(), q_mean.detach(), self._one])
+        self._update_statistics.add_critic_update(critic_loss, q_mean)
         if update_actor:
             with self._autocast():
                 actor_loss = self._actor_loss_fn(replay_data.observations)
             self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
-            self._train_stats[3:] += th.stack([actor_loss.detach(), self._one])
+            self._update_statistics.add_actor_update(actor_loss)
             if self.actor_target is not None:
                 self._soft_update(self._actor_target_params, self._actor_polyak_params)
                 self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
@@ -681,13 +679,8 @@ class FastTD3(RolloutCollection, Checkpointing):
     def dump_logs(self) -> None:
         """Read the training statistics accumulated on the device (one host sync per log) and dump."""
         self._read_device_episodes()
-        critic_loss, q_sum, n_critic, actor_loss, n_actor = self._train_stats.tolist()
-        if n_critic > 0:
-            self.logger.record("train/critic_loss", critic_loss / n_critic)
-            self.logger.record("train/q_mean", q_sum / n_critic)
-        if n_actor > 0:
-            self.logger.record("train/actor_loss", actor_loss / n_actor)
-        self._train_stats.zero_()
+        for name, mean in self._update_statistics.means().items():
+            self.logger.record(f"train/{name}", mean)
         actor_lr, critic_lr = self._current_learning_rates()
         self.logger.record("train/actor_learning_rate", actor_lr)
         self.logger.record("train/critic_learning_rate", critic_lr)
