@@ -36,6 +36,20 @@ from sb3_fasttd3.common.row_sampling import gather_references, gather_tables, sa
 STORABLE_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
 
 
+def check_return_parameters(n_steps: int, gamma: float) -> None:
+    """
+    Raise a ``ValueError`` naming the parameter unless the n-step returns are well defined: ``n_steps`` an integer
+    >= 1 and ``gamma`` in (0, 1] (a zero discount would erase the sign that marks an ended window).
+
+    :param n_steps: length of the n-step returns
+    :param gamma: the discount factor
+    """
+    if not (isinstance(n_steps, int) and n_steps >= 1):
+        raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
+    if not 0.0 < gamma <= 1.0:
+        raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")
+
+
 class DeviceNStepReplayBuffer(BaseBuffer):
     """
     Replay buffer for off-policy algorithms that keeps all of its storage as torch tensors
@@ -123,10 +137,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         n_steps: int = 1,
         gamma: float = 0.99,
     ):
-        if n_steps < 1:
-            raise ValueError(f"n_steps must be an integer >= 1, got n_steps={n_steps}")
-        if not 0.0 < gamma <= 1.0:
-            raise ValueError(f"gamma must be in the interval (0, 1], got gamma={gamma}")
+        check_return_parameters(n_steps, gamma)
         subspaces = observation_space.spaces if isinstance(observation_space, spaces.Dict) else {"": observation_space}
         if not all(isinstance(space, STORABLE_SPACES) for space in subspaces.values()):
             accepted = ", ".join(space.__name__ for space in STORABLE_SPACES)

@@ -3,6 +3,20 @@
 import torch as th
 
 
+def check_support(v_min: float, v_max: float, num_atoms: int) -> None:
+    """
+    Raise a ``ValueError`` naming the parameter unless ``num_atoms >= 2`` atoms span ``v_min < v_max``.
+
+    :param v_min: smallest return the critic can represent
+    :param v_max: largest return the critic can represent
+    :param num_atoms: number of atoms
+    """
+    if not (isinstance(num_atoms, int) and num_atoms >= 2):
+        raise ValueError(f"num_atoms must be an integer >= 2, got {num_atoms!r}")
+    if not v_min < v_max:
+        raise ValueError(f"v_min must be smaller than v_max, got v_min={v_min}, v_max={v_max}")
+
+
 def make_support(v_min: float, v_max: float, num_atoms: int, device: th.device | str = "cpu") -> th.Tensor:
     """
     Evenly spaced atoms ``linspace(v_min, v_max, num_atoms)``.
@@ -13,10 +27,7 @@ def make_support(v_min: float, v_max: float, num_atoms: int, device: th.device |
     :param device: device of the returned tensor
     :return: the support, shape (num_atoms,)
     """
-    if num_atoms < 2:
-        raise ValueError(f"num_atoms must be an integer >= 2, got {num_atoms}")
-    if not v_min < v_max:
-        raise ValueError(f"v_min must be smaller than v_max, got v_min={v_min}, v_max={v_max}")
+    check_support(v_min, v_max, num_atoms)
     return th.linspace(v_min, v_max, num_atoms, device=device)
 
 

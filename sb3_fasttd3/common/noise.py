@@ -3,6 +3,19 @@
 import torch as th
 
 
+def check_noise_scales(std_min: float, std_max: float) -> None:
+    """
+    Raise a ``ValueError`` naming the parameter unless ``0 <= std_min <= std_max``.
+
+    :param std_min: smallest noise scale
+    :param std_max: largest noise scale
+    """
+    if not std_min >= 0.0:
+        raise ValueError(f"std_min must be a float >= 0, got {std_min!r}")
+    if not std_min <= std_max:
+        raise ValueError(f"std_min must be <= std_max, got std_min={std_min}, std_max={std_max}")
+
+
 class MixedGaussianNoise:
     """
     Gaussian exploration noise whose scale differs from one environment to the next.
@@ -21,8 +34,7 @@ class MixedGaussianNoise:
     """
 
     def __init__(self, n_envs: int, std_min: float, std_max: float, device: th.device | str = "cpu"):
-        if not 0 <= std_min <= std_max:
-            raise ValueError(f"Expected 0 <= std_min <= std_max, got std_min={std_min}, std_max={std_max}")
+        check_noise_scales(std_min, std_max)
         self.n_envs = n_envs
         self.std_min = std_min
         self.std_max = std_max

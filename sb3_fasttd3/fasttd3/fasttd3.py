@@ -16,9 +16,9 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch.nn import functional as F
 
-from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
-from sb3_fasttd3.common.distributional import categorical_projection
-from sb3_fasttd3.common.noise import MixedGaussianNoise
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
+from sb3_fasttd3.common.distributional import categorical_projection, check_support
+from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_scales
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
 from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
 from sb3_fasttd3.fasttd3.checks import (
@@ -276,13 +276,10 @@ class FastTD3(RolloutCollection, Checkpointing):
             if not ok:
                 raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
 
-        require(isinstance(self.num_atoms, int) and self.num_atoms >= 2, "num_atoms", "an integer >= 2")
-        if not self.v_min < self.v_max:
-            raise ValueError(f"v_min must be smaller than v_max, got v_min={self.v_min}, v_max={self.v_max}")
-        require(isinstance(self.n_steps, int) and self.n_steps >= 1, "n_steps", "an integer >= 1")
-        require(self.std_min >= 0.0, "std_min", "a float >= 0")
-        if not self.std_min <= self.std_max:
-            raise ValueError(f"std_min must be <= std_max, got std_min={self.std_min}, std_max={self.std_max}")
+        # The components' own rules, checked before any of them is built
+        check_support(self.v_min, self.v_max, self.num_atoms)
+        check_return_parameters(self.n_steps, self.gamma)
+        check_noise_scales(self.std_min, self.std_max)
         for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
             rate = getattr(self, name)
             # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
@@ -291,7 +288,6 @@ class FastTD3(RolloutCollection, Checkpointing):
             )
             require(callable(rate) or (rate is None and name != "learning_rate") or rate >= 0, name, accepted)
         require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
-        require(0.0 < self.gamma <= 1.0, "gamma", "in (0, 1]")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
         require(isinstance(self.gradient_steps, int) and self.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
