@@ -1,9 +1,14 @@
 """Empirical observation normalization that lives inside the policy (saved and loaded with it)."""
 
+from collections.abc import Callable
+
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.preprocessing import is_image_space
 from torch import nn
+
+# (count, mean, variance) of a batch -> those of a larger batch it is part of
+MergeMoments = Callable[[th.Tensor, th.Tensor, th.Tensor], tuple[th.Tensor, th.Tensor, th.Tensor]]
 
 
 def is_normalizable(space: spaces.Space) -> bool:
@@ -47,16 +52,21 @@ class EmpiricalNormalization(nn.Module):
         self.register_buffer("var", th.ones(self.shape))
 
     @th.no_grad()
-    def update(self, batch: th.Tensor) -> None:
+    def update(self, batch: th.Tensor, merge_moments: MergeMoments | None = None) -> None:
         """
         Merge a batch of observations into the statistics.
 
         :param batch: observations, shape ``(n, *shape)``
+        :param merge_moments: maps this batch's count, mean and variance to those of a larger batch it is part of
+            (data-parallel training: the union of every rank's batch), which is merged instead
         """
         batch = batch.reshape(-1, *self.shape).to(self.mean.dtype)
-        batch_count = batch.shape[0]
+        batch_count: int | th.Tensor = batch.shape[0]
         batch_mean = batch.mean(dim=0)
         batch_var = batch.var(dim=0, unbiased=False)
+        if merge_moments is not None:
+            local_count = th.tensor(batch_count, dtype=self.count.dtype, device=batch.device)
+            batch_count, batch_mean, batch_var = merge_moments(local_count, batch_mean, batch_var)
         total = self.count + batch_count
         # Fraction of the merged sample that comes from the new batch (1 on the first update)
         weight = batch_count / total.to(self.mean.dtype)
@@ -98,9 +108,9 @@ class DictNormalization(nn.Module):
         )
 
     @th.no_grad()
-    def update(self, batch: dict[str, th.Tensor]) -> None:
+    def update(self, batch: dict[str, th.Tensor], merge_moments: MergeMoments | None = None) -> None:
         for key, normalizer in self.normalizers.items():
-            normalizer.update(batch[key])  # type: ignore[operator]  # a ModuleDict's items are typed as Modules
+            normalizer.update(batch[key], merge_moments)  # type: ignore[operator]  # ModuleDict items are Modules
 
     def forward(self, obs: dict[str, th.Tensor]) -> dict[str, th.Tensor]:
         """

@@ -41,7 +41,13 @@ class Checkpointing(OffPolicyAlgorithm):
 
         :param path: the checkpoint file (a zip; no extension is added)
         :return: the path written
+        :raises NotImplementedError: in data-parallel training, whose replay buffers are one per rank
         """
+        if getattr(self, "_data_parallel", None) is not None:
+            raise NotImplementedError(
+                "save_checkpoint does not support data-parallel training yet (each rank holds its own replay buffer): "
+                "save the model with model.save() (rank 0 writes it) and resume from it"
+            )
         model = io.BytesIO()
         self.save(model)
         envs, env_rngs = ckpt.capture_envs(self.env)

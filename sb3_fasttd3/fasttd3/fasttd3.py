@@ -1,22 +1,26 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
+import io
+import pathlib
 import types
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TrainFreq, TrainFrequencyUnit
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch.nn import functional as F
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
+from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection, check_support
 from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_scales
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
@@ -152,6 +156,13 @@ class FastTD3(RolloutCollection, Checkpointing):
         (CUDA from compute capability 8.0, CPUs with AVX512-BF16 or AMX), fp32 elsewhere, decided again on
         each machine that loads the model (the dtype in use is ``autocast_dtype``). Softmax, the projection and
         the losses stay fp32.
+    :param distributed: data-parallel training over ``torch.distributed`` (see docs/guide/distributed.md): each
+        process (rank) steps its own envs into its own replay buffer, on ``cuda:LOCAL_RANK`` with a CUDA device, and
+        the ranks average their gradients every update. ``"auto"``: when a process group of several ranks is
+        initialized, or when torchrun started the process (a group is then initialized: NCCL for CUDA, gloo for the
+        CPU); ``True``: the same, but a single process is an error; ``False``: never. Counts
+        (``total_timesteps``, ``learning_starts``, ``buffer_size``...) are over all ranks except ``buffer_size``,
+        which is per rank; only rank 0 runs callbacks, logs and saves. Not saved with the model.
     :param _init_setup_model: whether or not to build the network at the creation of the instance
     """
 
@@ -209,6 +220,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         max_grad_norm: float | None = None,
         compile: bool = False,
         amp_dtype: str | None = None,
+        distributed: bool | str = "auto",
         _init_setup_model: bool = True,
     ):
         # Before SB3's own (assert-based) checks, so the user gets our explicit message
@@ -257,6 +269,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.max_grad_norm = max_grad_norm
         self.compile = compile
         self.amp_dtype = amp_dtype
+        self.distributed = distributed
         # Per-run state, rebuilt by _setup_learn (never saved)
         self.exploration_noise: MixedGaussianNoise | None = None
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
@@ -316,6 +329,7 @@ class FastTD3(RolloutCollection, Checkpointing):
     def _setup_model(self) -> None:
         # Here rather than in __init__: a loaded model knows normalize_observations only once its data is restored
         self.normalize_observations = resolve_normalize_observations(self.env, self.normalize_observations)
+        self._setup_data_parallel()
         self._check_hyperparameters()
         self._setup_lr_schedule()
         self.actor_lr_schedule = FloatSchedule(
@@ -350,6 +364,22 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._convert_train_freq()
         self._create_aliases()
         self._setup_fast_path()
+
+    def _setup_data_parallel(self) -> None:
+        """Join the process group ``distributed`` asks for; a CUDA device without an index becomes this rank's GPU."""
+        self._data_parallel = DataParallel.resolve(self.distributed, self.device)
+        if self._data_parallel is not None and self.device.type == "cuda" and self.device.index is None:
+            self.device = th.device("cuda", local_rank())
+            th.cuda.set_device(self.device)
+        if self._data_parallel is not None:
+            self._data_parallel.device = self.device
+
+    def set_random_seed(self, seed: int | None = None) -> None:
+        """Seed the RNGs, the action space and the envs; in data-parallel training each rank with ``seed + rank``."""
+        data_parallel = getattr(self, "_data_parallel", None)
+        if seed is not None and data_parallel is not None:
+            seed += data_parallel.rank
+        super().set_random_seed(seed)
 
     def _algorithm_policy_kwargs(self) -> dict[str, Any]:
         """The policy's arguments that FastTD3 sets from its own: ``policy_kwargs`` may not hold them too."""
@@ -440,6 +470,9 @@ class FastTD3(RolloutCollection, Checkpointing):
             self.replay_buffer.close_windows()
         if self.action_noise is not None and self.n_envs > 1 and not isinstance(self.action_noise, VectorizedActionNoise):
             self.action_noise = VectorizedActionNoise(self.action_noise, self.n_envs)
+        self._transitions_per_step = self.n_envs
+        if self._data_parallel is not None:
+            callback, progress_bar = self._join_ranks(self._data_parallel, callback, progress_bar)
         # OffPolicyAlgorithm's step is skipped: it marks the lean buffer's newest row done (a truncated trajectory),
         # where close_windows has kept that row's next observation
         result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
@@ -451,6 +484,48 @@ class FastTD3(RolloutCollection, Checkpointing):
             self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
         self._setup_device_rollouts()
         return result
+
+    def _join_ranks(
+        self, data_parallel: DataParallel, callback: MaybeCallback, progress_bar: bool
+    ) -> tuple[MaybeCallback, bool]:
+        """
+        Start a data-parallel ``learn()``: rank 0's weights, normalizer and optimizer states on every rank, and
+        the callbacks, logs and progress bar on rank 0 only (the others get none).
+        """
+        assert isinstance(self.train_freq, TrainFreq)  # converted by _setup_model
+        if self.train_freq.unit != TrainFrequencyUnit.STEP:
+            raise ValueError(
+                f"train_freq={tuple(self.train_freq)} counts episodes, which end at different steps on each rank: "
+                "distributed training needs a number of steps, e.g. train_freq=1"
+            )
+        if not data_parallel.all_equal(self.n_envs):
+            raise ValueError(
+                f"Every rank must step the same number of envs (this rank, {data_parallel.rank}, has n_envs="
+                f"{self.n_envs}): the ranks update together, once per vector step"
+            )
+        self._transitions_per_step = self.n_envs * data_parallel.world_size
+        states = [state for optimizer in (self.actor.optimizer, self.critic.optimizer) for state in optimizer.state.values()]
+        optimizer_tensors = [value for state in states for value in state.values() if isinstance(value, th.Tensor)]
+        data_parallel.broadcast_([*self.policy.state_dict().values(), *optimizer_tensors])
+        if data_parallel.rank == 0:
+            return callback, progress_bar
+        self.set_logger(Logger(folder=None, output_formats=[]))
+        return None, False
+
+    def save(
+        self,
+        path: str | pathlib.Path | io.BufferedIOBase,
+        exclude: Iterable[str] | None = None,
+        include: Iterable[str] | None = None,
+    ) -> None:
+        """
+        Save the model (see SB3's ``save``). In data-parallel training, where every rank holds the same model, only
+        rank 0 writes to a path: the other ranks' calls return without writing (a file object is still written).
+        """
+        data_parallel = self._data_parallel
+        if data_parallel is not None and data_parallel.rank != 0 and isinstance(path, (str, pathlib.Path)):
+            return
+        super().save(path, exclude, include)
 
     def _excluded_save_params(self) -> list[str]:
         return [
@@ -479,6 +554,8 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_critic_loss_fn",
             "_actor_loss_fn",
             "_act_fn",
+            "_data_parallel",
+            "distributed",  # a model trained on several ranks loads as a plain one
         ]
 
     def set_parameters(
@@ -621,6 +698,10 @@ class FastTD3(RolloutCollection, Checkpointing):
             loss.backward(inputs=params)
         else:
             scaler.scale(loss).backward(inputs=params)
+        if self._data_parallel is not None:
+            # Before unscaling: a non-finite gradient on one rank then makes every rank skip the step
+            self._data_parallel.average_gradients_(params)
+        if scaler is not None:
             scaler.unscale_(optimizer)
         if self.max_grad_norm is not None:
             th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)

@@ -20,7 +20,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
 from sb3_fasttd3.common.distributional import expected_value, make_support
-from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, make_normalizer
+from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, MergeMoments, make_normalizer
 from sb3_fasttd3.common.preprocessing import make_preprocessor
 
 # Observation keys of the asymmetric actor-critic setups we know: (actor keys, critic keys)
@@ -440,10 +440,15 @@ class FastTD3Policy(BasePolicy):
         )
         return data
 
-    def update_normalizer(self, obs: PyTorchObs) -> None:
-        """Merge collected (raw) observations into the normalizer's statistics (vector parts only)."""
+    def update_normalizer(self, obs: PyTorchObs, merge_moments: MergeMoments | None = None) -> None:
+        """
+        Merge collected (raw) observations into the normalizer's statistics (vector parts only).
+
+        :param obs: the observations
+        :param merge_moments: see :meth:`EmpiricalNormalization.update`
+        """
         if self.obs_normalizer is not None:
-            self.obs_normalizer.update(obs)  # type: ignore[arg-type]
+            self.obs_normalizer.update(obs, merge_moments)  # type: ignore[arg-type]
 
     def _inputs(self, obs: PyTorchObs, keys: list[str] | None) -> PyTorchObs:
         if keys is not None:

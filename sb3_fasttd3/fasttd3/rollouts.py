@@ -17,6 +17,7 @@ from stable_baselines3.common.utils import obs_as_tensor, should_collect_more_st
 from stable_baselines3.common.vec_env import VecEnv
 
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from sb3_fasttd3.common.distributed import DataParallel
 from sb3_fasttd3.common.noise import MixedGaussianNoise
 from sb3_fasttd3.fasttd3.checks import check_final_observations, check_finite, check_finite_on_device
 from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
@@ -70,6 +71,8 @@ class RolloutCollection(OffPolicyAlgorithm):
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
     _autocast: Callable[[], AbstractContextManager]  # the autocast context of the updates and of acting
+    _data_parallel: DataParallel | None  # the other ranks of data-parallel training (None: a single process)
+    _transitions_per_step: int  # transitions one vector step adds over all ranks
     _env_action_low: th.Tensor  # the action space's bounds on the env's device (TorchVecEnv only)
     _env_action_half_range: th.Tensor
 
@@ -118,7 +121,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
 
             new_obs, rewards, dones, infos = self._step_env(env, actions)
-            self.num_timesteps += env.num_envs
+            self.num_timesteps += self._transitions_per_step
             num_collected_steps += 1
 
             # The step is stored before the callback runs, so that a callback stopping training never leaves
@@ -136,7 +139,7 @@ class RolloutCollection(OffPolicyAlgorithm):
                 self._count_episodes(len(done_indices), log_interval)
 
             callback.update_locals(locals())
-            if not callback.on_step():
+            if not self._all_continue(callback.on_step()):
                 return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, continue_training=False)
         callback.on_rollout_end()
         return RolloutReturn(num_collected_steps * env.num_envs, num_collected_episodes, True)
@@ -151,11 +154,18 @@ class RolloutCollection(OffPolicyAlgorithm):
         except Exception as error:
             env_idx = _failed_env_index(env, error)
             which = "An environment" if env_idx is None else f"Env {env_idx}"
+            timestep = self.num_timesteps + self._transitions_per_step
             raise EnvStepError(
-                f"{which} failed at timestep {self.num_timesteps + env.num_envs} ({type(error).__name__}: {error}). "
+                f"{which} failed at timestep {timestep} ({type(error).__name__}: {error}). "
                 "Nothing of this step was stored: the model and its replay buffer are intact and can be saved. "
                 "To go on, replace the envs with model.set_env(new_env) and call learn() again."
             ) from error
+
+    def _all_continue(self, continue_training: bool) -> bool:
+        """Whether training goes on: in data-parallel training, unless a callback stopped it on any rank."""
+        if self._data_parallel is None:
+            return continue_training
+        return self._data_parallel.all_true(continue_training)
 
     def _reset_noise(self, done_indices: np.ndarray, dones: th.Tensor) -> None:
         """
@@ -184,7 +194,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             actions = self._env_action_low + (buffer_actions.to(env.device) + 1.0) * self._env_action_half_range
 
             new_obs, rewards, dones, infos = self._step_env(env, actions)
-            self.num_timesteps += env.num_envs
+            self.num_timesteps += self._transitions_per_step
             num_collected_steps += 1
 
             final_obs = infos["final_observation"]
@@ -198,11 +208,11 @@ class RolloutCollection(OffPolicyAlgorithm):
             self._last_obs = new_obs  # type: ignore[assignment]
             self._update_current_progress_remaining(self.num_timesteps, self._total_timesteps)
             self._on_step()
-            if (self.num_timesteps // env.num_envs) % DEVICE_SYNC_STEPS == 0:
+            if (self.num_timesteps // self._transitions_per_step) % DEVICE_SYNC_STEPS == 0:
                 self._read_device_episodes(log_interval)
 
             callback.update_locals(locals())
-            if not callback.on_step():
+            if not self._all_continue(callback.on_step()):
                 return RolloutReturn(num_collected_steps * env.num_envs, 0, continue_training=False)
         callback.on_rollout_end()
         return RolloutReturn(num_collected_steps * env.num_envs, 0, True)
@@ -233,7 +243,8 @@ class RolloutCollection(OffPolicyAlgorithm):
         Actions in [-1, 1] for every env: uniform during warm-up, the actor's afterwards, with the exploration
         noise: SB3's ``action_noise`` when given (added during warm-up too, as SB3 does), else the mixed noise.
         """
-        self.policy.update_normalizer(obs)
+        data_parallel = self._data_parallel
+        self.policy.update_normalizer(obs, None if data_parallel is None else data_parallel.merge_moments)
         action_noise = self.action_noise
         if self.num_timesteps < learning_starts:
             actions = th.rand(self.n_envs, spaces.flatdim(self.action_space), device=self.device) * 2.0 - 1.0

@@ -1,0 +1,158 @@
+"""Data-parallel FastTD3 on two CPU processes (torchrun, gloo): the ranks stay in step, and a failing rank ends the job."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch as th
+import torch.distributed as dist
+from stable_baselines3.common.env_util import make_vec_env
+
+from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.common.distributed import DataParallel
+from tests.distributed_run import KWARGS, N_ENVS
+
+RUN = Path(__file__).with_name("distributed_run.py")
+ROOT = RUN.parent.parent
+
+
+def torchrun(scenario: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUN), scenario]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+def whole_batch_update(out: Path) -> dict:
+    """The one-process update on the whole batch that the ranks split in halves; saves the batch for them."""
+    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), target_policy_noise=0.0, **KWARGS)
+    model.learn(KWARGS["learning_starts"])  # a filled buffer to draw a realistic batch from
+    batch = model.replay_buffer.sample(64)
+    th.save(batch, out / "batch.pt")
+    fresh = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), target_policy_noise=0.0, **KWARGS)
+    fresh._update(batch, update_actor=True)
+    return fresh.policy.state_dict()
+
+
+@pytest.fixture(scope="module")
+def two_ranks(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
+    out = tmp_path_factory.mktemp("distributed")
+    th.set_num_threads(1)
+    whole = whole_batch_update(out)
+    single = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), **KWARGS)
+    single.learn(60)
+    single.save(out / "single.zip")
+    result = torchrun("train", out, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    return out, whole, [th.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
+
+
+def test_ranks_hold_identical_parameters_after_every_update(two_ranks):
+    _, _, ranks = two_ranks
+    for rank in ranks:
+        assert rank["update_checks"] > 20
+        assert rank["max_rank_difference"] == 0.0
+        assert rank["resumed_checks"] > 0 and rank["resumed_difference"] == 0.0
+
+
+def test_timesteps_count_every_rank_and_a_stop_on_rank_0_stops_both(two_ranks):
+    _, _, ranks = two_ranks
+    per_step = 2 * N_ENVS
+    for rank in ranks:
+        assert rank["first_timesteps"] == 1000
+        # StopAt(7) returns False at its 7th call, on rank 0 only: both ranks stop after that vector step
+        assert rank["stopped_timesteps"] == 1000 + 7 * per_step
+        assert rank["stored"] == rank["stopped_timesteps"] // 2  # each rank stores its own half
+        assert rank["resumed_timesteps"] == 60 + 80
+
+
+def test_normalizer_merges_every_rank_exactly(two_ranks):
+    _, _, ranks = two_ranks
+    everything = np.concatenate([rank["observations"] for rank in ranks])
+    for rank in ranks:
+        count, mean, var = rank["normalizer"]
+        assert count == len(everything)
+        np.testing.assert_allclose(mean.numpy(), everything.mean(axis=0), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(var.numpy(), everything.var(axis=0), rtol=1e-4)
+    assert all(th.equal(a, b) for a, b in zip(ranks[0]["normalizer"][1:], ranks[1]["normalizer"][1:], strict=True))
+
+
+def test_two_half_batches_update_as_one_whole_batch(two_ranks):
+    _, whole, ranks = two_ranks
+    for key, value in whole.items():
+        for rank in ranks:
+            th.testing.assert_close(rank["halves"][key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_only_rank_0_logs_and_saves_a_plain_model(two_ranks):
+    out, _, ranks = two_ranks
+    assert [rank["output_formats"] for rank in ranks] == [1, 0]
+    assert (out / "log0" / "progress.csv").stat().st_size > 0
+    assert (out / "log1" / "progress.csv").stat().st_size == 0  # rank 1's own logger was replaced
+    # The model saved under torchrun loads, predicts and trains in one process
+    model = FastTD3.load(out / "model.zip", env=make_vec_env("Pendulum-v1", n_envs=N_ENVS), device="cpu")
+    assert model._data_parallel is None and model.num_timesteps == ranks[0]["stopped_timesteps"]
+    action, _ = model.predict(np.zeros((N_ENVS, 3), dtype=np.float32), deterministic=True)
+    assert action.shape == (N_ENVS, 1)
+    model.learn(60)
+
+
+@pytest.mark.slow
+def test_compiled_bf16_ranks_stay_identical(tmp_path):
+    result = torchrun("compiled", tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    for rank in range(2):
+        checks = th.load(tmp_path / f"compiled{rank}.pt")
+        assert checks["update_checks"] > 50 and checks["max_rank_difference"] == 0.0
+
+
+def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
+    start = time.monotonic()
+    result = torchrun("crash", tmp_path, timeout=240)
+    assert result.returncode != 0
+    assert time.monotonic() - start < 120  # torchrun stops the waiting rank, instead of its collective timing out
+    output = result.stdout + result.stderr
+    assert "EnvStepError" in output and "the simulator diverged" in output
+
+
+def test_distributed_argument_is_checked():
+    env = make_vec_env("Pendulum-v1", n_envs=1)
+    with pytest.raises(ValueError, match=r"distributed must be one of \['auto', True, False\], got 'yes'"):
+        FastTD3("MlpPolicy", env, distributed="yes")
+    assert not dist.is_initialized()
+    with pytest.raises(ValueError, match="distributed=True needs several processes: launch the script with torchrun"):
+        FastTD3("MlpPolicy", env, distributed=True)
+    assert FastTD3("MlpPolicy", env)._data_parallel is None  # "auto" in a single process
+    assert DataParallel.resolve(False, th.device("cpu")) is None
+
+
+def test_merge_moments_equal_numpy_on_the_union(monkeypatch):
+    """The merge itself, with a stand-in all-gather of three 'ranks' of different sizes."""
+    rng = np.random.default_rng(0)
+    parts = [rng.normal(loc, 1.0 + loc, size=(n, 4)).astype(np.float32) for loc, n in ((0.0, 5), (3.0, 17), (-1.0, 2))]
+    moments = [
+        th.cat(
+            [
+                th.tensor([len(p)], dtype=th.float64),
+                th.tensor(p.mean(0), dtype=th.float64),
+                th.tensor(p.var(0), dtype=th.float64),
+            ]
+        )
+        for p in parts
+    ]
+
+    def all_gather(outputs, _):
+        for output, moment in zip(outputs, moments, strict=True):
+            output.copy_(moment)
+
+    monkeypatch.setattr(dist, "all_gather", all_gather)
+    data_parallel = DataParallel.__new__(DataParallel)
+    data_parallel.world_size = 3
+    count, mean, var = data_parallel.merge_moments(th.tensor(5.0), th.zeros(4), th.zeros(4))
+    union = np.concatenate(parts)
+    assert float(count) == len(union)
+    np.testing.assert_allclose(mean.numpy(), union.mean(0), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(var.numpy(), union.var(0), rtol=1e-5)
