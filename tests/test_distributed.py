@@ -20,10 +20,10 @@ RUN = Path(__file__).with_name("distributed_run.py")
 ROOT = RUN.parent.parent
 
 
-def torchrun(scenario: str, out: Path, timeout: float) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RUN), scenario]
+def torchrun(*arguments: str, timeout: float, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *arguments]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    return subprocess.run([*command, str(out)], capture_output=True, text=True, timeout=timeout, env=env, cwd=ROOT)
+    return subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def whole_batch_update(out: Path) -> dict:
@@ -45,7 +45,7 @@ def two_ranks(tmp_path_factory) -> tuple[Path, dict, list[dict]]:
     single = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), **KWARGS)
     single.learn(60)
     single.save(out / "single.zip")
-    result = torchrun("train", out, timeout=300)
+    result = torchrun(str(RUN), "train", str(out), timeout=300)
     assert result.returncode == 0, result.stderr[-4000:]
     return out, whole, [th.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(2)]
 
@@ -102,7 +102,7 @@ def test_only_rank_0_logs_and_saves_a_plain_model(two_ranks):
 
 @pytest.mark.slow
 def test_compiled_bf16_ranks_stay_identical(tmp_path):
-    result = torchrun("compiled", tmp_path, timeout=600)
+    result = torchrun(str(RUN), "compiled", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     for rank in range(2):
         checks = th.load(tmp_path / f"compiled{rank}.pt")
@@ -111,11 +111,23 @@ def test_compiled_bf16_ranks_stay_identical(tmp_path):
 
 def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     start = time.monotonic()
-    result = torchrun("crash", tmp_path, timeout=240)
+    result = torchrun(str(RUN), "crash", str(tmp_path), timeout=240)
     assert result.returncode != 0
     assert time.monotonic() - start < 120  # torchrun stops the waiting rank, instead of its collective timing out
     output = result.stdout + result.stderr
     assert "EnvStepError" in output and "the simulator diverged" in output
+
+
+def test_zoo_trains_under_torchrun_with_rank_0_outputs(tmp_path):
+    zoo = ["-m", "rl_zoo3.train", "--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "800", "-f", "logs"]
+    result = torchrun(*zoo, "--hyperparams", "learning_starts:200", timeout=300, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-4000:]
+    runs = list((tmp_path / "logs" / "fasttd3").iterdir())
+    assert [run.name for run in runs] == ["Pendulum-v1_1"]  # one run folder: rank 1 writes elsewhere
+    model = FastTD3.load(runs[0] / "Pendulum-v1.zip")
+    assert model.num_timesteps == 800  # over both ranks
+    n_envs = model.n_envs
+    assert sorted(path.name for path in runs[0].glob("*.monitor.csv")) == [f"{i}.monitor.csv" for i in range(n_envs)]
 
 
 def test_distributed_argument_is_checked():

@@ -7,12 +7,17 @@ argparse ``choices`` before any ``--gym-packages`` import. The import hook insta
 :func:`register` does the same by hand (``python -m sb3_fasttd3.zoo`` and ``python -S``).
 """
 
+import atexit
 import functools
 import importlib
 import inspect
+import os
+import shutil
+import tempfile
 from types import ModuleType
 from typing import Any
 
+from sb3_fasttd3.common.distributed import launched_by_torchrun
 from sb3_fasttd3.fasttd3 import FastTD3
 from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE
 from sb3_fasttd3.zoo.sampler import convert_fasttd3_params, sample_fasttd3_params
@@ -31,8 +36,23 @@ def _register_sampler(hyperparams_opt: ModuleType) -> None:
     hyperparams_opt.HYPERPARAMS_CONVERTER[ALGO_NAME] = convert_fasttd3_params
 
 
+def _rank_arguments(arguments: dict[str, Any]) -> None:
+    """
+    Under torchrun, the ranks other than 0 write their Zoo outputs (monitor files, config, logs) into a temporary
+    folder, quietly: the run's folder holds rank 0's only, and the ranks never race for the same run id.
+    """
+    if launched_by_torchrun() and os.environ["RANK"] != "0":
+        arguments["log_folder"] = folder = tempfile.mkdtemp(prefix=f"fasttd3_rank{os.environ['RANK']}_")
+        atexit.register(shutil.rmtree, folder, ignore_errors=True)
+        arguments["tensorboard_log"] = ""
+        arguments["verbose"] = 0
+
+
 def _default_config(exp_manager: ModuleType) -> None:
-    """Without ``-conf``, ``--algo fasttd3`` reads the hyperparameters shipped in this package."""
+    """
+    Without ``-conf``, ``--algo fasttd3`` reads the hyperparameters shipped in this package; under torchrun, only
+    rank 0 writes into the log folder.
+    """
     manager = exp_manager.ExperimentManager
     original_init = manager.__init__
     if getattr(original_init, _MARK, False):
@@ -42,8 +62,10 @@ def _default_config(exp_manager: ModuleType) -> None:
     @functools.wraps(original_init)
     def __init__(*args: Any, **kwargs: Any) -> None:
         bound = signature.bind(*args, **kwargs)
-        if bound.arguments.get("algo") == ALGO_NAME and not bound.arguments.get("config"):
-            bound.arguments["config"] = str(HYPERPARAMS_FILE)
+        if bound.arguments.get("algo") == ALGO_NAME:
+            if not bound.arguments.get("config"):
+                bound.arguments["config"] = str(HYPERPARAMS_FILE)
+            _rank_arguments(bound.arguments)
         original_init(*bound.args, **bound.kwargs)
 
     setattr(__init__, _MARK, True)
