@@ -15,14 +15,15 @@ Sections:
 3. memory: peak device memory of those updates with the reference's humanoid-sized buffer (1024 envs x 10240
    rows, 376-float observations) in the full and the memory-lean layouts, next to the GPU recipe's estimate
    (``benchmarks/results/replay_memory.md``). On a CPU: the buffer's storage bytes only.
-4. distributed: a 2-rank NCCL run when two GPUs are present (recorded as not built while data-parallel training
-   is not part of FastTD3).
+4. distributed: a 2-rank NCCL run of ``benchmarks/distributed_scaling.py``'s worker when two GPUs are present
+   (transitions/s, updates/s and communication time per update).
 5. playground: a short learning run of ``examples/playground_cheetah_run.py`` when JAX sees a GPU.
 
 Writes ``benchmarks/results/gpu_check.{json,md}``.
 """
 
 import argparse
+import json
 import os
 import subprocess
 import sys
@@ -239,6 +240,21 @@ def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:
     return {"returncode": result.returncode, "output": lines or result.stderr.splitlines()[-5:]}
 
 
+def check_distributed(device: th.device) -> dict[str, Any] | str:
+    """Two ranks on two GPUs (torchrun, NCCL): what ``benchmarks.distributed_scaling`` measures, at a short length."""
+    if device.type != "cuda" or th.cuda.device_count() < 2:
+        return "skipped: fewer than two GPUs"
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "rank0.json"
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+        worker = ["-m", "benchmarks.distributed_scaling", "--worker", "--device", "cuda", "--out", str(out)]
+        sizes = ["--n-envs", "1024", "--batch-size", "32768", "--width", "1024", "--steps", "50", "--warmup", "10"]
+        result = subprocess.run([*torchrun, *worker, *sizes], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if result.returncode != 0:
+            return f"failed: {result.stderr[-2000:]}"
+        return json.loads(out.read_text())
+
+
 def markdown(results: dict[str, Any]) -> str:
     tests, updates = results["tests"], results["updates"]
     lines = [
@@ -298,8 +314,7 @@ def main() -> None:
         results["tests"] = run_device_tests(device)
     results["updates"] = check_updates(device, sizes, args.repeats)
     results["memory"] = check_memory(device, sizes)
-    two_gpus = device.type == "cuda" and th.cuda.device_count() >= 2
-    results["distributed"] = "not built: FastTD3 has no data-parallel training yet" if two_gpus else "skipped: one device"
+    results["distributed"] = check_distributed(device)
     results["playground"] = check_playground(device, args.playground_budget)
     results["seconds"] = time.perf_counter() - start
     results["machine"] = machine_info()

@@ -170,3 +170,12 @@ def test_action_noise(tmp_path):
     for row in rows:
         assert row["mixed noise"] > 0 and row["action_noise"] > 0
         assert row["action_noise / mixed noise"] == pytest.approx(row["action_noise"] / row["mixed noise"])
+
+
+def test_distributed_scaling(tmp_path):
+    args = ["--repeats", "1", "--steps", "10", "--warmup", "3", "--n-envs", "4", "--batch-size", "32", "--width", "32"]
+    run_benchmark("distributed_scaling", *args, results=tmp_path)
+    rows = read_results(tmp_path, "distributed_scaling")["rows"]
+    assert [row["ranks"] for row in rows] == [1, 2]
+    assert all(row["transitions_per_s"] > 0 and row["updates_per_s"] > 0 for row in rows)
+    assert rows[0]["communication_ms_per_update"] == 0.0 < rows[1]["communication_ms_per_update"]

@@ -168,3 +168,26 @@ def test_merge_moments_equal_numpy_on_the_union(monkeypatch):
     assert float(count) == len(union)
     np.testing.assert_allclose(mean.numpy(), union.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(var.numpy(), union.var(0), rtol=1e-5)
+
+
+class StandInRanks:
+    """A DataParallel stand-in for the checks made before any collective: a world of ranks that disagree on n_envs."""
+
+    rank, world_size = 1, 2
+
+    def all_equal(self, value: int) -> bool:
+        return False
+
+
+def test_learn_refuses_what_would_desynchronize_the_ranks(tmp_path):
+    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), train_freq=(1, "episode"))
+    with pytest.raises(ValueError, match=r"train_freq=\(1, <TrainFrequencyUnit.EPISODE: 'episode'>\) counts episodes"):
+        model._join_ranks(StandInRanks(), None, False)
+    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2))
+    with pytest.raises(ValueError, match=r"Every rank must step the same number of envs \(this rank, 1, has n_envs=2\)"):
+        model._join_ranks(StandInRanks(), None, False)
+    model._data_parallel = StandInRanks()
+    with pytest.raises(NotImplementedError, match="save_checkpoint does not support data-parallel training yet"):
+        model.save_checkpoint(tmp_path / "checkpoint.zip")
+    model.save(tmp_path / "model.zip")  # rank 1 writes nothing to a path
+    assert not (tmp_path / "model.zip").exists()

@@ -40,3 +40,13 @@ def test_callbacks_stop_at_threshold_then_resume(tmp_path):
 def test_train_from_pixels(tmp_path):
     output = run_example("train_from_pixels.py", "--timesteps", "600", cwd=tmp_path)
     assert "evaluation return" in output and (tmp_path / "fasttd3_pixels.zip").is_file()
+
+
+def test_distributed_under_torchrun(tmp_path):
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    command = [*torchrun, str(EXAMPLES / "distributed.py"), "--env", "Pendulum-v1", "--timesteps", "800"]
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    from sb3_fasttd3 import FastTD3
+
+    assert FastTD3.load(tmp_path / "fasttd3_distributed.zip").num_timesteps == 800
