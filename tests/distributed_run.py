@@ -21,19 +21,9 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
 
 from sb3_fasttd3 import FastTD3
+from tests.test_fasttd3 import TINY
 
-KWARGS = dict(
-    learning_starts=40,
-    batch_size=16,
-    buffer_size=1000,
-    gradient_steps=2,
-    num_atoms=11,
-    v_min=-50.0,
-    v_max=10.0,
-    policy_kwargs=dict(net_arch=dict(pi=[16], qf=[32, 16])),
-    device="cpu",
-    seed=0,
-)
+KWARGS = dict(TINY, learning_starts=40, buffer_size=1000, gradient_steps=2, device="cpu", seed=0)
 N_ENVS = 2
 
 
