@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch as th
+import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from benchmarks.common import BoxEnv, machine_info, write_results
@@ -98,9 +99,10 @@ def worker(args: argparse.Namespace) -> None:
     )
     if data_parallel is not None and args.compare_ddp:  # after the figures above: it runs more all-reduces
         result.update(compare_ddp(model, rounds=5, updates=20))
-    if rank != 0:
-        return
-    Path(args.out).write_text(json.dumps(result))
+    if rank == 0:
+        Path(args.out).write_text(json.dumps(result))
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def compare_ddp(model: FastTD3, rounds: int, updates: int) -> dict[str, float]:
@@ -124,6 +126,7 @@ def compare_ddp(model: FastTD3, rounds: int, updates: int) -> dict[str, float]:
                 th.cuda.synchronize(model.device)
             times[name].append(1e3 * (time.perf_counter() - start) / updates)
     model._data_parallel, model.critic = data_parallel, critic
+    dist.barrier()  # no rank leaves while another still runs DDP's collectives
     return {f"{name} ms per critic update": statistics.median(values) for name, values in times.items()}
 
 

@@ -6,6 +6,7 @@ then identical averaged gradients every update), on the observation statistics (
 on the number of transitions and on when to stop.
 """
 
+import atexit
 import os
 from collections.abc import Sequence
 
@@ -20,6 +21,11 @@ DISTRIBUTED_CHOICES = ("auto", True, False)
 def launched_by_torchrun() -> bool:
     """Whether torchrun (or any launcher setting its variables) started this process as one of several."""
     return all(name in os.environ for name in TORCHRUN_VARIABLES) and int(os.environ["WORLD_SIZE"]) > 1
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def local_rank() -> int:
@@ -59,6 +65,8 @@ class DataParallel:
         if not dist.is_initialized() and launched_by_torchrun():
             # NCCL for CUDA tensors, gloo for CPU ones (both where CUDA is available)
             dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
+            # The group made here is closed here: one left to the interpreter's teardown can abort the process
+            atexit.register(_destroy_process_group)
         if dist.is_initialized() and dist.get_world_size() > 1:
             return cls(device)
         if distributed is True:
