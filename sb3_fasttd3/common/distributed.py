@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch as th
 import torch.distributed as dist
 
+from sb3_fasttd3.common.normalization import combine_moments
+
 # torchrun's environment: the variables a process group is initialized from (``init_method="env://"``)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DISTRIBUTED_CHOICES = ("auto", True, False)
@@ -114,13 +116,8 @@ class DataParallel:
         size = mean.numel()
         total, merged_mean, merged_var = gathered[0][0], gathered[0][1 : 1 + size], gathered[0][1 + size :]
         for other in gathered[1:]:
-            other_count, other_mean, other_var = other[0], other[1 : 1 + size], other[1 + size :]
-            new_total = total + other_count
-            weight = other_count / new_total
-            delta = other_mean - merged_mean
-            merged_mean = merged_mean + delta * weight
-            merged_var = merged_var * (1 - weight) + other_var * weight + delta.square() * weight * (1 - weight)
-            total = new_total
+            moments = (other[0], other[1 : 1 + size], other[1 + size :])
+            total, merged_mean, merged_var = combine_moments(total, merged_mean, merged_var, *moments)
         return total, merged_mean.to(mean.dtype).view_as(mean), merged_var.to(var.dtype).view_as(var)
 
     def sum(self, value: int) -> int:

@@ -11,6 +11,26 @@ from torch import nn
 MergeMoments = Callable[[th.Tensor, th.Tensor, th.Tensor], tuple[th.Tensor, th.Tensor, th.Tensor]]
 
 
+def combine_moments(
+    count: th.Tensor,
+    mean: th.Tensor,
+    var: th.Tensor,
+    other_count: int | th.Tensor,
+    other_mean: th.Tensor,
+    other_var: th.Tensor,
+) -> tuple[th.Tensor, th.Tensor, th.Tensor]:
+    """
+    Count, mean and population variance of two samples together, from each one's (Chan et al.'s parallel algorithm).
+
+    :return: the combined count, mean (``mean``'s dtype) and variance
+    """
+    total = count + other_count
+    # Fraction of the combined sample that comes from the other one (1 when the first is empty)
+    weight = other_count / total.to(mean.dtype)
+    delta = other_mean - mean
+    return total, mean + delta * weight, var * (1 - weight) + other_var * weight + delta.square() * weight * (1 - weight)
+
+
 def is_normalizable(space: spaces.Space) -> bool:
     """
     Whether running statistics normalize observations of ``space``: vector ``Box`` spaces only. Images (SB3's
@@ -67,13 +87,10 @@ class EmpiricalNormalization(nn.Module):
         if merge_moments is not None:
             local_count = th.tensor(batch_count, dtype=self.count.dtype, device=batch.device)
             batch_count, batch_mean, batch_var = merge_moments(local_count, batch_mean, batch_var)
-        total = self.count + batch_count
-        # Fraction of the merged sample that comes from the new batch (1 on the first update)
-        weight = batch_count / total.to(self.mean.dtype)
-        delta = batch_mean - self.mean
-        self.mean.add_(delta * weight)
-        self.var.mul_(1 - weight).add_(batch_var * weight + delta.square() * weight * (1 - weight))
+        total, mean, var = combine_moments(self.count, self.mean, self.var, batch_count, batch_mean, batch_var)
         self.count.copy_(total)
+        self.mean.copy_(mean)
+        self.var.copy_(var)
 
     def forward(self, obs: th.Tensor) -> th.Tensor:
         """
