@@ -45,6 +45,10 @@ ALGOS = {
     "sbx_sac": ("sbx", "SAC", "sac"),
 }
 RESULTS_NAME = "time_to_return"
+# The Zoo has one setting for every MuJoCo task it lists (its Hopper entry, per algorithm); tasks it does not list
+# (InvertedDoublePendulum, InvertedPendulum, Reacher, Pusher) get that setting
+SHARED_MUJOCO_ENTRY = {"td3": "Hopper-v4", "sac": "Hopper-v4", "tqc": "Hopper-v4"}
+MUJOCO_V4_IDS = ("InvertedDoublePendulum-v4", "InvertedPendulum-v4", "Reacher-v4", "Pusher-v4")
 TARGET_RATIO = 0.2  # the issue: FastTD3 reaches a return in at most 1/5 of the fastest peer's wall-clock
 
 
@@ -61,6 +65,8 @@ def zoo_hyperparams(zoo_file: str, env_id: str) -> tuple[dict[str, Any], int]:
 
     entries = yaml.safe_load((Path(rl_zoo3.__file__).parent / "hyperparams" / f"{zoo_file}.yml").read_text())
     key = env_id if env_id in entries else env_id.replace("-v5", "-v4")
+    if key not in entries and env_id.replace("-v5", "-v4") in MUJOCO_V4_IDS:
+        key = SHARED_MUJOCO_ENTRY[zoo_file]
     if key not in entries:
         raise ValueError(f"rl_zoo3 has no {zoo_file} entry for env_id={env_id!r}")
     entry = dict(entries[key])
@@ -80,8 +86,12 @@ def zoo_hyperparams(zoo_file: str, env_id: str) -> tuple[dict[str, Any], int]:
     return entry, n_envs
 
 
-def make_model(algo: str, env_id: str, seed: int) -> BaseAlgorithm:
-    """``algo`` with its Zoo hyperparameters on ``env_id``."""
+def make_model(algo: str, env_id: str, seed: int, overrides: dict[str, Any] | None = None) -> BaseAlgorithm:
+    """
+    ``algo`` with its Zoo hyperparameters on ``env_id``.
+
+    :param overrides: hyperparameters replacing the entry's (``n_envs`` among them)
+    """
     module, class_name, zoo_file = ALGOS[algo]
     algo_class = getattr(importlib.import_module(module), class_name)
     if zoo_file is None:
@@ -90,6 +100,9 @@ def make_model(algo: str, env_id: str, seed: int) -> BaseAlgorithm:
         hyperparams, n_envs = load_hyperparams(env_id)
     else:
         hyperparams, n_envs = zoo_hyperparams(zoo_file, env_id)
+    overrides = dict(overrides or {})
+    n_envs = int(overrides.pop("n_envs", n_envs))
+    hyperparams.update(overrides)
     env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
     noise_std = hyperparams.pop("action_noise_std", None)
     if noise_std is not None:

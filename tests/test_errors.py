@@ -72,6 +72,9 @@ def test_unsupported_observation_space():
         (dict(buffer_size=7, n_steps=3), r"buffer_size=7 is too small.* at least n_envs \* \(n_steps \+ 1\) = 8"),
         (dict(max_grad_norm=0.0), "max_grad_norm must be None or a float > 0"),
         (dict(target_policy_noise=-1.0), "target_policy_noise must be a float >= 0"),
+        (dict(clip_obs=0.0), "clip_obs must be None or a float > 0"),
+        (dict(epsilon_on_std="yes"), "epsilon_on_std must be True or False"),
+        (dict(warmup_actions="random"), r"warmup_actions must be one of \['uniform', 'actor'\], got 'random'"),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):

@@ -396,6 +396,32 @@ def test_normalizer_sees_collected_observations_only():
         assert th.equal(value, state[key]), key
 
 
+@pytest.mark.parametrize("warmup_actions", ["uniform", "actor"])
+def test_warmup_actions(warmup_actions):
+    model = make_model(2, learning_starts=10_000, std_min=0.05, std_max=0.05, warmup_actions=warmup_actions)
+    model.learn(400)
+    actions = model.replay_buffer.actions[:, :200].reshape(-1)
+    assert model._n_updates == 0  # nothing learned yet: the actor is the initial one
+    if warmup_actions == "uniform":
+        assert 0.5 < actions.std() < 0.65 and actions.abs().max() > 0.95  # U(-1, 1): std 0.577
+    else:
+        with th.no_grad():
+            initial = model.actor(model.replay_buffer.observations[:, :200].reshape(-1, 3))
+        noise = actions - initial.reshape(-1)
+        assert initial.abs().max() < 0.2 and 0.04 < noise.std() < 0.06  # the near-zero actor plus its 0.05 noise
+
+
+def test_reference_normalization_reaches_the_policy_and_survives_save_load(tmp_path):
+    model = make_model(2, epsilon=0.01, epsilon_on_std=True, clip_obs=None)
+    model.learn(40)
+    model.save(tmp_path / "model")
+    for loaded in (model, FastTD3.load(tmp_path / "model")):
+        normalizer = loaded.policy.obs_normalizer
+        assert (normalizer.epsilon, normalizer.clip_obs, normalizer.epsilon_on_std) == (0.01, None, True)
+    obs = observations(model.get_env())
+    np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], model.predict(obs, deterministic=True)[0])
+
+
 @pytest.mark.parametrize("dict_obs", [False, True])
 def test_one_gather_serves_every_update_of_a_train_call(dict_obs, monkeypatch):
     model = make_model(2, dict_obs, learning_starts=40)

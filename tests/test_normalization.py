@@ -31,6 +31,18 @@ def test_forward_normalizes_clips_and_never_updates():
         assert th.equal(value, state[key]), key
 
 
+def test_epsilon_on_the_standard_deviation_without_clipping():
+    reference = EmpiricalNormalization((3,), epsilon=0.01, clip_obs=None, epsilon_on_std=True)
+    ours = EmpiricalNormalization((3,))
+    batch = th.tensor([[0.0, 10.0, 5.0], [2.0, 30.0, 5.0]])  # mean (1, 20, 5), var (1, 100, 0): one constant feature
+    for normalizer in (reference, ours):
+        normalizer.update(batch)
+    obs = th.tensor([[2.0, 1020.0, 5.5]])
+    th.testing.assert_close(reference(obs), th.tensor([[1.0 / 1.01, 1000.0 / 10.01, 0.5 / 0.01]]))
+    # sqrt(var + 1e-8) blows the constant feature's first move up to the clip
+    th.testing.assert_close(ours(obs), th.tensor([[1.0, 10.0, 10.0]]))
+
+
 def test_identity_before_any_update():
     normalizer = EmpiricalNormalization((4,))
     x = th.randn(3, 4)
@@ -47,6 +59,8 @@ def test_dict_normalization_per_key():
         th.testing.assert_close(out[key].mean(0), th.zeros(out[key].shape[1]), atol=1e-5, rtol=0)
         th.testing.assert_close(out[key].var(0, unbiased=False), th.ones(out[key].shape[1]), atol=1e-4, rtol=0)
     assert set(normalizer.state_dict()) == {f"normalizers.{k}.{s}" for k in "ab" for s in ("count", "mean", "var")}
+    reference = DictNormalization(space, epsilon=0.01, clip_obs=None, epsilon_on_std=True)
+    assert all(child.extra_repr().endswith("clip_obs=None, epsilon_on_std=True") for child in reference.normalizers.values())
 
 
 def test_only_vector_keys_are_normalized():

@@ -1,6 +1,7 @@
 """Empirical observation normalization that lives inside the policy (saved and loaded with it)."""
 
 from collections.abc import Callable
+from typing import Any
 
 import torch as th
 from gymnasium import spaces
@@ -53,19 +54,25 @@ class EmpiricalNormalization(nn.Module):
     (population) variance of everything seen.
 
     :param shape: shape of one observation
-    :param epsilon: added to the variance before the square root
-    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
+    :param epsilon: added to the variance before the square root (or to the standard deviation, see ``epsilon_on_std``)
+    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``; ``None``: no clipping
+    :param epsilon_on_std: divide by ``std + epsilon`` (the FastTD3 reference, with ``epsilon=0.01``) instead of
+        ``sqrt(var + epsilon)`` (SB3's ``VecNormalize``): a feature that barely moved so far is then scaled by at most
+        ``1 / epsilon`` rather than ``1 / sqrt(epsilon)``
     """
 
     count: th.Tensor
     mean: th.Tensor
     var: th.Tensor
 
-    def __init__(self, shape: tuple[int, ...], epsilon: float = 1e-8, clip_obs: float = 10.0):
+    def __init__(
+        self, shape: tuple[int, ...], epsilon: float = 1e-8, clip_obs: float | None = 10.0, epsilon_on_std: bool = False
+    ):
         super().__init__()
         self.shape = tuple(shape)
         self.epsilon = epsilon
         self.clip_obs = clip_obs
+        self.epsilon_on_std = epsilon_on_std
         # float64 like SB3's RunningMeanStd: exact counts up to 2**53, and every saved statistic is a float
         self.register_buffer("count", th.zeros((), dtype=th.float64))
         self.register_buffer("mean", th.zeros(self.shape))
@@ -97,11 +104,14 @@ class EmpiricalNormalization(nn.Module):
         :param obs: raw observations, shape ``(..., *shape)``
         :return: normalized and clipped observations
         """
-        normalized = (obs - self.mean) / th.sqrt(self.var + self.epsilon)
-        return normalized.clamp(-self.clip_obs, self.clip_obs)
+        if self.epsilon_on_std:
+            normalized = (obs - self.mean) / (th.sqrt(self.var) + self.epsilon)
+        else:
+            normalized = (obs - self.mean) / th.sqrt(self.var + self.epsilon)
+        return normalized if self.clip_obs is None else normalized.clamp(-self.clip_obs, self.clip_obs)
 
     def extra_repr(self) -> str:
-        return f"shape={self.shape}, epsilon={self.epsilon}, clip_obs={self.clip_obs}"
+        return f"shape={self.shape}, epsilon={self.epsilon}, clip_obs={self.clip_obs}, epsilon_on_std={self.epsilon_on_std}"
 
 
 class DictNormalization(nn.Module):
@@ -110,15 +120,14 @@ class DictNormalization(nn.Module):
     the other keys (images, discrete values) pass through untouched and are never counted.
 
     :param observation_space: a ``Dict`` observation space
-    :param epsilon: see :class:`EmpiricalNormalization`
-    :param clip_obs: see :class:`EmpiricalNormalization`
+    :param kwargs: ``epsilon``, ``clip_obs`` and ``epsilon_on_std`` of each :class:`EmpiricalNormalization`
     """
 
-    def __init__(self, observation_space: spaces.Dict, epsilon: float = 1e-8, clip_obs: float = 10.0):
+    def __init__(self, observation_space: spaces.Dict, **kwargs: Any):
         super().__init__()
         self.normalizers = nn.ModuleDict(
             {
-                key: EmpiricalNormalization(space.shape or (), epsilon, clip_obs)
+                key: EmpiricalNormalization(space.shape or (), **kwargs)
                 for key, space in observation_space.spaces.items()
                 if is_normalizable(space)
             }
@@ -138,21 +147,18 @@ class DictNormalization(nn.Module):
         return {key: normalizers[key](value) if key in normalizers else value for key, value in obs.items()}
 
 
-def make_normalizer(
-    observation_space: spaces.Space, epsilon: float = 1e-8, clip_obs: float = 10.0
-) -> EmpiricalNormalization | DictNormalization | None:
+def make_normalizer(observation_space: spaces.Space, **kwargs: Any) -> EmpiricalNormalization | DictNormalization | None:
     """
     The normalizer of an observation space, or None when no part of it is normalized (an image, a discrete space,
     or a ``Dict`` without vector keys).
 
     :param observation_space: the observation space
-    :param epsilon: see :class:`EmpiricalNormalization`
-    :param clip_obs: see :class:`EmpiricalNormalization`
+    :param kwargs: ``epsilon``, ``clip_obs`` and ``epsilon_on_std`` of :class:`EmpiricalNormalization`
     """
     if isinstance(observation_space, spaces.Dict):
         if not any(is_normalizable(space) for space in observation_space.spaces.values()):
             return None
-        return DictNormalization(observation_space, epsilon, clip_obs)
+        return DictNormalization(observation_space, **kwargs)
     if is_normalizable(observation_space):
-        return EmpiricalNormalization(observation_space.shape or (), epsilon, clip_obs)
+        return EmpiricalNormalization(observation_space.shape or (), **kwargs)
     return None

@@ -64,6 +64,8 @@ def _split_batches(value: Any, batch_size: int, n_batches: int) -> list[Any]:
 # ("auto" resolves to "bf16" or None per device, see ``_setup_fast_path``)
 AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
 AMP_CHOICES = [*AMP_DTYPES, "auto"]
+# How FastTD3 acts before learning_starts: uniform random actions (SB3), or the initial actor with its noise
+WARMUP_ACTIONS = ["uniform", "actor"]
 
 
 def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
@@ -106,7 +108,7 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param env: the environment to learn from (a VecEnv with many envs is where FastTD3 shines)
     :param learning_rate: learning rate of both actor and critic unless overridden (float or schedule)
     :param buffer_size: size of the replay buffer in transitions, over all envs
-    :param learning_starts: how many transitions to collect with uniform random actions before learning starts
+    :param learning_starts: how many transitions to collect before learning starts (with ``warmup_actions``)
     :param batch_size: minibatch size of each gradient update
     :param tau: soft update coefficient of the target critic, applied after every critic update
     :param gamma: the discount factor
@@ -146,8 +148,14 @@ class FastTD3(RolloutCollection, Checkpointing):
         FastTD3 uses the online actor
     :param normalize_observations: normalize observations with running mean and variance kept in the policy;
         ``"auto"``: unless a ``VecNormalize`` wrapping the env normalizes them (both at once is refused)
-    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``
-    :param epsilon: added to the variance before the square root when normalizing
+    :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``; ``None``: no clipping
+    :param epsilon: added to the variance before the square root when normalizing (to the standard deviation with
+        ``epsilon_on_std``)
+    :param epsilon_on_std: normalize by ``std + epsilon`` instead of ``sqrt(var + epsilon)``: the FastTD3 reference
+        normalizes with ``epsilon_on_std=True, epsilon=0.01, clip_obs=None``, which scales a feature that has barely
+        moved so far by at most 100 instead of blowing it up to the clip
+    :param warmup_actions: how to act before ``learning_starts``: ``"uniform"`` (uniform random actions, as SB3)
+        or ``"actor"`` (the initial actor, near zero, with the exploration noise, as the FastTD3 reference)
     :param max_grad_norm: clip the gradient norm of each update to this value (``None``: no clipping)
     :param compile: compile the loss computations and acting with ``torch.compile`` (CPU: inductor's default
         mode, the actor's loss staying eager, which is faster there; CUDA: ``reduce-overhead``, i.e. CUDA graphs)
@@ -215,8 +223,10 @@ class FastTD3(RolloutCollection, Checkpointing):
         v_max: float = 250.0,
         use_target_actor: bool = False,
         normalize_observations: bool | str = "auto",
-        clip_obs: float = 10.0,
+        clip_obs: float | None = 10.0,
         epsilon: float = 1e-8,
+        epsilon_on_std: bool = False,
+        warmup_actions: str = "uniform",
         max_grad_norm: float | None = None,
         compile: bool = False,
         amp_dtype: str | None = None,
@@ -266,6 +276,8 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.normalize_observations = normalize_observations
         self.clip_obs = clip_obs
         self.epsilon = epsilon
+        self.epsilon_on_std = epsilon_on_std
+        self.warmup_actions = warmup_actions
         self.max_grad_norm = max_grad_norm
         self.compile = compile
         self.amp_dtype = amp_dtype
@@ -308,8 +320,10 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(self.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
         require(self.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
         require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a float > 0")
-        require(self.clip_obs > 0, "clip_obs", "a float > 0")
+        require(self.clip_obs is None or self.clip_obs > 0, "clip_obs", "None or a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
+        require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
+        require(self.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
         require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
             if not self._loading:
@@ -391,6 +405,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             normalize_observations=self.normalize_observations,
             clip_obs=self.clip_obs,
             epsilon=self.epsilon,
+            epsilon_on_std=self.epsilon_on_std,
         )
         duplicates = sorted(set(kwargs) & set(self.policy_kwargs))
         if duplicates:

@@ -257,8 +257,9 @@ class FastTD3Policy(BasePolicy):
     :param n_critics: number of Q-networks
     :param use_target_actor: keep a target actor (classic TD3) (set by the algorithm)
     :param normalize_observations: normalize observations with running statistics (set by the algorithm)
-    :param clip_obs: clip normalized observations to this absolute value
-    :param epsilon: added to the variance before the square root
+    :param clip_obs: clip normalized observations to this absolute value (``None``: no clipping)
+    :param epsilon: added to the variance before the square root (to the standard deviation with ``epsilon_on_std``)
+    :param epsilon_on_std: normalize by ``std + epsilon`` instead of ``sqrt(var + epsilon)``
     :param optimizer_class: optimizer (AdamW by default)
     :param optimizer_kwargs: optimizer arguments (default ``weight_decay=0.1, fused=True``)
     """
@@ -287,8 +288,9 @@ class FastTD3Policy(BasePolicy):
         n_critics: int = 2,
         use_target_actor: bool = False,
         normalize_observations: bool = True,
-        clip_obs: float = 10.0,
+        clip_obs: float | None = 10.0,
         epsilon: float = 1e-8,
+        epsilon_on_std: bool = False,
         optimizer_class: type[th.optim.Optimizer] = th.optim.AdamW,
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
@@ -326,6 +328,7 @@ class FastTD3Policy(BasePolicy):
         self.normalize_observations = normalize_observations
         self.clip_obs = clip_obs
         self.epsilon = epsilon
+        self.epsilon_on_std = epsilon_on_std
         self.actor_keys, self.critic_keys = self._select_keys(observation_space, actor_keys, critic_keys)
         if share_features_extractor and set(self.actor_keys or []) != set(self.critic_keys or []):
             raise ValueError(
@@ -369,7 +372,9 @@ class FastTD3Policy(BasePolicy):
     def _build(self, lr_schedule: Schedule) -> None:
         self.obs_normalizer: EmpiricalNormalization | DictNormalization | None = None
         if self.normalize_observations:
-            self.obs_normalizer = make_normalizer(self.observation_space, self.epsilon, self.clip_obs)
+            self.obs_normalizer = make_normalizer(
+                self.observation_space, epsilon=self.epsilon, clip_obs=self.clip_obs, epsilon_on_std=self.epsilon_on_std
+            )
 
         actor_space, critic_space = self._subspace(self.actor_keys), self._subspace(self.critic_keys)
         action_space = self.action_space
@@ -434,6 +439,7 @@ class FastTD3Policy(BasePolicy):
             normalize_observations=self.normalize_observations,
             clip_obs=self.clip_obs,
             epsilon=self.epsilon,
+            epsilon_on_std=self.epsilon_on_std,
             optimizer_class=self.optimizer_class,
             optimizer_kwargs=self.optimizer_kwargs,
             lr_schedule=self._dummy_schedule,

@@ -58,7 +58,7 @@ def _failed_env_index(env: VecEnv, error: BaseException) -> int | None:
 
 class RolloutCollection(OffPolicyAlgorithm):
     """
-    FastTD3's ``collect_rollouts``: uniform random actions before ``learning_starts``, the noisy actor after,
+    FastTD3's ``collect_rollouts``: the noisy actor (before ``learning_starts``: uniform actions, or the actor too),
     true final observations stored for finished episodes, callbacks once per vector step.
     A :class:`~sb3_fasttd3.vec_env.TorchVecEnv` keeps the whole loop on the device.
     """
@@ -68,6 +68,7 @@ class RolloutCollection(OffPolicyAlgorithm):
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     action_space: spaces.Box
     exploration_noise: MixedGaussianNoise | None  # the mixed noise, None when SB3's action_noise replaces it
+    warmup_actions: str  # how to act before learning_starts: "uniform" or "actor"
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
     _autocast: Callable[[], AbstractContextManager]  # the autocast context of the updates and of acting
@@ -103,7 +104,7 @@ class RolloutCollection(OffPolicyAlgorithm):
         log_interval: int | None = None,
     ) -> RolloutReturn:
         """
-        Step the envs with the noisy actor (uniform random actions before ``learning_starts``) and store
+        Step the envs with the noisy actor (before ``learning_starts``, as ``warmup_actions`` says) and store
         the transitions, with the true final observation of every finished episode.
         Observations cross to torch once per vector step; callbacks are called once per vector step.
         """
@@ -240,13 +241,14 @@ class RolloutCollection(OffPolicyAlgorithm):
 
     def _exploration_actions(self, obs: TorchObs, learning_starts: int) -> th.Tensor:
         """
-        Actions in [-1, 1] for every env: uniform during warm-up, the actor's afterwards, with the exploration
-        noise: SB3's ``action_noise`` when given (added during warm-up too, as SB3 does), else the mixed noise.
+        Actions in [-1, 1] for every env: uniform during warm-up (unless ``warmup_actions="actor"``), the actor's
+        otherwise, with the exploration noise: SB3's ``action_noise`` when given (added to uniform actions too, as SB3
+        does), else the mixed noise.
         """
         data_parallel = self._data_parallel
         self.policy.update_normalizer(obs, None if data_parallel is None else data_parallel.merge_moments)
         action_noise = self.action_noise
-        if self.num_timesteps < learning_starts:
+        if self.num_timesteps < learning_starts and self.warmup_actions == "uniform":
             actions = th.rand(self.n_envs, spaces.flatdim(self.action_space), device=self.device) * 2.0 - 1.0
         elif action_noise is None:
             with th.no_grad(), self._autocast():

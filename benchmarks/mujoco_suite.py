@@ -1,0 +1,228 @@
+"""
+FastTD3's RL Zoo entries against their peers on several MuJoCo tasks at equal wall-clock: each run is pinned to
+one CPU core with one thread, so runs on different cores go side by side without sharing a core.
+
+    python -m benchmarks.mujoco_suite run --envs Hopper-v5 Swimmer-v5 --algos sbx_td3 sbx_sac --cores 1
+    python -m benchmarks.mujoco_suite run --envs Hopper-v5 --seeds 0 1 2 --cores 0 1
+    python -m benchmarks.mujoco_suite run --envs Hopper-v5 --label ref-norm --set observation_normalization=reference
+    python -m benchmarks.mujoco_suite report             # the Markdown table and one plot per task, from the JSON
+
+``run`` queues one job per (task, algorithm, seed) and keeps one job per listed core busy; each job trains for
+``--budget`` seconds of training (evaluation excluded, as in ``time_to_return``) and also evaluates at the
+first step past each of ``MARKS`` seconds. Runs append to ``benchmarks/results/mujoco_suite.json`` under a file
+lock, so two ``run`` commands on different cores can share it. A FastTD3 variant is the entry with ``--set``
+replacements, told apart by ``--label``. Peers need ``pip install -e ".[benchmarks]"``.
+"""
+
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch as th
+from stable_baselines3.common.env_util import make_vec_env
+
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, write_results
+from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching, make_model
+from benchmarks.tune_entry import parse_overrides
+
+RESULTS_NAME = "mujoco_suite"
+MARKS = (300.0, 600.0)  # the issue's budgets: return after 5 and 10 minutes of training
+# Returns whose first crossing the report times, per task
+THRESHOLDS = {
+    "HalfCheetah-v5": (3000.0, 5000.0),
+    "Hopper-v5": (2000.0, 3000.0),
+    "Swimmer-v5": (100.0, 200.0),
+    "InvertedDoublePendulum-v5": (5000.0, 9000.0),
+}
+
+
+class MarkedEvaluation(BudgetedEvaluation):
+    """:class:`BudgetedEvaluation` that also evaluates at the first step past each of ``marks`` training seconds."""
+
+    def __init__(self, *args: Any, marks: tuple[float, ...] = MARKS, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.pending = sorted(marks)
+
+    def _on_step(self) -> bool:
+        if self.pending and self.training_seconds() >= self.pending[0]:
+            self.pending.pop(0)
+            self.evaluate()
+            self.curve[-1]["mark"] = True
+        return super()._on_step()
+
+
+def run_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one algorithm under the budget (called in a child process pinned to one core)."""
+    model = make_model(args.worker, args.env, args.seed, parse_overrides(args.set))
+    eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
+    callback = MarkedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes)
+    model.learn(total_timesteps=10**9, callback=callback)
+    return {"curve": callback.curve, "torch_threads": th.get_num_threads()}
+
+
+def append_run(run: dict[str, Any]) -> None:
+    """Add one run to the results file, holding a lock so that concurrent ``run`` commands do not overwrite it."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
+    with open(RESULTS_DIR / f".{RESULTS_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+        results["runs"].append(run)
+        results["machine"] = run["machine"]
+        write_results(RESULTS_NAME, results, summarize(results["runs"]))
+        plot(results["runs"])
+
+
+def start_job(job: dict[str, Any], core: int, args: argparse.Namespace, output: str) -> subprocess.Popen:
+    """One training run as a child process on ``core``, one thread."""
+    command = [sys.executable, "-m", "benchmarks.mujoco_suite", "worker", "--worker", job["algo"], "--output", output]
+    command += ["--env", job["env"], "--seed", str(job["seed"]), "--budget", str(args.budget)]
+    command += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+    command += ["--set", *job["set"]]
+    threads = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+    env = {**os.environ, **threads}  # JAX (the SBX peers) sizes its thread pool by the cores taskset leaves it
+    print(f"core {core}: {job['env']} {job['label']} seed {job['seed']}", flush=True)
+    return subprocess.Popen(["taskset", "-c", str(core), *command], env=env)
+
+
+def run_jobs(args: argparse.Namespace) -> None:
+    """Every (task, algorithm, seed) job of the command line, one per free core at a time."""
+    jobs = []
+    for env_id in args.envs:
+        for algo in args.algos:
+            label = args.label if algo == "fasttd3" and args.label else algo
+            for seed in args.seeds if algo == "fasttd3" else args.peer_seeds:
+                jobs.append({"env": env_id, "algo": algo, "label": label, "seed": seed, "set": args.set})
+    running: dict[int, tuple[subprocess.Popen, dict[str, Any], str, CpuSteal]] = {}
+    while jobs or running:
+        for core in args.cores:
+            if core not in running and jobs:
+                job = jobs.pop(0)
+                output = tempfile.mkstemp(suffix=".json")[1]
+                running[core] = (start_job(job, core, args, output), job, output, CpuSteal())
+        core, status = wait_any(running)
+        _, job, output, steal = running.pop(core)
+        if status != 0:
+            print(f"core {core}: {job} failed with exit status {status}", flush=True)
+            continue
+        run = {**job, "budget": args.budget, "core": core, **json.loads(Path(output).read_text())}
+        os.unlink(output)
+        append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
+
+
+def wait_any(running: dict[int, tuple[subprocess.Popen, Any, Any, Any]]) -> tuple[int, int]:
+    """The core of the first child to finish and its exit status."""
+    pid, status = os.wait()
+    core = next(core for core, (process, *_) in running.items() if process.pid == pid)
+    return core, os.waitstatus_to_exitcode(status)
+
+
+def value_at(curve: list[dict[str, float]], seconds: float) -> float | None:
+    """The return of the last evaluation at or before ``seconds`` of training (None if the run stopped earlier)."""
+    if curve[-1]["seconds"] < seconds:
+        return None
+    before = [point for point in curve if point["seconds"] <= seconds + 1.0]
+    return before[-1]["return"] if before else None
+
+
+def summarize(runs: list[dict[str, Any]]) -> str:
+    """Per task: each run's return at the marks and seconds to each threshold, then the best of each label."""
+    lines = ["# FastTD3 against its peers across MuJoCo tasks", ""]
+    for env_id in dict.fromkeys(run["env"] for run in runs):
+        thresholds = THRESHOLDS.get(env_id, ())
+        lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
+        header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in MARKS)
+        header += "".join(f" | to {threshold:g}: s (steps)" for threshold in thresholds)
+        lines += [header + " | steps at budget | steal % | commit |", "|" + " --- |" * (5 + len(MARKS) + len(thresholds))]
+        for run in sorted((run for run in runs if run["env"] == env_id), key=lambda run: (run["label"], run["seed"])):
+            cells = [format_return(value_at(run["curve"], mark)) for mark in MARKS]
+            for threshold in thresholds:
+                point = first_reaching(run["curve"], threshold)
+                cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
+            steal = run.get("cpu_steal_percent")
+            lines.append(
+                f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
+                f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |"
+            )
+        lines.append("")
+    lines += [
+        "Each run: one CPU core and one thread (`taskset`, `OMP_NUM_THREADS=1`), two runs side by side on the two "
+        "cores of the machine below. Returns are the mean of the evaluation episodes (deterministic policy); "
+        "evaluation time is not counted. A return at a mark is the last evaluation at or before it.",
+    ]
+    return "\n".join(lines)
+
+
+def format_return(value: float | None) -> str:
+    """A return as a table cell."""
+    return "-" if value is None else f"{value:.0f}"
+
+
+def plot(runs: list[dict[str, Any]]) -> None:
+    """One PNG per task: return against training seconds, one line per run, one color per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    for env_id in dict.fromkeys(run["env"] for run in runs):
+        task_runs = [run for run in runs if run["env"] == env_id]
+        colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(run["label"] for run in task_runs))}
+        fig, axis = plt.subplots(figsize=(7, 4.5))
+        for label, color in colors.items():
+            for i, run in enumerate(run for run in task_runs if run["label"] == label):
+                points = run["curve"]
+                axis.plot(
+                    [p["seconds"] for p in points], [p["return"] for p in points], color=color, alpha=0.8,
+                    label=label if i == 0 else None,
+                )  # fmt: skip
+        for mark in MARKS:
+            axis.axvline(mark, color="grey", linewidth=0.5)
+        axis.set(xlabel="training wall-clock, one core (s)", ylabel="evaluation return", title=env_id)
+        axis.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(RESULTS_DIR / f"{RESULTS_NAME}_{env_id}.png", dpi=90)
+        plt.close(fig)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="train the jobs and append their curves")
+    run.add_argument("--envs", nargs="+", default=list(THRESHOLDS))
+    run.add_argument("--algos", nargs="+", choices=list(ALGOS), default=["fasttd3"])
+    run.add_argument("--seeds", type=int, nargs="+", default=[0], help="FastTD3's seeds")
+    run.add_argument("--peer-seeds", type=int, nargs="+", default=[0])
+    run.add_argument("--cores", type=int, nargs="+", default=[0], help="one job at a time on each")
+    run.add_argument("--label", help="name of a FastTD3 variant (default: fasttd3)")
+    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FastTD3 hyperparameters to replace")
+    worker = commands.add_parser("worker")
+    worker.add_argument("--worker", choices=list(ALGOS), required=True)
+    worker.add_argument("--output", required=True)
+    worker.add_argument("--env", required=True)
+    worker.add_argument("--seed", type=int, required=True)
+    worker.add_argument("--set", nargs="*", default=[])
+    for command in (run, worker):
+        command.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
+        command.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
+        command.add_argument("--eval-episodes", type=int, default=5)
+    commands.add_parser("report", help="rewrite the Markdown and plots from the JSON")
+    args = parser.parse_args()
+    if args.command == "worker":
+        Path(args.output).write_text(json.dumps(run_worker(args)))
+    elif args.command == "run":
+        run_jobs(args)
+    else:
+        results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
+        write_results(RESULTS_NAME, results, summarize(results["runs"]))
+        plot(results["runs"])
+
+
+if __name__ == "__main__":
+    main()
