@@ -23,6 +23,7 @@ from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_par
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection, check_support
 from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_scales
+from sb3_fasttd3.common.simbav2 import hyperspherical_weights, project_weights_
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
 from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
 from sb3_fasttd3.fasttd3.checks import (
@@ -426,6 +427,9 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._critic_polyak_params: list[th.Tensor] = list(self.critic.parameters())
         self._critic_target_params: list[th.Tensor] = list(self.critic_target.parameters())
         self._actor_params: list[th.Tensor] = list(self.actor.parameters())
+        # SimbaV2 weights, put back on the unit sphere after each optimizer step (none with MLPs)
+        self._actor_sphere_weights = hyperspherical_weights(self.actor)
+        self._critic_sphere_weights = hyperspherical_weights(self.critic)
         # The actor's soft-updated pairs, less a target extractor shared with the critic target (updated with it)
         critic_target_params = {id(param) for param in self._critic_target_params}
         pairs = () if self.actor_target is None else zip(self.actor_target.parameters(), self._actor_params, strict=True)
@@ -554,6 +558,8 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_critic_polyak_params",
             "_critic_target_params",
             "_actor_params",
+            "_actor_sphere_weights",
+            "_critic_sphere_weights",
             "_actor_target_params",
             "_actor_polyak_params",
             "_critic_batch_norm_stats",
@@ -675,11 +681,13 @@ class FastTD3(RolloutCollection, Checkpointing):
         with self._autocast():
             critic_loss, q_mean = self._critic_loss_fn(replay_data)
         self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
+        project_weights_(self._critic_sphere_weights)
         self._update_statistics.add_critic_update(critic_loss, q_mean)
         if update_actor:
             with self._autocast():
                 actor_loss = self._actor_loss_fn(replay_data.observations)
             self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
+            project_weights_(self._actor_sphere_weights)
             self._update_statistics.add_actor_update(actor_loss)
             if self.actor_target is not None:
                 self._soft_update(self._actor_target_params, self._actor_polyak_params)

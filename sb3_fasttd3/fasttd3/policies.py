@@ -22,6 +22,10 @@ from torch import nn
 from sb3_fasttd3.common.distributional import expected_value, make_support
 from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, MergeMoments, make_normalizer
 from sb3_fasttd3.common.preprocessing import make_preprocessor
+from sb3_fasttd3.common.simbav2 import SimbaV2Network
+
+# The networks behind the actor and each Q-network: SB3's MLP, or SimbaV2's hyperspherical residual blocks
+ARCHITECTURES = ("mlp", "simbav2")
 
 # Observation keys of the asymmetric actor-critic setups we know: (actor keys, critic keys)
 ASYMMETRIC_KEYS = (
@@ -60,6 +64,39 @@ def _copy_normalizer_statistics(module: nn.Module, state_dict: dict[str, Any], p
         for holder in ("actor.", "actor_target."):
             if getattr(module, holder[:-1], None) is not None:
                 state_dict.setdefault(prefix + holder + key[len(prefix) :], state_dict[key])
+
+
+def make_network(
+    architecture: str,
+    in_dim: int,
+    out_dim: int,
+    net_arch: list[int],
+    activation_fn: type[nn.Module],
+    squash_output: bool = False,
+    layer_norm: bool = False,
+) -> nn.Module:
+    """
+    The network of an actor or a Q-network after its features extractor.
+
+    :param architecture: ``"mlp"``: ``net_arch`` lists the hidden layers; ``"simbav2"``: ``net_arch`` lists the
+        LERP blocks, all of one width (``[256, 256]``: two blocks of width 256; ``activation_fn`` is not used)
+    :param in_dim: input size
+    :param out_dim: output size
+    :param net_arch: hidden sizes
+    :param activation_fn: activation after each hidden layer of an MLP
+    :param squash_output: end with ``tanh``
+    :param layer_norm: LayerNorm after each hidden layer of an MLP
+    """
+    if architecture == "simbav2":
+        if not net_arch or len(set(net_arch)) != 1:
+            raise ValueError(
+                f"architecture='simbav2' needs net_arch to list blocks of one width, e.g. [256, 256], got {net_arch}"
+            )
+        return SimbaV2Network(in_dim, out_dim, net_arch[0], len(net_arch), squash_output)
+    post_linear: list[type[nn.Module]] | None = [nn.LayerNorm] if layer_norm else None
+    return nn.Sequential(
+        *create_mlp(in_dim, out_dim, net_arch, activation_fn, squash_output=squash_output, post_linear_modules=post_linear)
+    )
 
 
 class FeaturesNetwork(BaseModel):
@@ -112,6 +149,7 @@ class Actor(FeaturesNetwork, BasePolicy):
     :param activation_fn: activation after each hidden layer
     :param normalize_images: divide images by 255
     :param obs_normalizer: the policy's observation normalizer (the same module, not a copy), or None
+    :param architecture: ``"mlp"`` or ``"simbav2"`` (see :func:`make_network`)
     """
 
     def __init__(
@@ -123,21 +161,22 @@ class Actor(FeaturesNetwork, BasePolicy):
         activation_fn: type[nn.Module] = nn.ReLU,
         normalize_images: bool = True,
         obs_normalizer: EmpiricalNormalization | DictNormalization | None = None,
+        architecture: str = "mlp",
     ):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
         self._squash_output = True  # predict() maps actions from [-1, 1] to the action space's bounds
         self.net_arch = net_arch
         self.activation_fn = activation_fn
         self.obs_normalizer = obs_normalizer
+        self.architecture = architecture
         action_dim = spaces.flatdim(action_space)
-        self.mu = nn.Sequential(
-            *create_mlp(features_extractor.features_dim, action_dim, net_arch, activation_fn, squash_output=True)
-        )
-        # Start close to the zero action: small last layer (FastTD3 uses N(0, 0.01) weights, zero bias)
-        last_linear = self.mu[-2]
-        assert isinstance(last_linear, nn.Linear)
-        nn.init.normal_(last_linear.weight, 0.0, 0.01)
-        nn.init.zeros_(last_linear.bias)
+        self.mu = make_network(architecture, features_extractor.features_dim, action_dim, net_arch, activation_fn, True)
+        if architecture == "mlp":
+            # Start close to the zero action: small last layer (FastTD3 uses N(0, 0.01) weights, zero bias)
+            last_linear = self.mu[-2]
+            assert isinstance(last_linear, nn.Linear)
+            nn.init.normal_(last_linear.weight, 0.0, 0.01)
+            nn.init.zeros_(last_linear.bias)
 
     def _get_constructor_parameters(self) -> dict[str, Any]:
         data = super()._get_constructor_parameters()
@@ -146,6 +185,7 @@ class Actor(FeaturesNetwork, BasePolicy):
             net_arch=self.net_arch,
             activation_fn=self.activation_fn,
             obs_normalizer=self.obs_normalizer,
+            architecture=self.architecture,
         )
         return data
 
@@ -181,6 +221,7 @@ class DistributionalCritic(FeaturesNetwork):
     :param n_critics: number of Q-networks
     :param normalize_images: divide images by 255
     :param share_features_extractor: the features extractor is the actor's
+    :param architecture: ``"mlp"`` or ``"simbav2"`` (see :func:`make_network`)
     """
 
     def __init__(
@@ -195,13 +236,13 @@ class DistributionalCritic(FeaturesNetwork):
         n_critics: int = 2,
         normalize_images: bool = True,
         share_features_extractor: bool = False,
+        architecture: str = "mlp",
     ):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
         self.share_features_extractor = share_features_extractor
         input_dim = features_extractor.features_dim + spaces.flatdim(action_space)
-        post_linear: list[type[nn.Module]] | None = [nn.LayerNorm] if layer_norm else None
         self.q_networks = nn.ModuleList(
-            nn.Sequential(*create_mlp(input_dim, num_atoms, net_arch, activation_fn, post_linear_modules=post_linear))
+            make_network(architecture, input_dim, num_atoms, net_arch, activation_fn, layer_norm=layer_norm)
             for _ in range(n_critics)
         )
 
@@ -248,7 +289,10 @@ class FastTD3Policy(BasePolicy):
     :param normalize_images: divide images by 255
     :param share_features_extractor: one extractor for the actor and the critic, trained by the actor's loss
         (needs the same actor and critic keys)
-    :param layer_norm: LayerNorm after each hidden layer of the critic
+    :param layer_norm: LayerNorm after each hidden layer of the critic (``architecture="mlp"``)
+    :param architecture: the actor's and the critic's networks: ``"mlp"``, or ``"simbav2"`` (SimbaV2's
+        hyperspherical residual blocks; ``net_arch`` then lists blocks of one width, and the default optimizer has
+        no weight decay since the weights are kept on the unit sphere)
     :param actor_keys: observation keys the actor reads (``Dict`` spaces only)
     :param critic_keys: observation keys the critic reads (``Dict`` spaces only)
     :param num_atoms: atoms of the critic's support (set by the algorithm)
@@ -280,6 +324,7 @@ class FastTD3Policy(BasePolicy):
         normalize_images: bool = True,
         share_features_extractor: bool = False,
         layer_norm: bool = False,
+        architecture: str = "mlp",
         actor_keys: list[str] | None = None,
         critic_keys: list[str] | None = None,
         num_atoms: int = 101,
@@ -294,9 +339,13 @@ class FastTD3Policy(BasePolicy):
         optimizer_class: type[th.optim.Optimizer] = th.optim.AdamW,
         optimizer_kwargs: dict[str, Any] | None = None,
     ):
+        if architecture not in ARCHITECTURES:
+            raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
+        if architecture == "simbav2" and layer_norm:
+            raise ValueError("layer_norm=True applies to architecture='mlp' only: SimbaV2 normalizes every block itself")
         if optimizer_kwargs is None:
             # Fused AdamW: one kernel for all parameters (about 5x faster than the default on a CPU)
-            optimizer_kwargs = {"weight_decay": 0.1, "fused": True}
+            optimizer_kwargs = {"weight_decay": 0.0 if architecture == "simbav2" else 0.1, "fused": True}
         if features_extractor_class is None:
             features_extractor_class = self.default_features_extractor_class
         if features_extractor_class is None:
@@ -320,6 +369,7 @@ class FastTD3Policy(BasePolicy):
         self.activation_fn = activation_fn
         self.share_features_extractor = share_features_extractor
         self.layer_norm = layer_norm
+        self.architecture = architecture
         self.num_atoms = num_atoms
         self.v_min = v_min
         self.v_max = v_max
@@ -387,6 +437,7 @@ class FastTD3Policy(BasePolicy):
             self.activation_fn,
             self.normalize_images,
             self.obs_normalizer,
+            self.architecture,
         )
         share = self.share_features_extractor
         self.critic = DistributionalCritic(
@@ -400,6 +451,7 @@ class FastTD3Policy(BasePolicy):
             self.n_critics,
             self.normalize_images,
             share,
+            self.architecture,
         )
         # Targets hold their own copies and stay in eval mode
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False).train(False)
@@ -429,6 +481,7 @@ class FastTD3Policy(BasePolicy):
             features_extractor_kwargs=self.features_extractor_kwargs,
             share_features_extractor=self.share_features_extractor,
             layer_norm=self.layer_norm,
+            architecture=self.architecture,
             actor_keys=self.actor_keys,
             critic_keys=self.critic_keys,
             num_atoms=self.num_atoms,
