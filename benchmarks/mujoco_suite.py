@@ -32,7 +32,7 @@ from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching,
 from benchmarks.tune_entry import parse_overrides
 
 RESULTS_NAME = "mujoco_suite"
-MARKS = (300.0, 600.0)  # the issue's budgets: return after 5 and 10 minutes of training
+MARKS = [300.0, 600.0]  # the budgets compared: return after 5 and 10 minutes of training
 # Returns whose first crossing the report times, per task
 THRESHOLDS = {
     "HalfCheetah-v5": (3000.0, 5000.0),
@@ -45,7 +45,7 @@ THRESHOLDS = {
 class MarkedEvaluation(BudgetedEvaluation):
     """:class:`BudgetedEvaluation` that also evaluates at the first step past each of ``marks`` training seconds."""
 
-    def __init__(self, *args: Any, marks: tuple[float, ...] = MARKS, **kwargs: Any):
+    def __init__(self, *args: Any, marks: list[float], **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.pending = sorted(marks)
 
@@ -61,7 +61,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process pinned to one core)."""
     model = make_model(args.worker, args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
-    callback = MarkedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes)
+    callback = MarkedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, marks=args.marks)
     model.learn(total_timesteps=10**9, callback=callback)
     return {"curve": callback.curve, "torch_threads": th.get_num_threads()}
 
@@ -84,7 +84,7 @@ def start_job(job: dict[str, Any], core: int, args: argparse.Namespace, output: 
     command = [sys.executable, "-m", "benchmarks.mujoco_suite", "worker", "--worker", job["algo"], "--output", output]
     command += ["--env", job["env"], "--seed", str(job["seed"]), "--budget", str(args.budget)]
     command += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
-    command += ["--set", *job["set"]]
+    command += ["--marks", *map(str, args.marks), "--set", *job["set"]]
     threads = {name: "1" for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     env = {**os.environ, **threads}  # JAX (the SBX peers) sizes its thread pool by the cores taskset leaves it
     print(f"core {core}: {job['env']} {job['label']} seed {job['seed']}", flush=True)
@@ -111,7 +111,7 @@ def run_jobs(args: argparse.Namespace) -> None:
         if status != 0:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
-        run = {**job, "budget": args.budget, "core": core, **json.loads(Path(output).read_text())}
+        run = {**job, "budget": args.budget, "marks": args.marks, "core": core, **json.loads(Path(output).read_text())}
         os.unlink(output)
         append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
 
@@ -137,11 +137,13 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     for env_id in dict.fromkeys(run["env"] for run in runs):
         thresholds = THRESHOLDS.get(env_id, ())
         lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
-        header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in MARKS)
+        task_runs = sorted((run for run in runs if run["env"] == env_id), key=lambda run: (run["label"], run["seed"]))
+        marks = sorted({mark for run in task_runs for mark in run.get("marks", MARKS)})
+        header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in marks)
         header += "".join(f" | to {threshold:g}: s (steps)" for threshold in thresholds)
-        lines += [header + " | steps at budget | steal % | commit |", "|" + " --- |" * (5 + len(MARKS) + len(thresholds))]
-        for run in sorted((run for run in runs if run["env"] == env_id), key=lambda run: (run["label"], run["seed"])):
-            cells = [format_return(value_at(run["curve"], mark)) for mark in MARKS]
+        lines += [header + " | steps at budget | steal % | commit |", "|" + " --- |" * (5 + len(marks) + len(thresholds))]
+        for run in task_runs:
+            cells = [format_return(value_at(run["curve"], mark)) for mark in marks]
             for threshold in thresholds:
                 point = first_reaching(run["curve"], threshold)
                 cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
@@ -182,7 +184,7 @@ def plot(runs: list[dict[str, Any]]) -> None:
                     [p["seconds"] for p in points], [p["return"] for p in points], color=color, alpha=0.8,
                     label=label if i == 0 else None,
                 )  # fmt: skip
-        for mark in MARKS:
+        for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
             axis.axvline(mark, color="grey", linewidth=0.5)
         axis.set(xlabel="training wall-clock, one core (s)", ylabel="evaluation return", title=env_id)
         axis.legend(fontsize=8)
@@ -212,6 +214,7 @@ def main() -> None:
         command.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
         command.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
         command.add_argument("--eval-episodes", type=int, default=5)
+        command.add_argument("--marks", type=float, nargs="+", default=MARKS, help="also evaluate at these seconds")
     commands.add_parser("report", help="rewrite the Markdown and plots from the JSON")
     args = parser.parse_args()
     if args.command == "worker":

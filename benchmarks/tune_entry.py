@@ -16,9 +16,7 @@ import yaml
 from stable_baselines3.common.env_util import make_vec_env
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info
-from benchmarks.time_to_return import BudgetedEvaluation
-from sb3_fasttd3 import FastTD3
-from sb3_fasttd3.hyperparams import load_hyperparams
+from benchmarks.time_to_return import BudgetedEvaluation, make_model
 
 
 class StopAtReturn(BudgetedEvaluation):
@@ -43,16 +41,6 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def entry_model(env_id: str, seed: int, overrides: dict[str, Any]) -> FastTD3:
-    """FastTD3 with the RL Zoo entry of ``env_id``, some hyperparameters replaced (``n_envs`` among them)."""
-    hyperparams, n_envs = load_hyperparams(env_id)
-    overrides = dict(overrides)
-    n_envs = int(overrides.pop("n_envs", n_envs))
-    hyperparams.update(overrides)
-    print(f"{env_id}, seed {seed}, {n_envs} envs: {hyperparams}", flush=True)
-    return FastTD3(env=make_vec_env(env_id, n_envs=n_envs, seed=seed), seed=seed, **hyperparams)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--env", default="HalfCheetah-v5")
@@ -64,7 +52,7 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameters to replace")
     args = parser.parse_args()
 
-    model = entry_model(args.env, args.seed, parse_overrides(args.set))
+    model = make_model("fasttd3", args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
     callback = StopAtReturn(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     steal = CpuSteal()

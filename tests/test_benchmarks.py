@@ -74,6 +74,25 @@ def test_time_to_return_runs_every_peer_and_appends(tmp_path):
     assert len(runs) == len(algos) + 1 and runs[-1]["invocation"] == 1
 
 
+def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
+    args = ["--envs", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--marks", "2"]
+    cores = ["--cores", *map(str, sorted(os.sched_getaffinity(0))[:2])]
+    run_benchmark("mujoco_suite", "run", "--algos", "fasttd3", "sbx_td3", *args, *cores, results=tmp_path)
+    variant = ["--label", "small", "--set", "batch_size=32", "--seeds", "1"]
+    run_benchmark("mujoco_suite", "run", *args, *cores, *variant, results=tmp_path)
+    runs = read_results(tmp_path, "mujoco_suite")["runs"]
+    assert [(run["label"], run["seed"]) for run in runs] in (
+        [("fasttd3", 0), ("sbx_td3", 0), ("small", 1)],
+        [("sbx_td3", 0), ("fasttd3", 0), ("small", 1)],
+    )
+    for run in runs:
+        assert run["torch_threads"] == 1 and run["curve"][-1]["seconds"] >= 4
+        assert [point["seconds"] >= 2 for point in run["curve"] if point.get("mark")] == [True]
+    assert runs[-1]["set"] == ["batch_size=32"]
+    assert "| small | 1 |" in (tmp_path / "mujoco_suite.md").read_text()
+    assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
+
+
 def test_tune_entry(tmp_path):
     args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--set", "n_envs=2"]
     run_benchmark("tune_entry", *args, results=tmp_path)
