@@ -47,7 +47,7 @@ class MarkedEvaluation(BudgetedEvaluation):
 
     def __init__(self, *args: Any, marks: list[float], **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.pending = sorted(marks)
+        self.pending = sorted(mark for mark in marks if mark < self.budget)  # the budget's own evaluation serves it
 
     def _on_step(self) -> bool:
         if self.pending and self.training_seconds() >= self.pending[0]:
@@ -131,9 +131,37 @@ def value_at(curve: list[dict[str, float]], seconds: float) -> float | None:
     return before[-1]["return"] if before else None
 
 
+def standings(runs: list[dict[str, Any]]) -> list[str]:
+    """
+    Per task and mark: each FastTD3 label's returns over its seeds against the best peer's, and whether every seed
+    is ahead of it.
+    """
+    lines = [
+        "| task | mark | best peer | FastTD3 label: returns over seeds (every seed ahead?) |",
+        "| --- | --- | --- | --- |",
+    ]
+    for env_id in dict.fromkeys(run["env"] for run in runs):
+        task_runs = [run for run in runs if run["env"] == env_id]
+        peers = [run for run in task_runs if run["algo"] != "fasttd3"]
+        for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
+            peer_values = {run["label"]: value_at(run["curve"], mark) for run in peers}
+            peer_values = {label: value for label, value in peer_values.items() if value is not None}
+            best = max(peer_values.values(), default=None)
+            cells = []
+            for label in dict.fromkeys(run["label"] for run in task_runs if run["algo"] == "fasttd3"):
+                values = [value_at(run["curve"], mark) for run in task_runs if run["label"] == label]
+                values = [value for value in values if value is not None]
+                if values:
+                    ahead = "" if best is None else (" (yes)" if min(values) > best else " (no)")
+                    cells.append(f"{label}: {', '.join(f'{value:.0f}' for value in values)}{ahead}")
+            peer = "-" if best is None else f"{max(peer_values, key=peer_values.get)} {best:.0f}"
+            lines.append(f"| {env_id} | {mark:g} s | {peer} | {'; '.join(cells)} |")
+    return lines
+
+
 def summarize(runs: list[dict[str, Any]]) -> str:
-    """Per task: each run's return at the marks and seconds to each threshold, then the best of each label."""
-    lines = ["# FastTD3 against its peers across MuJoCo tasks", ""]
+    """The standings, then per task: each run's return at the marks and seconds to each threshold."""
+    lines = ["# FastTD3 against its peers across MuJoCo tasks", "", *standings(runs), ""]
     for env_id in dict.fromkeys(run["env"] for run in runs):
         thresholds = THRESHOLDS.get(env_id, ())
         lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
