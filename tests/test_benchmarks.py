@@ -93,6 +93,17 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
 
 
+def test_zoo_entries(tmp_path):
+    from benchmarks.zoo_entries import TUNED, untuned_mujoco_ids
+
+    assert "Walker2d-v5" in untuned_mujoco_ids() and not set(TUNED) & set(untuned_mujoco_ids())
+    core = str(min(os.sched_getaffinity(0)))
+    run_benchmark("zoo_entries", "--envs", "InvertedPendulum-v5", "--transitions", "400", "--cores", core, results=tmp_path)
+    [row] = read_results(tmp_path, "zoo_entries")["rows"]
+    assert row["env"] == "InvertedPendulum-v5" and row["exit_status"] == 0
+    assert 0 < row["last_returns"] < 1000  # random actions balance the pole for a few steps only
+
+
 def test_tune_entry(tmp_path):
     args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--set", "n_envs=2"]
     run_benchmark("tune_entry", *args, results=tmp_path)
