@@ -74,7 +74,7 @@ def make_network(
     activation_fn: type[nn.Module],
     squash_output: bool = False,
     layer_norm: bool = False,
-) -> nn.Module:
+) -> nn.Sequential:
     """
     The network of an actor or a Q-network after its features extractor.
 
