@@ -180,11 +180,13 @@ def summarize(runs: list[dict[str, Any]]) -> str:
                 f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
                 f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |"
             )
+        lines += [""] + [f"- {run['label']}, seed {run['seed']}: {run['note']}" for run in task_runs if run.get("note")]
         lines.append("")
     lines += [
         "Each run: one CPU core and one thread (`taskset`, `OMP_NUM_THREADS=1`), two runs side by side on the two "
         "cores of the machine below. Returns are the mean of the evaluation episodes (deterministic policy); "
         "evaluation time is not counted. A return at a mark is the last evaluation at or before it.",
+        "",
     ]
     return "\n".join(lines)
 
