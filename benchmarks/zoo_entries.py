@@ -92,6 +92,7 @@ def main() -> None:
     for row in rows:
         value = "-" if row["last_returns"] is None else f"{row['last_returns']:.1f}"
         lines.append(f"| {row['env']} | {row['exit_status']} | {row['seconds']:.0f} | {value} |")
+    lines.append("")
     write_results(RESULTS_NAME, {"rows": rows, "machine": machine_info()}, "\n".join(lines))
 
 
