@@ -21,7 +21,8 @@ import numpy as np
 from torch.profiler import ProfilerActivity, profile
 
 from benchmarks.common import CpuSteal, machine_info, write_results
-from benchmarks.tune_entry import entry_model, parse_overrides
+from benchmarks.time_to_return import make_model
+from benchmarks.tune_entry import parse_overrides
 from sb3_fasttd3 import FastTD3
 
 # Where an update's time goes: groups of profiler events (self CPU time); the rest is autograd, dispatch,
@@ -78,7 +79,7 @@ def main() -> None:
     steal = CpuSteal()
     models = {}
     for variant in args.variants:
-        model = entry_model(args.env, seed=0, overrides=parse_overrides(variant.split()))
+        model = make_model("fasttd3", args.env, seed=0, overrides=parse_overrides(variant.split()))
         model.learn(model.learning_starts + args.warmup)
         models[variant] = model
     timings: dict[str, dict[str, list[float]]] = {v: {"transition": [], "update": []} for v in args.variants}
