@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,3 +111,26 @@ def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
     machine = "\n".join(f"- {key}: {value}" for key, value in results["machine"].items())
     (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n## Machine\n\n" + machine + "\n")
     print(f"wrote {RESULTS_DIR / name}.json and .md")
+
+
+def run_one_per_core(
+    jobs: list[dict[str, Any]], cores: list[int], start: Callable[[dict[str, Any], int], subprocess.Popen]
+) -> Iterator[tuple[dict[str, Any], int, int]]:
+    """
+    Run ``jobs`` as child processes, keeping one busy on each of ``cores``.
+
+    :param jobs: the jobs, in the order they start
+    :param cores: the cores to use, one job each at a time
+    :param start: starts one job pinned to a core and returns its process
+    :return: yields each job with its core and exit status as it ends
+    """
+    queue, running = list(jobs), {}
+    while queue or running:
+        for core in cores:
+            if core not in running and queue:
+                job = queue.pop(0)
+                running[core] = (job, start(job, core))
+        pid, status = os.wait()
+        core = next(core for core, (_, process) in running.items() if process.pid == pid)
+        job, _ = running.pop(core)
+        yield job, core, os.waitstatus_to_exitcode(status)

@@ -27,7 +27,7 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, run_one_per_core, write_results
 from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching, make_model
 from benchmarks.tune_entry import parse_overrides
 
@@ -99,28 +99,20 @@ def run_jobs(args: argparse.Namespace) -> None:
             label = args.label if algo == "fasttd3" and args.label else algo
             for seed in args.seeds if algo == "fasttd3" else args.peer_seeds:
                 jobs.append({"env": env_id, "algo": algo, "label": label, "seed": seed, "set": args.set})
-    running: dict[int, tuple[subprocess.Popen, dict[str, Any], str, CpuSteal]] = {}
-    while jobs or running:
-        for core in args.cores:
-            if core not in running and jobs:
-                job = jobs.pop(0)
-                output = tempfile.mkstemp(suffix=".json")[1]
-                running[core] = (start_job(job, core, args, output), job, output, CpuSteal())
-        core, status = wait_any(running)
-        _, job, output, steal = running.pop(core)
+    outputs: dict[int, tuple[str, CpuSteal]] = {}  # per core: the running job's output file and CPU steal
+
+    def start(job: dict[str, Any], core: int) -> subprocess.Popen:
+        outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal())
+        return start_job(job, core, args, outputs[core][0])
+
+    for job, core, status in run_one_per_core(jobs, args.cores, start):
+        output, steal = outputs.pop(core)
         if status != 0:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
         run = {**job, "budget": args.budget, "marks": args.marks, "core": core, **json.loads(Path(output).read_text())}
         os.unlink(output)
         append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
-
-
-def wait_any(running: dict[int, tuple[subprocess.Popen, Any, Any, Any]]) -> tuple[int, int]:
-    """The core of the first child to finish and its exit status."""
-    pid, status = os.wait()
-    core = next(core for core, (process, *_) in running.items() if process.pid == pid)
-    return core, os.waitstatus_to_exitcode(status)
 
 
 def value_at(curve: list[dict[str, float]], seconds: float) -> float | None:

@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from benchmarks.common import machine_info, write_results
+from benchmarks.common import machine_info, run_one_per_core, write_results
 from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE
 
 RESULTS_NAME = "zoo_entries"
@@ -60,24 +60,19 @@ def main() -> None:
     parser.add_argument("--cores", type=int, nargs="+", default=[0])
     args = parser.parse_args()
 
-    queue, running, rows = list(args.envs), {}, []
+    rows = []
     with tempfile.TemporaryDirectory() as logs:
-        while queue or running:
-            for core in args.cores:
-                if core not in running and queue:
-                    env_id = queue.pop(0)
-                    print(f"core {core}: {env_id}", flush=True)
-                    log_dir = Path(logs) / env_id
-                    running[core] = (env_id, start(env_id, core, args.transitions, log_dir), time.perf_counter(), log_dir)
-            pid, status = os.wait()
-            core = next(core for core, (_, process, *_) in running.items() if process.pid == pid)
-            env_id, _, started, log_dir = running.pop(core)
-            row: dict[str, Any] = {
-                "env": env_id,
-                "transitions": args.transitions,
-                "exit_status": os.waitstatus_to_exitcode(status),
-            }
-            row.update(seconds=time.perf_counter() - started, last_returns=last_returns(log_dir))
+        started: dict[str, float] = {}
+
+        def start_env(job: dict[str, Any], core: int) -> subprocess.Popen:
+            print(f"core {core}: {job['env']}", flush=True)
+            started[job["env"]] = time.perf_counter()
+            return start(job["env"], core, args.transitions, Path(logs) / job["env"])
+
+        for job, _, status in run_one_per_core([{"env": env_id} for env_id in args.envs], args.cores, start_env):
+            env_id = job["env"]
+            row: dict[str, Any] = {"env": env_id, "transitions": args.transitions, "exit_status": status}
+            row.update(seconds=time.perf_counter() - started[env_id], last_returns=last_returns(Path(logs) / env_id))
             print(row, flush=True)
             rows.append(row)
     lines = [
