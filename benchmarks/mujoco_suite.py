@@ -4,7 +4,7 @@ one CPU core with one thread, so runs on different cores go side by side without
 
     python -m benchmarks.mujoco_suite run --envs Hopper-v5 Swimmer-v5 --algos sbx_td3 sbx_sac --cores 1
     python -m benchmarks.mujoco_suite run --envs Hopper-v5 --seeds 0 1 2 --cores 0 1
-    python -m benchmarks.mujoco_suite run --envs Hopper-v5 --label ref-norm --set observation_normalization=reference
+    python -m benchmarks.mujoco_suite run --envs Hopper-v5 --label layernorm --set "policy_kwargs={layer_norm: true}"
     python -m benchmarks.mujoco_suite report             # the Markdown table and one plot per task, from the JSON
 
 ``run`` queues one job per (task, algorithm, seed) and keeps one job per listed core busy; each job trains for
