@@ -1,5 +1,6 @@
 """Data-parallel FastTD3 on two CPU processes (torchrun, gloo): the ranks stay in step, and a failing rank ends the job."""
 
+import atexit
 import os
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import torch.distributed as dist
 from stable_baselines3.common.env_util import make_vec_env
 
 from sb3_fasttd3 import FastTD3
-from sb3_fasttd3.common.distributed import DataParallel
+from sb3_fasttd3.common.distributed import DataParallel, _GroupTeardown
 from tests.distributed_run import KWARGS, N_ENVS
 
 RUN = Path(__file__).with_name("distributed_run.py")
@@ -191,3 +192,21 @@ def test_learn_refuses_what_would_desynchronize_the_ranks(tmp_path):
         model.save_checkpoint(tmp_path / "checkpoint.zip")
     model.save(tmp_path / "model.zip")  # rank 1 writes nothing to a path
     assert not (tmp_path / "model.zip").exists()
+
+
+def test_exit_waits_for_the_other_ranks_unless_this_one_failed(monkeypatch):
+    """A rank ending normally meets the others before closing its group; one ending on an exception does not."""
+    calls = []
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_backend", lambda: "gloo")
+    monkeypatch.setattr(dist, "monitored_barrier", lambda timeout: calls.append("barrier"))
+    monkeypatch.setattr(dist, "destroy_process_group", lambda: calls.append("destroy"))
+    monkeypatch.setattr(atexit, "register", lambda close: calls.append("registered"))
+    monkeypatch.setattr(sys, "excepthook", lambda *args: calls.append("previous hook"))
+    teardown = _GroupTeardown()
+    teardown.close()
+    assert calls == ["registered", "barrier", "destroy"]
+    calls.clear()
+    sys.excepthook(ValueError, ValueError("env failed"), None)
+    teardown.close()
+    assert calls == ["previous hook", "destroy"]

@@ -7,7 +7,9 @@ on the number of transitions and on when to stop.
 """
 
 import atexit
+import datetime
 import os
+import sys
 from collections.abc import Sequence
 
 import torch as th
@@ -25,8 +27,40 @@ def launched_by_torchrun() -> bool:
     return all(name in os.environ for name in TORCHRUN_VARIABLES) and int(os.environ["WORLD_SIZE"]) > 1
 
 
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
+# How long a rank ending normally waits at exit for the others before closing the group anyway
+EXIT_BARRIER_TIMEOUT = datetime.timedelta(minutes=5)
+
+
+class _GroupTeardown:
+    """
+    Closes a process group FastTD3 initialized, at interpreter exit. A rank that ends normally first waits for the
+    others (a rank closing its group while another still works, e.g. rank 0 saving, can abort in gloo's teardown);
+    a rank ending on an uncaught exception closes at once, since the others may be stuck in a collective (torchrun
+    then stops them).
+    """
+
+    def __init__(self):
+        self.failed = False
+        previous_hook = sys.excepthook
+
+        def excepthook(*args: object) -> None:
+            self.failed = True
+            previous_hook(*args)
+
+        sys.excepthook = excepthook
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if not dist.is_initialized():
+            return
+        if not self.failed:
+            try:
+                if dist.get_backend() == "gloo":
+                    dist.monitored_barrier(timeout=EXIT_BARRIER_TIMEOUT)
+                else:
+                    dist.barrier()
+            except RuntimeError:  # another rank is gone or timed out: close anyway
+                pass
         dist.destroy_process_group()
 
 
@@ -68,7 +102,7 @@ class DataParallel:
             # NCCL for CUDA tensors, gloo for CPU ones (both where CUDA is available)
             dist.init_process_group(backend="cuda:nccl,cpu:gloo" if device.type == "cuda" else "gloo")
             # The group made here is closed here: one left to the interpreter's teardown can abort the process
-            atexit.register(_destroy_process_group)
+            _GroupTeardown()
         if dist.is_initialized() and dist.get_world_size() > 1:
             return cls(device)
         if distributed is True:
