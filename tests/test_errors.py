@@ -74,6 +74,7 @@ def test_unsupported_observation_space():
         (dict(target_policy_noise=-1.0), "target_policy_noise must be a float >= 0"),
         (dict(clip_obs=0.0), "clip_obs must be None or a float > 0"),
         (dict(epsilon_on_std="yes"), "epsilon_on_std must be True or False"),
+        (dict(actor_q="q2"), r"actor_q must be one of \['all', 'q1'\], got 'q2'"),
         (dict(warmup_actions="random"), r"warmup_actions must be one of \['uniform', 'actor'\], got 'random'"),
     ],
 )

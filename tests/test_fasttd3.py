@@ -251,6 +251,31 @@ def test_actor_step_computes_no_critic_gradient():
     assert all(param.grad is not None and param.grad.abs().sum() > 0 for param in model._actor_params)
 
 
+@pytest.mark.parametrize("use_cdq", [True, False])
+def test_actor_loss_reads_the_critics_actor_q_names(use_cdq):
+    model = make_model(use_cdq=use_cdq)
+    model.learn(40)
+    obs = model.replay_buffer.sample(16).observations
+    actions = model.actor(model.policy.actor_input(obs))
+    q_values = model.policy.q_values(model.critic, model.policy.critic_input(obs), actions)
+    assert q_values.shape == (2, 16) and not th.allclose(q_values[0], q_values[1])
+    expected = {"all": q_values.min(0).values if use_cdq else q_values.mean(0), "q1": q_values[0]}
+    for actor_q, q_value in expected.items():
+        model.actor_q = actor_q
+        th.testing.assert_close(model._actor_loss(obs), -q_value.mean())
+
+
+def test_actor_q1_skips_the_other_critics_in_the_actor_step():
+    model = make_model(actor_q="q1", policy_delay=1)
+    calls = {0: 0, 1: 0}
+    for index, q_net in enumerate(model.critic.q_networks):
+        q_net.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+    model.learn(40)
+    # Each update runs both critics once in the critic step; the actor step adds a pass of the first only
+    assert model._n_updates > 0
+    assert calls == {0: 2 * model._n_updates, 1: model._n_updates}
+
+
 @pytest.mark.parametrize("dict_obs", [False, True])
 def test_truncation_stores_true_final_observation(dict_obs):
     model = make_model(2, dict_obs, learning_starts=1000)  # random actions: only the collection matters

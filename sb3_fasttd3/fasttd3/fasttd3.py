@@ -67,6 +67,7 @@ AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
 AMP_CHOICES = [*AMP_DTYPES, "auto"]
 # How FastTD3 acts before learning_starts: uniform random actions (SB3), or the initial actor with its noise
 WARMUP_ACTIONS = ["uniform", "actor"]
+ACTOR_Q = ["all", "q1"]
 
 
 def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
@@ -142,6 +143,9 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param std_max: largest exploration noise scale
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
+    :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
+        mean, as the FastTD3 reference) or ``"q1"`` (the first critic only, as SB3's TD3 and the TD3 paper), which
+        skips the other critics' forward and backward passes in the actor step
     :param num_atoms: number of atoms of the critic's support
     :param v_min: smallest value of the critic's support
     :param v_max: largest value of the critic's support
@@ -219,6 +223,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         std_min: float = 0.001,
         std_max: float = 0.4,
         use_cdq: bool = True,
+        actor_q: str = "all",
         num_atoms: int = 101,
         v_min: float = -250.0,
         v_max: float = 250.0,
@@ -270,6 +275,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.std_min = std_min
         self.std_max = std_max
         self.use_cdq = use_cdq
+        self.actor_q = actor_q
         self.num_atoms = num_atoms
         self.v_min = v_min
         self.v_max = v_max
@@ -324,6 +330,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(self.clip_obs is None or self.clip_obs > 0, "clip_obs", "None or a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
         require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
+        require(self.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
         require(self.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
         require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
         if self.amp_dtype == "fp16" and self.device.type != "cuda":
@@ -769,9 +776,10 @@ class FastTD3(RolloutCollection, Checkpointing):
         return loss, q_mean
 
     def _actor_loss(self, observations: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
-        """Minus the (CDQ: smaller, else mean) expected Q of the actor's actions."""
+        """Minus the expected Q of the actor's actions: the first critic's, or the smaller (CDQ) or mean of all."""
         actions = self.actor(self.policy.actor_input(observations))
-        q_values = self.policy.q_values(self.critic, self.policy.critic_input(observations), actions)
+        n_critics = 1 if self.actor_q == "q1" else None
+        q_values = self.policy.q_values(self.critic, self.policy.critic_input(observations), actions, n_critics)
         q_value = q_values.min(dim=0).values if self.use_cdq else q_values.mean(dim=0)
         return -q_value.mean()
 

@@ -246,9 +246,10 @@ class DistributionalCritic(FeaturesNetwork):
             for _ in range(n_critics)
         )
 
-    def forward(self, obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
+    def forward(self, obs: PyTorchObs, actions: th.Tensor, n_critics: int | None = None) -> th.Tensor:
         """
-        :return: logits of every Q-network, shape (n_critics, batch, num_atoms)
+        :param n_critics: evaluate the first ``n_critics`` Q-networks only (``None``: all)
+        :return: logits of the Q-networks evaluated, shape (n_critics, batch, num_atoms)
         """
         if self.share_features_extractor:
             with th.no_grad():
@@ -256,7 +257,7 @@ class DistributionalCritic(FeaturesNetwork):
         else:
             features = self.features(obs)
         qf_input = th.cat([features, actions], dim=-1)
-        return th.stack([q_net(qf_input) for q_net in self.q_networks])
+        return th.stack([q_net(qf_input) for q_net in self.q_networks[:n_critics]])
 
     def optimizer_parameters(self) -> list[nn.Parameter]:
         """The parameters the critic's optimizer trains: all but a shared features extractor's."""
@@ -522,9 +523,11 @@ class FastTD3Policy(BasePolicy):
         """What the critic reads: the normalized observation, or the dict of its normalized keys."""
         return self._inputs(obs, self.critic_keys)
 
-    def q_values(self, critic: DistributionalCritic, critic_obs: PyTorchObs, actions: th.Tensor) -> th.Tensor:
-        """Expected value of each Q-network's distribution, shape (n_critics, batch)."""
-        return expected_value(critic(critic_obs, actions), self.support)
+    def q_values(
+        self, critic: DistributionalCritic, critic_obs: PyTorchObs, actions: th.Tensor, n_critics: int | None = None
+    ) -> th.Tensor:
+        """Expected value of the distribution of each Q-network (the first ``n_critics``), shape (n_critics, batch)."""
+        return expected_value(critic(critic_obs, actions, n_critics), self.support)
 
     def forward(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
         return self._predict(observation, deterministic=deterministic)
