@@ -67,6 +67,7 @@ AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
 AMP_CHOICES = [*AMP_DTYPES, "auto"]
 # How FastTD3 acts before learning_starts: uniform random actions (SB3), or the initial actor with its noise
 WARMUP_ACTIONS = ["uniform", "actor"]
+# Which critics the actor's loss reads: all of them (the reference), or the first only (SB3's TD3)
 ACTOR_Q = ["all", "q1"]
 
 
