@@ -175,6 +175,30 @@ def test_an_episode_end_without_its_final_observation_fails_and_stores_nothing_o
     assert model.replay_buffer.size() == 4  # the four steps before, nothing of the fifth
 
 
+@pytest.mark.parametrize(
+    ("name", "accepted"),
+    [
+        ("learning_rate", "a float >= 0 or a schedule"),
+        ("critic_learning_rate", "a float >= 0 or a schedule"),
+        ("gamma", "a number"),
+        ("tau", "a number"),
+        ("v_max", "a number"),
+        ("learning_starts", "a number"),
+        ("max_grad_norm", "None or a float > 0"),
+    ],
+)
+def test_a_number_given_as_a_string_names_the_parameter_and_the_yaml_fix(name, accepted):
+    # PyYAML, which reads the RL Zoo's files, loads `1e-3` (no dot) as the string '1e-3'
+    with pytest.raises(ValueError, match=rf"{name} must be {accepted}.*, got '1e-3' \(a string: YAML .* write 1.0e-3"):
+        make_model(**{name: "1e-3"})
+
+
+def test_numpy_scalars_are_numbers():
+    model = make_model(tau=np.float32(0.01), gamma=np.float64(0.98), learning_starts=np.int64(10), v_max=np.float32(10))
+    model.learn(30)  # the updates use them
+    assert model.num_timesteps >= 30
+
+
 @pytest.mark.parametrize("name", ["learning_rate", "actor_learning_rate", "critic_learning_rate"])
 def test_learning_rates_must_be_non_negative_or_schedules(name):
     with pytest.raises(ValueError, match=rf"{name} must be a float >= 0 or a schedule"):

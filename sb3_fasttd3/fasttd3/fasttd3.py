@@ -1,6 +1,7 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
 import io
+import numbers
 import pathlib
 import types
 import warnings
@@ -69,6 +70,26 @@ AMP_CHOICES = [*AMP_DTYPES, "auto"]
 WARMUP_ACTIONS = ["uniform", "actor"]
 # Which critics the actor's loss reads: all of them (the reference), or the first only (SB3's TD3)
 ACTOR_Q = ["all", "q1"]
+# Hyperparameters compared as numbers; checked to be numbers first, so that a string fails with a ValueError naming it
+NUMERIC_HYPERPARAMETERS = (
+    "gamma",
+    "tau",
+    "learning_starts",
+    "target_policy_noise",
+    "target_noise_clip",
+    "std_min",
+    "std_max",
+    "v_min",
+    "v_max",
+    "epsilon",
+)
+# YAML 1.1 (PyYAML, the RL Zoo's files) reads a float written without a dot, such as 1e-3, as a string
+YAML_FLOAT_HINT = " (a string: YAML reads a float without a dot, such as 1e-3, as one; write 1.0e-3 or !!float 1e-3)"
+
+
+def _is_number(value: Any) -> bool:
+    """Whether ``value`` is a real number (Python's or NumPy's), a bool excluded."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
@@ -307,8 +328,13 @@ class FastTD3(RolloutCollection, Checkpointing):
 
         def require(ok: bool, name: str, accepted: str) -> None:
             if not ok:
-                raise ValueError(f"{name} must be {accepted}, got {getattr(self, name)!r}")
+                value = getattr(self, name)
+                raise ValueError(
+                    f"{name} must be {accepted}, got {value!r}" + (YAML_FLOAT_HINT if isinstance(value, str) else "")
+                )
 
+        for name in NUMERIC_HYPERPARAMETERS:
+            require(_is_number(getattr(self, name)), name, "a number")
         # The components' own rules, checked before any of them is built
         check_support(self.v_min, self.v_max, self.num_atoms)
         check_return_parameters(self.n_steps, self.gamma)
@@ -319,7 +345,11 @@ class FastTD3(RolloutCollection, Checkpointing):
             accepted = "a float >= 0 or a schedule (a callable of the remaining progress)" + (
                 ", or None (learning_rate)" if name != "learning_rate" else ""
             )
-            require(callable(rate) or (rate is None and name != "learning_rate") or rate >= 0, name, accepted)
+            require(
+                callable(rate) or (rate is None and name != "learning_rate") or (_is_number(rate) and rate >= 0),
+                name,
+                accepted,
+            )
         require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
@@ -327,8 +357,12 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(self.learning_starts >= 0, "learning_starts", "an integer >= 0")
         require(self.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
         require(self.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
-        require(self.max_grad_norm is None or self.max_grad_norm > 0, "max_grad_norm", "None or a float > 0")
-        require(self.clip_obs is None or self.clip_obs > 0, "clip_obs", "None or a float > 0")
+        require(
+            self.max_grad_norm is None or (_is_number(self.max_grad_norm) and self.max_grad_norm > 0),
+            "max_grad_norm",
+            "None or a float > 0",
+        )
+        require(self.clip_obs is None or (_is_number(self.clip_obs) and self.clip_obs > 0), "clip_obs", "None or a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
         require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
         require(self.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
