@@ -59,11 +59,13 @@ def checkpoint(tmp_path_factory) -> Path:
     return Path(model.save_checkpoint(tmp_path_factory.mktemp("checkpoint") / "model.zip"))
 
 
-@pytest.mark.parametrize("action_noise", [None, "ornstein_uhlenbeck"])
+@pytest.mark.parametrize("action_noise", [None, "correlated", "ornstein_uhlenbeck"])
 def test_save_then_load_checkpoint_continues_exactly(tmp_path, action_noise):
-    # Mixed noise scales (or SB3 action noise with its own state), RNGs, buffer windows and the envs carry over
-    noise = OrnsteinUhlenbeckActionNoise(np.zeros(1), 0.3 * np.ones(1)) if action_noise else None
-    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2, seed=0), seed=0, action_noise=noise, **TINY)
+    # Mixed noise scales and state (or SB3 action noise with its own), RNGs, buffer windows and the envs carry over
+    noise = OrnsteinUhlenbeckActionNoise(np.zeros(1), 0.3 * np.ones(1)) if action_noise == "ornstein_uhlenbeck" else None
+    correlation = 20.0 if action_noise == "correlated" else None
+    env = make_vec_env("Pendulum-v1", n_envs=2, seed=0)
+    model = FastTD3("MlpPolicy", env, seed=0, action_noise=noise, noise_correlation=correlation, **TINY)
     model.learn(150)
     path = model.save_checkpoint(tmp_path / "at_150.zip")
     model.learn(100, reset_num_timesteps=False)
@@ -73,10 +75,13 @@ def test_save_then_load_checkpoint_continues_exactly(tmp_path, action_noise):
     resumed.learn(100, reset_num_timesteps=False)
     assert (resumed.num_timesteps, resumed._n_updates) == (model.num_timesteps, model._n_updates)
     assert_same_parameters(model.policy.state_dict(), resumed.policy.state_dict())
-    if action_noise:
+    if noise is not None:
         assert np.array_equal(model.action_noise._noises[1].noise_prev, resumed.action_noise._noises[1].noise_prev)
     else:
         assert th.equal(model.exploration_noise.sigmas, resumed.exploration_noise.sigmas)
+        assert (model.exploration_noise.unit is None) == (correlation is None)
+        if correlation is not None:
+            assert th.equal(model.exploration_noise.unit, resumed.exploration_noise.unit)
 
 
 def test_resume_after_kill_9_is_bit_exact(tmp_path):

@@ -214,6 +214,17 @@ def test_action_noise_of_another_shape_fails_before_the_first_step():
     assert model.replay_buffer.size() == 0
 
 
+@pytest.mark.parametrize("correlation", [0.0, "20"])
+def test_a_bad_noise_correlation_is_refused_at_construction(correlation):
+    with pytest.raises(ValueError, match=r"noise_correlation must be None .* or a number of steps > 0"):
+        make_model(noise_correlation=correlation)
+
+
+def test_noise_correlation_with_action_noise_is_refused():
+    with pytest.raises(ValueError, match="noise_correlation shapes the mixed exploration noise, which action_noise"):
+        make_model(noise_correlation=20.0, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
+
+
 def test_a_bad_device_string_is_refused_at_construction():
     with pytest.raises(ValueError, match=r"device must be 'auto', a device type .*'cuda:N'.*got 'gpu0'"):
         make_model(device="gpu0")

@@ -184,6 +184,24 @@ def test_compiled_acting_matches_eager_and_shares_the_actor_weights():
     th.testing.assert_close(fast._act_fn(obs), expected, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_acting_reads_the_correlated_noise_as_it_advances():
+    plain, fast = paired_models(compile=True)
+    for model in (plain, fast):
+        model.noise_correlation = 5.0
+        model.exploration_noise = model._make_exploration_noise()
+    fast.exploration_noise.sigmas.copy_(plain.exploration_noise.sigmas)
+    obs = plain.replay_buffer.sample(2).observations
+    previous = None
+    for _ in range(3):
+        # Advanced outside the graph: the compiled actor must see the new state, not one traced as a constant
+        plain.exploration_noise.advance()
+        fast.exploration_noise.unit.copy_(plain.exploration_noise.unit)
+        expected = plain._noisy_actions(obs)
+        th.testing.assert_close(fast._act_fn(obs), expected, rtol=1e-5, atol=1e-6)
+        assert previous is None or not th.equal(expected, previous)
+        previous = expected
+
+
 def test_models_built_one_after_another_each_compile():
     # Dynamo counts recompilations per code object: with a limit of 1, a second model sharing the first one's
     # code would run eager (dynamo gives up and says so in a log line only). The limit is patched with dynamo's own

@@ -217,6 +217,19 @@ def test_std_range_reaches_the_noise_and_sigmas_are_not_saved():
     assert not any("sigma" in key for key in model.policy.state_dict())
 
 
+def test_noise_correlation_reaches_the_noise_advances_while_acting_and_is_saved(tmp_path):
+    model = make_model(4, noise_correlation=30.0, learning_starts=0)
+    model.learn(8)
+    noise = model.exploration_noise
+    assert noise.correlation == 30.0 and noise.unit.shape == (4, model.action_space.shape[0])
+    before = noise.unit.clone()
+    model.learn(4, reset_num_timesteps=False)  # one vector step: one AR(1) step, close to the last state
+    assert not th.equal(noise.unit, before)
+    assert th.corrcoef(th.stack([noise.unit.flatten(), before.flatten()]))[0, 1] > 0.5
+    model.save(tmp_path / "model.zip")
+    assert FastTD3.load(tmp_path / "model.zip").noise_correlation == 30.0
+
+
 def test_actor_is_updated_every_policy_delay_critic_updates_counted_globally():
     # 3 critic updates per vector step, actor every 2: 1, 2, 1, 2 actor updates over 4 steps (6 in total)
     model = make_model(gradient_steps=3, policy_delay=2, learning_starts=16)

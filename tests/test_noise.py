@@ -37,3 +37,39 @@ def test_noise_scale_follows_sigma_and_is_clipped():
 def test_bad_range(std_min, std_max):
     with pytest.raises(ValueError, match="std_min"):
         MixedGaussianNoise(2, std_min, std_max)
+
+
+def test_correlated_noise_keeps_each_scale_and_decays_its_correlation():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(2, std_min=0.1, std_max=0.1, correlation=10.0, action_dim=3)
+    noise.sigmas.copy_(th.tensor([[0.1], [0.3]]))
+    steps = []
+    for _ in range(40_000):
+        noise.advance()
+        steps.append(noise(th.zeros(2, 3)))
+    noisy = th.stack(steps)  # (steps, envs, actions)
+    th.testing.assert_close(noisy.std(dim=(0, 2)), th.tensor([0.1, 0.3]), atol=0.015, rtol=0)
+    lag = 10  # one correlation length: exp(-1)
+    lagged = th.corrcoef(th.stack([noisy[:-lag, 1, 0], noisy[lag:, 1, 0]]))[0, 1]
+    assert lagged.item() == pytest.approx(th.e**-1, abs=0.06)
+    # Within a step the noise does not change until advanced; white noise has no memory
+    assert th.equal(noise(th.zeros(2, 3)), noise(th.zeros(2, 3)))
+    white = MixedGaussianNoise(1, 0.3, 0.3)
+    samples = th.stack([white(th.zeros(1, 1)).flatten() for _ in range(20_000)]).flatten()
+    assert abs(th.corrcoef(th.stack([samples[:-1], samples[1:]]))[0, 1].item()) < 0.05
+
+
+def test_correlated_noise_restarts_only_for_finished_episodes():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(4, 0.1, 0.5, correlation=50.0, action_dim=2)
+    before = noise.unit.clone()
+    dones = th.tensor([False, True, False, True])
+    noise.reset(dones)
+    assert th.equal(noise.unit[~dones], before[~dones])
+    assert (noise.unit[dones] != before[dones]).all()
+
+
+@pytest.mark.parametrize("correlation", [0.0, -5.0, "20", True])
+def test_bad_correlation(correlation):
+    with pytest.raises(ValueError, match="noise_correlation"):
+        MixedGaussianNoise(2, 0.1, 0.2, correlation=correlation)

@@ -1,4 +1,7 @@
-"""Mixed per-environment exploration noise (as in Parallel Q-Learning)."""
+"""Mixed per-environment exploration noise (as in Parallel Q-Learning), white or correlated in time."""
+
+import math
+import numbers
 
 import torch as th
 
@@ -16,13 +19,28 @@ def check_noise_scales(std_min: float, std_max: float) -> None:
         raise ValueError(f"std_min must be <= std_max, got std_min={std_min}, std_max={std_max}")
 
 
+def check_noise_correlation(correlation: float | None) -> None:
+    """
+    Raise a ``ValueError`` naming the parameter unless ``correlation`` is ``None`` or a number of steps > 0.
+
+    :param correlation: steps over which the exploration noise's correlation decays to 1/e
+    """
+    is_steps = isinstance(correlation, numbers.Real) and not isinstance(correlation, bool) and correlation > 0
+    if correlation is not None and not is_steps:
+        raise ValueError(f"noise_correlation must be None (white noise) or a number of steps > 0, got {correlation!r}")
+
+
 class MixedGaussianNoise:
     """
     Gaussian exploration noise whose scale differs from one environment to the next.
 
     Each environment ``i`` keeps its own ``sigma_i ~ U[std_min, std_max]``; a new sigma is drawn for an
     environment only when its episode ends (:meth:`reset` with its index). The noisy action is
-    ``clip(action + N(0, 1) * sigma_i, -1, 1)`` in the policy's [-1, 1] action scale.
+    ``clip(action + z * sigma_i, -1, 1)`` in the policy's [-1, 1] action scale, where ``z ~ N(0, 1)`` is drawn anew
+    at every step (white noise, the reference's) or, with ``correlation``, follows an AR(1) process
+    ``z_t = d * z_{t-1} + sqrt(1 - d^2) * N(0, 1)`` with ``d = exp(-1 / correlation)``: still ``N(0, 1)`` at every step,
+    but correlated over about ``correlation`` steps (a discretized Ornstein-Uhlenbeck process), which moves the
+    actions in longer excursions. :meth:`advance` steps it, outside any compiled graph.
 
     The sigmas are per-run state, not policy parameters: they are not saved with the model, so a model
     can be loaded with any number of environments.
@@ -31,14 +49,29 @@ class MixedGaussianNoise:
     :param std_min: smallest noise scale
     :param std_max: largest noise scale
     :param device: device of the sigmas (that of the actions)
+    :param correlation: steps over which the noise's correlation decays to 1/e; ``None``: white noise
+    :param action_dim: size of the actions (needed with ``correlation``, whose state has the actions' shape)
     """
 
-    def __init__(self, n_envs: int, std_min: float, std_max: float, device: th.device | str = "cpu"):
+    def __init__(
+        self,
+        n_envs: int,
+        std_min: float,
+        std_max: float,
+        device: th.device | str = "cpu",
+        correlation: float | None = None,
+        action_dim: int = 1,
+    ):
         check_noise_scales(std_min, std_max)
+        check_noise_correlation(correlation)
         self.n_envs = n_envs
         self.std_min = std_min
         self.std_max = std_max
+        self.correlation = correlation
+        self.decay = 0.0 if correlation is None else math.exp(-1.0 / correlation)
         self.sigmas = th.empty(n_envs, 1, device=device)
+        # The AR(1) state, N(0, 1) at every step; None for white noise
+        self.unit = None if correlation is None else th.empty(n_envs, action_dim, device=device)
         self.reset()
 
     def _draw(self, n: int) -> th.Tensor:
@@ -52,17 +85,28 @@ class MixedGaussianNoise:
         """
         if dones is None:
             self.sigmas.copy_(self._draw(self.n_envs))
+            if self.unit is not None:
+                self.unit.normal_()
         else:
             # Draw for every env and keep the old sigma where the episode goes on: no host sync
             mask = th.as_tensor(dones, device=self.sigmas.device, dtype=th.bool).reshape(-1, 1)
             self.sigmas.copy_(th.where(mask, self._draw(self.n_envs), self.sigmas))
+            if self.unit is not None:  # a new episode starts from the stationary distribution
+                self.unit.copy_(th.where(mask, th.randn_like(self.unit), self.unit))
+
+    def advance(self) -> None:
+        """One step of the correlated noise's AR(1) process (nothing for white noise); call it once per step."""
+        if self.unit is not None:
+            self.unit.mul_(self.decay).add_(th.randn_like(self.unit), alpha=math.sqrt(1.0 - self.decay**2))
 
     def __call__(self, actions: th.Tensor) -> th.Tensor:
         """
         :param actions: deterministic actions in [-1, 1], shape (n_envs, action_dim)
         :return: noisy actions clipped to [-1, 1]
         """
-        return (actions + th.randn_like(actions) * self.sigmas).clamp(-1.0, 1.0)
+        unit = th.randn_like(actions) if self.unit is None else self.unit
+        return (actions + unit * self.sigmas).clamp(-1.0, 1.0)
 
     def __repr__(self) -> str:
-        return f"MixedGaussianNoise(n_envs={self.n_envs}, std_min={self.std_min}, std_max={self.std_max})"
+        correlation = "" if self.correlation is None else f", correlation={self.correlation}"
+        return f"MixedGaussianNoise(n_envs={self.n_envs}, std_min={self.std_min}, std_max={self.std_max}{correlation})"

@@ -3,6 +3,7 @@
 import io
 import os
 import pickle
+from collections.abc import Callable
 from functools import partial
 from typing import Any, TypeVar
 
@@ -31,8 +32,7 @@ class Checkpointing(OffPolicyAlgorithm):
     # The state a checkpoint holds beyond SB3's, set up by the algorithm
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     exploration_noise: MixedGaussianNoise | None
-    std_min: float
-    std_max: float
+    _make_exploration_noise: Callable[[], MixedGaussianNoise]
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """
@@ -57,6 +57,7 @@ class Checkpointing(OffPolicyAlgorithm):
             "action_space_rng": ckpt.generator_state(self.action_space.np_random),
             "env_rngs": env_rngs,
             "exploration_sigmas": None if noise is None else noise.sigmas.detach().cpu().clone(),
+            "exploration_unit": None if noise is None or noise.unit is None else noise.unit.detach().cpu().clone(),
         }
         members = {ckpt.MODEL: model.getvalue(), ckpt.STATE: ckpt.tensors_to_bytes(state)}
         members[ckpt.BUFFER] = pickle.dumps(self.replay_buffer, protocol=pickle.HIGHEST_PROTOCOL)
@@ -106,9 +107,11 @@ class Checkpointing(OffPolicyAlgorithm):
         replay_buffer.to(model.device)
         model.replay_buffer = replay_buffer
         if state["exploration_sigmas"] is not None:
-            sigmas = state["exploration_sigmas"]
-            model.exploration_noise = MixedGaussianNoise(len(sigmas), model.std_min, model.std_max, model.device)
-            model.exploration_noise.sigmas.copy_(sigmas)
+            noise = model._make_exploration_noise()
+            noise.sigmas.copy_(state["exploration_sigmas"])
+            if noise.unit is not None and state.get("exploration_unit") is not None:
+                noise.unit.copy_(state["exploration_unit"])
+            model.exploration_noise = noise
         model.action_space._np_random = ckpt.make_generator(state["action_space_rng"])
         # Last: building the model above draws from the global RNGs
         ckpt.restore_global_rngs(state["rngs"])

@@ -23,7 +23,7 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection, check_support
-from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_scales
+from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_correlation, check_noise_scales
 from sb3_fasttd3.common.simbav2 import hyperspherical_weights, project_weights_
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
 from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
@@ -163,6 +163,9 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param critic_learning_rate: learning rate of the critic (float or schedule); ``None``: ``learning_rate``
     :param std_min: smallest exploration noise scale (mixed noise: one scale per env in [std_min, std_max])
     :param std_max: largest exploration noise scale
+    :param noise_correlation: environment steps over which the mixed noise's correlation decays to 1/e (an
+        Ornstein-Uhlenbeck-like process of the same per-env scale, for longer excursions); ``None``: white noise,
+        drawn anew at every step, as the reference. Shapes the mixed noise only, so not with ``action_noise``
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
     :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
@@ -244,6 +247,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         critic_learning_rate: float | Schedule | None = None,
         std_min: float = 0.001,
         std_max: float = 0.4,
+        noise_correlation: float | None = None,
         use_cdq: bool = True,
         actor_q: str = "all",
         num_atoms: int = 101,
@@ -296,6 +300,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.target_noise_clip = target_noise_clip
         self.std_min = std_min
         self.std_max = std_max
+        self.noise_correlation = noise_correlation
         self.use_cdq = use_cdq
         self.actor_q = actor_q
         self.num_atoms = num_atoms
@@ -339,6 +344,12 @@ class FastTD3(RolloutCollection, Checkpointing):
         check_support(self.v_min, self.v_max, self.num_atoms)
         check_return_parameters(self.n_steps, self.gamma)
         check_noise_scales(self.std_min, self.std_max)
+        check_noise_correlation(self.noise_correlation)
+        if self.noise_correlation is not None and self.action_noise is not None:
+            raise ValueError(
+                "noise_correlation shapes the mixed exploration noise, which action_noise replaces: give one of them "
+                "(an SB3 OrnsteinUhlenbeckActionNoise as action_noise is the SB3 way to correlated noise)"
+            )
         for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
             rate = getattr(self, name)
             # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
@@ -542,7 +553,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         if self.action_noise is not None:
             self.exploration_noise = None  # SB3's action noise replaces the mixed noise
         elif noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
-            self.exploration_noise = MixedGaussianNoise(self.n_envs, self.std_min, self.std_max, self.device)
+            self.exploration_noise = self._make_exploration_noise()
         self._setup_device_rollouts()
         return result
 

@@ -68,6 +68,9 @@ class RolloutCollection(OffPolicyAlgorithm):
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     action_space: spaces.Box
     exploration_noise: MixedGaussianNoise | None  # the mixed noise, None when SB3's action_noise replaces it
+    std_min: float
+    std_max: float
+    noise_correlation: float | None
     warmup_actions: str  # how to act before learning_starts: "uniform" or "actor"
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
@@ -76,6 +79,13 @@ class RolloutCollection(OffPolicyAlgorithm):
     _transitions_per_step: int  # transitions one vector step adds over all ranks
     _env_action_low: th.Tensor  # the action space's bounds on the env's device (TorchVecEnv only)
     _env_action_half_range: th.Tensor
+
+    def _make_exploration_noise(self) -> MixedGaussianNoise:
+        """The mixed exploration noise for this model's envs: one scale per env, white or correlated in time."""
+        action_dim = spaces.flatdim(self.action_space)
+        return MixedGaussianNoise(
+            self.n_envs, self.std_min, self.std_max, self.device, self.noise_correlation, action_dim=action_dim
+        )
 
     def _setup_device_rollouts(self) -> None:
         """Checks and constants for the on-device loop (called by ``_setup_learn``)."""
@@ -251,6 +261,8 @@ class RolloutCollection(OffPolicyAlgorithm):
         if self.num_timesteps < learning_starts and self.warmup_actions == "uniform":
             actions = th.rand(self.n_envs, spaces.flatdim(self.action_space), device=self.device) * 2.0 - 1.0
         elif action_noise is None:
+            assert self.exploration_noise is not None
+            self.exploration_noise.advance()  # outside the compiled actor: its state is mutated in place
             with th.no_grad(), self._autocast():
                 return self._act_fn(obs).float()
         else:
