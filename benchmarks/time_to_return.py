@@ -31,7 +31,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
-from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, write_results
 
@@ -90,7 +90,8 @@ def make_model(algo: str, env_id: str, seed: int, overrides: dict[str, Any] | No
     """
     ``algo`` with its Zoo hyperparameters on ``env_id``.
 
-    :param overrides: hyperparameters replacing the entry's (``n_envs`` among them)
+    :param overrides: hyperparameters replacing the entry's (``n_envs`` among them; ``action_noise_std`` and
+        ``action_noise_correlation`` build an SB3 action noise, see :func:`action_noise`)
     """
     module, class_name, zoo_file = ALGOS[algo]
     algo_class = getattr(importlib.import_module(module), class_name)
@@ -105,10 +106,22 @@ def make_model(algo: str, env_id: str, seed: int, overrides: dict[str, Any] | No
     hyperparams.update(overrides)
     env = make_vec_env(env_id, n_envs=n_envs, seed=seed)
     noise_std = hyperparams.pop("action_noise_std", None)
+    correlation = hyperparams.pop("action_noise_correlation", None)
     if noise_std is not None:
-        n_actions = env.action_space.shape[0]
-        hyperparams["action_noise"] = NormalActionNoise(np.zeros(n_actions), noise_std * np.ones(n_actions))
+        hyperparams["action_noise"] = action_noise(env.action_space.shape[0], noise_std, correlation)
     return algo_class(env=env, seed=seed, verbose=0, **hyperparams)
+
+
+def action_noise(n_actions: int, std: float, correlation: float | None = None) -> ActionNoise:
+    """
+    Gaussian action noise of standard deviation ``std``, or, with ``correlation``, Ornstein-Uhlenbeck noise with
+    the same stationary standard deviation whose correlation decays by 1/e over ``correlation`` steps.
+    """
+    mean, scale = np.zeros(n_actions), np.ones(n_actions)
+    if correlation is None:
+        return NormalActionNoise(mean, std * scale)
+    theta = 1.0 / correlation
+    return OrnsteinUhlenbeckActionNoise(mean, std * np.sqrt(2.0 * theta) * scale, theta=theta, dt=1.0)
 
 
 class BudgetedEvaluation(BaseCallback):

@@ -74,6 +74,23 @@ def test_time_to_return_runs_every_peer_and_appends(tmp_path):
     assert len(runs) == len(algos) + 1 and runs[-1]["invocation"] == 1
 
 
+def test_peer_action_noise_keeps_its_std_and_correlation():
+    """``action_noise_std`` alone is Gaussian; with ``action_noise_correlation`` it is OU noise of the same std."""
+    import numpy as np
+
+    from benchmarks.time_to_return import action_noise
+
+    np.random.seed(0)
+    gaussian = np.array([action_noise(2, 0.3)() for _ in range(20_000)])
+    correlated_noise = action_noise(2, 0.3, correlation=10.0)
+    correlated = np.array([correlated_noise() for _ in range(100_000)])
+    for samples in (gaussian, correlated):
+        assert samples.std(axis=0) == pytest.approx([0.3, 0.3], rel=0.1)
+    lag = 10
+    assert abs(np.corrcoef(gaussian[:-lag, 0], gaussian[lag:, 0])[0, 1]) < 0.05
+    assert np.corrcoef(correlated[:-lag, 0], correlated[lag:, 0])[0, 1] == pytest.approx(np.exp(-1), abs=0.05)
+
+
 def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     args = ["--envs", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--marks", "2"]
     cores = ["--cores", *map(str, sorted(os.sched_getaffinity(0))[:2])]
