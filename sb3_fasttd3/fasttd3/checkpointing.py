@@ -32,7 +32,7 @@ class Checkpointing(OffPolicyAlgorithm):
     # The state a checkpoint holds beyond SB3's, set up by the algorithm
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     exploration_noise: MixedGaussianNoise | None
-    _make_exploration_noise: Callable[[], MixedGaussianNoise]
+    _make_exploration_noise: Callable[..., MixedGaussianNoise]
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """
@@ -107,7 +107,7 @@ class Checkpointing(OffPolicyAlgorithm):
         replay_buffer.to(model.device)
         model.replay_buffer = replay_buffer
         if state["exploration_sigmas"] is not None:
-            noise = model._make_exploration_noise()
+            noise = model._make_exploration_noise(n_envs=len(state["exploration_sigmas"]))
             noise.sigmas.copy_(state["exploration_sigmas"])
             if noise.unit is not None and state.get("exploration_unit") is not None:
                 noise.unit.copy_(state["exploration_unit"])

@@ -80,12 +80,15 @@ class RolloutCollection(OffPolicyAlgorithm):
     _env_action_low: th.Tensor  # the action space's bounds on the env's device (TorchVecEnv only)
     _env_action_half_range: th.Tensor
 
-    def _make_exploration_noise(self) -> MixedGaussianNoise:
-        """The mixed exploration noise for this model's envs: one scale per env, white or correlated in time."""
+    def _make_exploration_noise(self, n_envs: int | None = None) -> MixedGaussianNoise:
+        """
+        The mixed exploration noise: one scale per env, white or correlated in time.
+
+        :param n_envs: number of envs (``None``: this model's)
+        """
+        n_envs = self.n_envs if n_envs is None else n_envs
         action_dim = spaces.flatdim(self.action_space)
-        return MixedGaussianNoise(
-            self.n_envs, self.std_min, self.std_max, self.device, self.noise_correlation, action_dim=action_dim
-        )
+        return MixedGaussianNoise(n_envs, self.std_min, self.std_max, self.device, self.noise_correlation, action_dim)
 
     def _setup_device_rollouts(self) -> None:
         """Checks and constants for the on-device loop (called by ``_setup_learn``)."""
