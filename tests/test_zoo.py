@@ -87,6 +87,17 @@ def test_sampler_builds_a_model(seed, monkeypatch):
     assert set(kwargs) <= set(inspect.signature(FastTD3).parameters)
     model = FastTD3("MlpPolicy", "Pendulum-v1", **kwargs)
     assert model.num_atoms == kwargs["num_atoms"] and model.std_max == kwargs["std_max"]
+    assert model.gamma == kwargs["gamma"] and model.noise_correlation == kwargs["noise_correlation"]
+    assert model.policy.layer_norm is trial.params["critic_layer_norm"]
+
+
+def test_sampler_searches_noise_correlation_and_layer_norm():
+    """The levers the tuned entries differ by are in the search space: correlated noise, LayerNorm critics, gamma."""
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = [sample_fasttd3_params(study.ask(), n_actions=1, n_envs=4, additional_args={}) for _ in range(40)]
+    assert {kwargs["noise_correlation"] is None for kwargs in seen} == {True, False}
+    assert {kwargs["policy_kwargs"]["layer_norm"] for kwargs in seen} == {True, False}
+    assert len({kwargs["gamma"] for kwargs in seen}) > 2
 
 
 def test_fallback_cli_rejects_unknown_script():

@@ -13,6 +13,10 @@ NET_ARCHS = {
     "medium": dict(pi=[256, 256], qf=[256, 256]),
     "large": dict(pi=[512, 256, 128], qf=[1024, 512, 256]),
 }
+# The discounts the Zoo's own TD3 and SAC samplers choose from
+GAMMAS = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999]
+# Steps over which the exploration noise is correlated (None: white noise, drawn anew at every step)
+NOISE_CORRELATIONS = [None, 5.0, 20.0, 50.0]
 
 
 def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, additional_args: dict) -> dict[str, Any]:
@@ -21,7 +25,8 @@ def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, ad
 
     The critic's support is sampled as its upper end ``v_max`` and the share of it below zero
     (``v_min = -v_min_ratio * v_max``). Exploration noise is FastTD3's own mixed noise
-    (``std_min``, ``std_max``), never an SB3 ``action_noise``.
+    (``std_min``, ``std_max``, ``noise_correlation``), never an SB3 ``action_noise``. The critics may take
+    LayerNorm (``critic_layer_norm``), as the ``terminating`` Zoo setting does.
 
     :param trial: the Optuna trial
     :param n_actions: action dimension (unused: the noise is per env, not per action)
@@ -31,6 +36,7 @@ def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, ad
     """
     # Each model compiles its own code (no recompile limit across trials); drop the graphs of the finished trials
     th._dynamo.reset()
+    trial.suggest_categorical("gamma", GAMMAS)
     trial.suggest_float("learning_rate", 1e-4, 1e-3, log=True)
     trial.suggest_int("batch_size_pow", 7, 12)
     trial.suggest_int("gradient_steps", 1, 8)
@@ -42,7 +48,9 @@ def sample_fasttd3_params(trial: "optuna.Trial", n_actions: int, n_envs: int, ad
     trial.suggest_categorical("v_min_ratio", [0.1, 1.0])
     trial.suggest_float("std_min", 0.001, 0.1, log=True)
     trial.suggest_float("std_max", 0.1, 0.8)
+    trial.suggest_categorical("noise_correlation", NOISE_CORRELATIONS)
     trial.suggest_categorical("net_arch", list(NET_ARCHS))
+    trial.suggest_categorical("critic_layer_norm", [False, True])
     trial.set_user_attr("batch_size", 2 ** trial.params["batch_size_pow"])
     return convert_fasttd3_params(trial.params)
 
@@ -57,5 +65,6 @@ def convert_fasttd3_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     hyperparams = dict(sampled_params)
     hyperparams["batch_size"] = 2 ** hyperparams.pop("batch_size_pow")
     hyperparams["v_min"] = -hyperparams.pop("v_min_ratio") * hyperparams["v_max"]
-    hyperparams["policy_kwargs"] = dict(net_arch=NET_ARCHS[hyperparams.pop("net_arch")])
+    net_arch = NET_ARCHS[hyperparams.pop("net_arch")]
+    hyperparams["policy_kwargs"] = dict(net_arch=net_arch, layer_norm=hyperparams.pop("critic_layer_norm"))
     return hyperparams
