@@ -142,6 +142,16 @@ def test_entry_speed(tmp_path):
         assert row["update_share_of_learn"] > 0
 
 
+def test_update_fusion(tmp_path):
+    args = ["--env", "Pendulum-v1", "--rounds", "1", "--updates", "3", "--warmup", "100"]
+    run_benchmark("update_fusion", *args, results=tmp_path)
+    rows = read_results(tmp_path, "update_fusion")["rows"]
+    assert [row["variant"] for row in rows] == ["entry", "one graph", "max-autotune"]
+    assert rows[0]["speedup"] == 1.0 and all(row["ms_per_update"] > 0 for row in rows)
+    # From the same state on the same batch, every variant computes the entry's critic loss
+    assert all(row["first_critic_loss"] == pytest.approx(rows[0]["first_critic_loss"], rel=1e-5) for row in rows)
+
+
 def test_actor_loss_compile(tmp_path):
     run_benchmark("actor_loss_compile", "--sizes", "256:64:fp32", "--rounds", "1", results=tmp_path)
     results = read_results(tmp_path, "actor_loss_compile")
