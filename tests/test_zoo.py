@@ -98,6 +98,9 @@ def test_sampler_searches_noise_correlation_and_layer_norm():
     assert {kwargs["noise_correlation"] is None for kwargs in seen} == {True, False}
     assert {kwargs["policy_kwargs"]["layer_norm"] for kwargs in seen} == {True, False}
     assert len({kwargs["gamma"] for kwargs in seen}) > 2
+    # The parameters of a trial sampled before LayerNorm critics were in the space still convert
+    older = {key: value for key, value in study.trials[0].params.items() if key != "critic_layer_norm"}
+    assert convert_fasttd3_params(older)["policy_kwargs"]["layer_norm"] is False
 
 
 def test_fallback_cli_rejects_unknown_script():

@@ -66,5 +66,6 @@ def convert_fasttd3_params(sampled_params: dict[str, Any]) -> dict[str, Any]:
     hyperparams["batch_size"] = 2 ** hyperparams.pop("batch_size_pow")
     hyperparams["v_min"] = -hyperparams.pop("v_min_ratio") * hyperparams["v_max"]
     net_arch = NET_ARCHS[hyperparams.pop("net_arch")]
-    hyperparams["policy_kwargs"] = dict(net_arch=net_arch, layer_norm=hyperparams.pop("critic_layer_norm"))
+    # Trials of a study begun before the space had LayerNorm critics did not sample it: plain MLP critics
+    hyperparams["policy_kwargs"] = dict(net_arch=net_arch, layer_norm=hyperparams.pop("critic_layer_norm", False))
     return hyperparams
