@@ -19,6 +19,7 @@ Writes ``benchmarks/results/update_fusion.{json,md}``.
 import argparse
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,42 +30,32 @@ from benchmarks.time_to_return import make_model
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.fasttd3.fasttd3 import _compile_for_this_model
 
-Update = Callable[[Any], th.Tensor]  # one update on a batch, returning the critic's loss
+Update = Callable[[Any], None]  # one update (critic and actor) on a batch
 
 
 def entry_update(model: FastTD3) -> Update:
-    """The update as ``train()`` runs it, returning the critic loss it stepped on."""
-
-    def update(batch: Any) -> th.Tensor:
-        with model._autocast():
-            critic_loss, _ = model._critic_loss_fn(batch)
-        model._optimize(model.critic.optimizer, critic_loss, model._critic_params)
-        with model._autocast():
-            actor_loss = model._actor_loss_fn(batch.observations)
-        model._optimize(model.actor.optimizer, actor_loss, model._actor_params)
-        model._soft_update(model._critic_target_params, model._critic_polyak_params)
-        return critic_loss.detach()
-
-    return update
+    """The update as ``train()`` runs it."""
+    return partial(model._update, update_actor=True)
 
 
 def one_graph_update(model: FastTD3) -> Update:
     """The same update, written as one function and compiled whole (backward passes by compiled autograd)."""
 
-    def update(batch: Any) -> th.Tensor:
+    def update(batch: Any) -> None:
         with model._autocast():
-            critic_loss, _ = model._critic_loss(batch)
+            critic_loss, q_mean = model._critic_loss(batch)
         model.critic.optimizer.zero_grad(set_to_none=True)
         critic_loss.backward(inputs=model._critic_params)
         model.critic.optimizer.step()
+        model._update_statistics.add_critic_update(critic_loss, q_mean)
         with model._autocast():
             actor_loss = model._actor_loss(batch.observations)
         model.actor.optimizer.zero_grad(set_to_none=True)
         actor_loss.backward(inputs=model._actor_params)
         model.actor.optimizer.step()
+        model._update_statistics.add_actor_update(actor_loss)
         with th.no_grad():
             th._foreach_lerp_(model._critic_target_params, model._critic_polyak_params, model.tau)
-        return critic_loss.detach()
 
     th._dynamo.config.compiled_autograd = True  # read when the function is traced; eager backward passes keep theirs
     return th.compile(update)
@@ -99,7 +90,9 @@ def main() -> None:
         if batches is None:  # drawn once: every variant updates on the same batches
             batches = [next(model._sample_batches(1, model.batch_size)) for _ in range(16)]
         updates[name] = make_update(model)
-        first_losses[name] = float(updates[name](batches[0]))  # also compiles
+        model._update_statistics.means()  # forgets the warm-up's updates
+        updates[name](batches[0])  # also compiles
+        first_losses[name] = model._update_statistics.means()["critic_loss"]
         for batch in batches:
             updates[name](batch)
     seconds: dict[str, list[float]] = {name: [] for name in VARIANTS}
