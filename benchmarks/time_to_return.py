@@ -6,13 +6,16 @@ entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-co
     python -m benchmarks.time_to_return --budget 600                 # every algorithm, one after another
     python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
     python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --join-invocation 2   # the rest, later
+    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --seed 1 --stop-at 5000 --join-invocation 3
     python -m benchmarks.time_to_return --rewrite-markdown         # the summary again, from the JSON results
 
 Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
 training; evaluation time is not counted. Results append to ``benchmarks/results/time_to_return.json``
 and the Markdown summary and PNG plot are rebuilt from every run in that file, so a long comparison can
-be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task, seed and
-budget required). Peers need ``pip install -e ".[benchmarks]"``.
+be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task and budget
+required, and the same seed unless only FastTD3 joins: its other seeds are compared with the same peer runs).
+``--stop-at R`` ends each run at its first evaluation returning at least R. Peers need
+``pip install -e ".[benchmarks]"``.
 """
 
 import argparse
@@ -133,11 +136,13 @@ class BudgetedEvaluation(BaseCallback):
     :param budget: training seconds
     :param eval_every: environment steps (over all envs) between evaluations
     :param eval_episodes: episodes per evaluation
+    :param stop_at: also stop at the first evaluation returning at least this (None: train for the whole budget)
     """
 
-    def __init__(self, eval_env, budget: float, eval_every: int, eval_episodes: int):
+    def __init__(self, eval_env, budget: float, eval_every: int, eval_episodes: int, stop_at: float | None = None):
         super().__init__()
         self.eval_env, self.budget, self.eval_every, self.eval_episodes = eval_env, budget, eval_every, eval_episodes
+        self.stop_at = stop_at
         self.curve: list[dict[str, float]] = []
 
     def _on_training_start(self) -> None:
@@ -157,6 +162,8 @@ class BudgetedEvaluation(BaseCallback):
         if self.num_timesteps >= self.next_eval:
             self.next_eval += self.eval_every
             self.evaluate()
+            if self.stop_at is not None and self.curve[-1]["return"] >= self.stop_at:
+                return False
         if self.training_seconds() >= self.budget:
             self.evaluate()
             return False
@@ -165,12 +172,19 @@ class BudgetedEvaluation(BaseCallback):
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process)."""
+    import torch as th
+
     model = make_model(args.worker, args.env, args.seed)
     callback = BudgetedEvaluation(
-        make_vec_env(args.env, n_envs=1, seed=args.seed + 1000), args.budget, args.eval_every, args.eval_episodes
+        make_vec_env(args.env, n_envs=1, seed=args.seed + 1000),
+        args.budget,
+        args.eval_every,
+        args.eval_episodes,
+        stop_at=args.stop_at,
     )
     model.learn(total_timesteps=10**9, callback=callback)
-    return {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
+    run = {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
+    return {**run, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
 
 
 def first_reaching(curve: list[dict[str, float]], threshold: float) -> dict[str, float] | None:
@@ -189,10 +203,11 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
             point = first_reaching(run["curve"], threshold)
             cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
         last = run["curve"][-1]
+        stopped = " (stopped)" if run.get("stop_at") is not None and last["return"] >= run["stop_at"] else ""
         lines.append(
             f"| {run['invocation']} | {run['algo']} | {run['seed']} | {run['budget']:g} | "
             + " | ".join(cells)
-            + f" | {last['return']:.0f} | {last['steps']:.0f} | {steal_cell(run)} | {run['machine']['cpu']}"
+            + f" | {last['return']:.0f}{stopped} | {last['steps']:.0f} | {steal_cell(run)} | {run['machine']['cpu']}"
             + f" | {run['machine']['commit']} |"
         )
     lines += [
@@ -200,7 +215,8 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         "CPU steal: the share of the machine's CPU time the hypervisor gave to other guests during the run "
         "(not recorded before invocation 5). Compare wall-clock times between runs of similar steal, on the same CPU, "
         "and within an invocation: the machine also has slow spells that steal does not show (FastTD3's runs of one "
-        "seed on one CPU compute the same returns at the same steps, so their seconds per step show them).",
+        "seed on one CPU compute the same returns at the same steps, so their seconds per step show them). "
+        "(stopped): the run ended at its first evaluation reaching `--stop-at`, before its budget.",
         "",
         "FastTD3's time to a return against the fastest peer of the same invocation:",
         "",
@@ -211,8 +227,10 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         peers = [run for run in group if run["algo"] != "fasttd3"]
         if not ours or not peers:
             continue
-        for run in ours:  # several when FastTD3 joined a comparison again, at a later commit
-            label = f"invocation {invocation}" + (f", FastTD3 at {run['machine']['commit']}" if len(ours) > 1 else "")
+        for run in ours:  # several when FastTD3 joined a comparison again: another seed or a later commit
+            label = f"invocation {invocation}"
+            if len(ours) > 1:
+                label += f", FastTD3 seed {run['seed']} at {run['machine']['commit']}"
             for threshold in thresholds:
                 lines.append(f"- {label}, return {threshold:g}: " + speedup(run, peers, threshold))
     lines += [
@@ -269,11 +287,16 @@ def verdict(ratio: float) -> str:
 
 
 def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int:
-    """``args.join_invocation``, once checked to be a comparison on the same task, seed and budget."""
+    """
+    ``args.join_invocation``, once checked to be a comparison on the same task and budget, and the same seed unless
+    only FastTD3 joins (its other seeds are compared with the same peer runs).
+    """
     joined = [run for run in runs if run["invocation"] == args.join_invocation]
     if not joined:
         raise SystemExit(f"--join-invocation {args.join_invocation}: no such comparison in the results file")
-    wanted = {"env": args.env, "seed": args.seed, "budget": args.budget}
+    wanted = {"env": args.env, "budget": args.budget}
+    if set(args.algos) != {"fasttd3"}:
+        wanted["seed"] = args.seed
     for run in joined:
         found = {key: run[key] for key in wanted}
         if found != wanted:
@@ -312,8 +335,11 @@ def main() -> None:
     parser.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=3)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[3000.0, 5000.0])
+    parser.add_argument("--stop-at", type=float, help="end each run at its first evaluation returning at least this")
     parser.add_argument(
-        "--join-invocation", type=int, help="add the runs to this earlier comparison (same task, seed and budget)"
+        "--join-invocation",
+        type=int,
+        help="add the runs to this earlier comparison (same task and budget; same seed unless only fasttd3 joins)",
     )
     parser.add_argument("--rewrite-markdown", action="store_true", help="only re-render the summary from the JSON")
     parser.add_argument("--worker", choices=list(ALGOS), help=argparse.SUPPRESS)
@@ -337,6 +363,7 @@ def main() -> None:
             worker = [sys.executable, "-m", "benchmarks.time_to_return", "--worker", algo, "--output", output.name]
             options = ["--env", args.env, "--budget", str(args.budget), "--seed", str(args.seed)]
             options += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
+            options += [] if args.stop_at is None else ["--stop-at", str(args.stop_at)]
             steal = CpuSteal()
             subprocess.run(worker + options, check=True)
             run = json.loads(Path(output.name).read_text())

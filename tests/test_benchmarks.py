@@ -74,6 +74,35 @@ def test_time_to_return_runs_every_peer_and_appends(tmp_path):
     assert len(runs) == len(algos) + 1 and runs[-1]["invocation"] == 1
 
 
+def test_time_to_return_stops_a_run_at_the_return(tmp_path):
+    """``--stop-at`` ends a run at its first evaluation reaching the return, long before its budget."""
+    args = ["--env", "Pendulum-v1", "--budget", "300", "--eval-every", "400", "--eval-episodes", "1"]
+    # Every Pendulum return is above -2000 (at most ~16.3 lost per step, 200 steps): the first evaluation stops it
+    run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--stop-at=-2000", results=tmp_path)
+    (run,) = json.loads((tmp_path / "time_to_return.json").read_text())["runs"]
+    assert run["stop_at"] == -2000 and [point["steps"] for point in run["curve"]] == [400]
+    assert run["curve"][0]["seconds"] < run["budget"]
+    assert "(stopped)" in (tmp_path / "time_to_return.md").read_text()
+
+
+def test_only_fasttd3_joins_a_comparison_with_another_seed():
+    """FastTD3's other seeds join the peers' comparison; a peer joining must have the comparison's seed."""
+    import argparse
+
+    from benchmarks.time_to_return import join_invocation
+
+    runs = [
+        {"invocation": 3, "algo": algo, "env": "HalfCheetah-v5", "seed": 0, "budget": 900.0} for algo in ("fasttd3", "sbx_sac")
+    ]
+    args = {"join_invocation": 3, "env": "HalfCheetah-v5", "budget": 900.0}
+    assert join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3"], seed=1)) == 3
+    assert join_invocation(runs, argparse.Namespace(**args, algos=["sbx_td3"], seed=0)) == 3
+    with pytest.raises(SystemExit, match="seed"):
+        join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3", "sbx_td3"], seed=1))
+    with pytest.raises(SystemExit, match="budget"):
+        join_invocation(runs, argparse.Namespace(**{**args, "budget": 600.0}, algos=["fasttd3"], seed=1))
+
+
 def test_peer_action_noise_keeps_its_std_and_correlation():
     """``action_noise_std`` alone is Gaussian; with ``action_noise_correlation`` it is OU noise of the same std."""
     import numpy as np
