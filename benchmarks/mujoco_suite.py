@@ -151,9 +151,31 @@ def standings(runs: list[dict[str, Any]]) -> list[str]:
     return lines
 
 
+def cpu_labels(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], str]:
+    """
+    A letter for each CPU the runs came from (its model name and flags), and the CPU as the record names it:
+    by the flags that tell it from the others.
+    """
+    cpus = dict.fromkeys((run["machine"]["cpu"], tuple(run["machine"]["cpu_flags"])) for run in runs)
+    names = {}
+    for letter, (model, flags) in zip("ABCDEFGH", cpus, strict=False):
+        others = set().union(*(set(other) for _, other in cpus if other != flags)) if len(cpus) > 1 else set()
+        own, missing = sorted(set(flags) - others), sorted(others - set(flags))
+        described = [f"with {', '.join(own)}"] * bool(own) + [f"without {', '.join(missing)}"] * bool(missing)
+        names[model, flags] = f"{letter}: {model} {' and '.join(described)}".rstrip()
+    return names
+
+
 def summarize(runs: list[dict[str, Any]]) -> str:
-    """The standings, then per task: each run's return at the marks and seconds to each threshold."""
+    """
+    The standings, then per task: each run's return at the marks and seconds to each threshold (and its CPU, where
+    the runs came from several: seconds compare only between runs on one CPU).
+    """
     lines = ["# FastTD3 against its peers across MuJoCo tasks", "", *standings(runs), ""]
+    cpus = cpu_labels(runs)
+    if len(cpus) > 1:
+        lines += ["CPUs of the runs (the CPU column below; seconds compare only between runs on one CPU):", ""]
+        lines += [f"- {name}" for name in cpus.values()] + [""]
     for env_id in dict.fromkeys(run["env"] for run in runs):
         thresholds = THRESHOLDS.get(env_id, ())
         lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
@@ -161,16 +183,20 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         marks = sorted({mark for run in task_runs for mark in run.get("marks", MARKS)})
         header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in marks)
         header += "".join(f" | to {threshold:g}: s (steps)" for threshold in thresholds)
-        lines += [header + " | steps at budget | steal % | commit |", "|" + " --- |" * (5 + len(marks) + len(thresholds))]
+        header += " | steps at budget | steal % | commit |" + " CPU |" * (len(cpus) > 1)
+        lines += [header, "|" + " --- |" * (5 + len(marks) + len(thresholds) + (len(cpus) > 1))]
         for run in task_runs:
             cells = [format_return(value_at(run["curve"], mark)) for mark in marks]
             for threshold in thresholds:
                 point = first_reaching(run["curve"], threshold)
                 cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
             steal = run.get("cpu_steal_percent")
+            cpu = cpus[run["machine"]["cpu"], tuple(run["machine"]["cpu_flags"])][0]
             lines.append(
                 f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
                 f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |"
+                + f" {cpu} |"
+                * (len(cpus) > 1)
             )
         lines += [""] + [f"- {run['label']}, seed {run['seed']}: {run['note']}" for run in task_runs if run.get("note")]
         lines.append("")

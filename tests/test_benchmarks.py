@@ -139,6 +139,22 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
 
 
+def test_mujoco_suite_names_each_cpu_where_runs_came_from_several():
+    """Seconds compare only on one CPU: a record mixing CPUs tells each run's, by the flags that differ."""
+    from benchmarks.mujoco_suite import summarize
+
+    def run(label: str, flags: list[str]) -> dict[str, Any]:
+        curve = [{"seconds": 10.0, "steps": 5000, "return": 100.0}]
+        machine = {"cpu": "AMD EPYC", "cpu_flags": flags, "commit": "abc1234"}
+        return {"env": "Pendulum-v1", "algo": "fasttd3", "label": label, "seed": 0, "curve": curve, "machine": machine}
+
+    one_cpu = summarize([run("a", ["avx512f"]), run("b", ["avx512f"])])
+    assert "CPUs of the runs" not in one_cpu and "| abc1234 |\n" in one_cpu
+    two_cpus = summarize([run("a", ["avx512_vp2intersect", "avx512f"]), run("b", ["avx512f"])])
+    assert "- A: AMD EPYC with avx512_vp2intersect" in two_cpus and "- B: AMD EPYC without avx512_vp2intersect" in two_cpus
+    assert "| a | 0 |" in two_cpus and "| abc1234 | A |" in two_cpus and "| abc1234 | B |" in two_cpus
+
+
 def test_zoo_entries(tmp_path):
     from benchmarks.zoo_entries import TUNED, untuned_mujoco_ids
 
