@@ -125,30 +125,46 @@ def value_at(curve: list[dict[str, float]], seconds: float) -> float | None:
 
 def standings(runs: list[dict[str, Any]]) -> list[str]:
     """
-    Per task and mark: each FastTD3 label's returns over its seeds against the best peer's, and whether every seed
-    is ahead of it.
+    Per task, mark (and CPU, where the runs came from several): each FastTD3 label's returns over its seeds against
+    the best peer's on the same CPU, and whether every seed is ahead of it.
     """
+    cpus = cpu_labels(runs)
+    several = len(cpus) > 1
     lines = [
-        "| task | mark | best peer | FastTD3 label: returns over seeds (every seed ahead?) |",
-        "| --- | --- | --- | --- |",
+        "| task | mark |" + " CPU |" * several + " best peer | FastTD3 label: returns over seeds (every seed ahead?) |",
+        "| --- | --- |" + " --- |" * several + " --- | --- |",
     ]
     for env_id in dict.fromkeys(run["env"] for run in runs):
         task_runs = [run for run in runs if run["env"] == env_id]
-        peers = [run for run in task_runs if run["algo"] != "fasttd3"]
         for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
-            peer_values = {run["label"]: value_at(run["curve"], mark) for run in peers}
-            peer_values = {label: value for label, value in peer_values.items() if value is not None}
-            best = max(peer_values.values(), default=None)
-            cells = []
-            for label in dict.fromkeys(run["label"] for run in task_runs if run["algo"] == "fasttd3"):
-                values = [value_at(run["curve"], mark) for run in task_runs if run["label"] == label]
-                values = [value for value in values if value is not None]
-                if values:
-                    ahead = "" if best is None else (" (yes)" if min(values) > best else " (no)")
-                    cells.append(f"{label}: {', '.join(f'{value:.0f}' for value in values)}{ahead}")
-            peer = "-" if best is None else f"{max(peer_values, key=peer_values.get)} {best:.0f}"
-            lines.append(f"| {env_id} | {mark:g} s | {peer} | {'; '.join(cells)} |")
+            for cpu, name in cpus.items():
+                cpu_runs = [run for run in task_runs if cpu_key(run) == cpu]
+                cells, peer = mark_standing(cpu_runs, mark)
+                if cells:
+                    cpu_cell = f" {name[0]} |" * several
+                    lines.append(f"| {env_id} | {mark:g} s |{cpu_cell} {peer} | {'; '.join(cells)} |")
     return lines
+
+
+def mark_standing(runs: list[dict[str, Any]], mark: float) -> tuple[list[str], str]:
+    """Each FastTD3 label's returns at ``mark`` (and whether every seed beats the best peer), and that peer."""
+    peer_values = {run["label"]: value_at(run["curve"], mark) for run in runs if run["algo"] != "fasttd3"}
+    peer_values = {label: value for label, value in peer_values.items() if value is not None}
+    best = max(peer_values.values(), default=None)
+    cells = []
+    for label in dict.fromkeys(run["label"] for run in runs if run["algo"] == "fasttd3"):
+        values = [value_at(run["curve"], mark) for run in runs if run["label"] == label]
+        values = [value for value in values if value is not None]
+        if values:
+            ahead = "" if best is None else (" (yes)" if min(values) > best else " (no)")
+            cells.append(f"{label}: {', '.join(f'{value:.0f}' for value in values)}{ahead}")
+    peer = "-" if best is None else f"{max(peer_values, key=peer_values.get)} {best:.0f}"
+    return cells, peer
+
+
+def cpu_key(run: dict[str, Any]) -> tuple[str, tuple[str, ...]]:
+    """The CPU a run came from: its model name and flags."""
+    return run["machine"]["cpu"], tuple(run["machine"]["cpu_flags"])
 
 
 def cpu_labels(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], str]:
@@ -156,7 +172,7 @@ def cpu_labels(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], 
     A letter for each CPU the runs came from (its model name and flags), and the CPU as the record names it:
     by the flags that tell it from the others.
     """
-    cpus = dict.fromkeys((run["machine"]["cpu"], tuple(run["machine"]["cpu_flags"])) for run in runs)
+    cpus = dict.fromkeys(cpu_key(run) for run in runs)
     names = {}
     for letter, (model, flags) in zip("ABCDEFGH", cpus, strict=False):
         others = set().union(*(set(other) for _, other in cpus if other != flags)) if len(cpus) > 1 else set()
@@ -171,11 +187,12 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     The standings, then per task: each run's return at the marks and seconds to each threshold (and its CPU, where
     the runs came from several: seconds compare only between runs on one CPU).
     """
-    lines = ["# FastTD3 against its peers across MuJoCo tasks", "", *standings(runs), ""]
+    lines = ["# FastTD3 against its peers across MuJoCo tasks", ""]
     cpus = cpu_labels(runs)
     if len(cpus) > 1:
-        lines += ["CPUs of the runs (the CPU column below; seconds compare only between runs on one CPU):", ""]
+        lines += ["CPUs of the runs (the CPU columns; seconds and returns at a mark compare only on one CPU):", ""]
         lines += [f"- {name}" for name in cpus.values()] + [""]
+    lines += [*standings(runs), ""]
     for env_id in dict.fromkeys(run["env"] for run in runs):
         thresholds = THRESHOLDS.get(env_id, ())
         lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
@@ -191,7 +208,7 @@ def summarize(runs: list[dict[str, Any]]) -> str:
                 point = first_reaching(run["curve"], threshold)
                 cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
             steal = run.get("cpu_steal_percent")
-            cpu = cpus[run["machine"]["cpu"], tuple(run["machine"]["cpu_flags"])][0]
+            cpu = cpus[cpu_key(run)][0]
             lines.append(
                 f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
                 f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |"

@@ -153,6 +153,16 @@ def test_mujoco_suite_names_each_cpu_where_runs_came_from_several():
     two_cpus = summarize([run("a", ["avx512_vp2intersect", "avx512f"]), run("b", ["avx512f"])])
     assert "- A: AMD EPYC with avx512_vp2intersect" in two_cpus and "- B: AMD EPYC without avx512_vp2intersect" in two_cpus
     assert "| a | 0 |" in two_cpus and "| abc1234 | A |" in two_cpus and "| abc1234 | B |" in two_cpus
+    # At a mark, FastTD3 is measured against the best peer on its own CPU: a faster CPU's peer would be unfair
+    fast_peer, slow_peer = run("sbx_sac", ["avx512_vp2intersect", "avx512f"]), run("sbx_sac (B)", ["avx512f"])
+    fast_peer["algo"] = slow_peer["algo"] = "sbx_sac"
+    fast_peer["curve"] = [{"seconds": 300.0, "steps": 50000, "return": 5000.0}]
+    slow_peer["curve"] = [{"seconds": 300.0, "steps": 30000, "return": 3000.0}]
+    ours = run("b", ["avx512f"])
+    ours["curve"] = [{"seconds": 300.0, "steps": 60000, "return": 4000.0}]
+    table = summarize([fast_peer, slow_peer, ours]).split("## Pendulum-v1")[0]
+    assert "| Pendulum-v1 | 300 s | B | sbx_sac (B) 3000 | b: 4000 (yes) |" in table
+    assert "| Pendulum-v1 | 300 s | A | sbx_sac 5000 |" not in table  # no FastTD3 run on A: no row
 
 
 def test_zoo_entries(tmp_path):
