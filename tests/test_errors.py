@@ -225,6 +225,18 @@ def test_noise_correlation_with_action_noise_is_refused():
         make_model(noise_correlation=20.0, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
 
 
+@pytest.mark.parametrize("name", ["stratified_noise"])
+@pytest.mark.parametrize("value", ["yes", 1, None])
+def test_switches_must_be_bools(name, value):
+    with pytest.raises(ValueError, match=rf"{name} must be True or False"):
+        make_model(**{name: value})
+
+
+def test_stratified_noise_with_action_noise_is_refused():
+    with pytest.raises(ValueError, match="stratified_noise shapes the mixed exploration noise, which action_noise"):
+        make_model(stratified_noise=True, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
+
+
 def test_a_bad_device_string_is_refused_at_construction():
     with pytest.raises(ValueError, match=r"device must be 'auto', a device type .*'cuda:N'.*got 'gpu0'"):
         make_model(device="gpu0")

@@ -217,6 +217,17 @@ def test_std_range_reaches_the_noise_and_sigmas_are_not_saved():
     assert not any("sigma" in key for key in model.policy.state_dict())
 
 
+def test_stratified_noise_reaches_the_noise_and_is_saved(tmp_path):
+    model = make_model(4, std_min=0.0, std_max=0.4, stratified_noise=True)
+    model.learn(16)
+    noise = model.exploration_noise
+    assert noise.stratified
+    slice_starts = th.arange(4).reshape(-1, 1) * 0.1
+    assert ((noise.sigmas >= slice_starts) & (noise.sigmas < slice_starts + 0.1)).all()
+    model.save(tmp_path / "model.zip")
+    assert FastTD3.load(tmp_path / "model.zip").stratified_noise
+
+
 def test_noise_correlation_reaches_the_noise_advances_while_acting_and_is_saved(tmp_path):
     model = make_model(4, noise_correlation=30.0, learning_starts=0)
     model.learn(8)

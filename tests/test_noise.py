@@ -73,3 +73,32 @@ def test_correlated_noise_restarts_only_for_finished_episodes():
 def test_bad_correlation(correlation):
     with pytest.raises(ValueError, match="noise_correlation"):
         MixedGaussianNoise(2, 0.1, 0.2, correlation=correlation)
+
+
+def test_stratified_sigmas_keep_env_i_in_its_slice_through_resets():
+    th.manual_seed(0)
+    noise = MixedGaussianNoise(4, std_min=0.0, std_max=0.4, stratified=True)
+    slices = th.tensor([[0.0, 0.1], [0.1, 0.2], [0.2, 0.3], [0.3, 0.4]])
+    draws = []
+    for _ in range(500):
+        noise.reset(th.tensor([True, True, False, True]))
+        assert ((noise.sigmas >= slices[:, :1]) & (noise.sigmas < slices[:, 1:])).all()
+        draws.append(noise.sigmas.clone())
+    draws = th.stack(draws)
+    assert (draws[:, 2] == draws[0, 2]).all()  # env 2's episode never ended
+    # Uniform within each slice: the redrawn envs' means sit at the slices' middles
+    th.testing.assert_close(draws[:, [0, 1, 3]].mean(0).flatten(), th.tensor([0.05, 0.15, 0.35]), atol=0.006, rtol=0)
+
+
+def test_stratified_sigmas_always_span_the_range_where_independent_ones_may_not():
+    def spans(stratified: bool) -> list[float]:
+        th.manual_seed(0)
+        noise = MixedGaussianNoise(4, std_min=0.0, std_max=1.0, stratified=stratified)
+        widths = []
+        for _ in range(2000):
+            noise.reset()
+            widths.append((noise.sigmas.max() - noise.sigmas.min()).item())
+        return widths
+
+    assert min(spans(stratified=True)) > 0.5  # slices 0 and 3 are at least 0.5 apart
+    assert min(spans(stratified=False)) < 0.1  # four independent draws sometimes all land close together

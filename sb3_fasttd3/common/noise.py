@@ -35,12 +35,15 @@ class MixedGaussianNoise:
     Gaussian exploration noise whose scale differs from one environment to the next.
 
     Each environment ``i`` keeps its own ``sigma_i ~ U[std_min, std_max]``; a new sigma is drawn for an
-    environment only when its episode ends (:meth:`reset` with its index). The noisy action is
-    ``clip(action + z * sigma_i, -1, 1)`` in the policy's [-1, 1] action scale, where ``z ~ N(0, 1)`` is drawn anew
-    at every step (white noise, the reference's) or, with ``correlation``, follows an AR(1) process
-    ``z_t = d * z_{t-1} + sqrt(1 - d^2) * N(0, 1)`` with ``d = exp(-1 / correlation)``: still ``N(0, 1)`` at every step,
-    but correlated over about ``correlation`` steps (a discretized Ornstein-Uhlenbeck process), which moves the
-    actions in longer excursions. :meth:`advance` steps it, outside any compiled graph.
+    environment only when its episode ends (:meth:`reset` with its index). With ``stratified``, environment ``i``
+    draws from the ``i``-th of ``n_envs`` equal slices of [std_min, std_max] instead: every step then mixes small and
+    large scales, where a few envs drawing independently may all explore little (or much) for whole episodes.
+
+    The noisy action is ``clip(action + z * sigma_i, -1, 1)`` in the policy's [-1, 1] action scale, where
+    ``z ~ N(0, 1)`` is drawn anew at every step (white noise, the reference's) or, with ``correlation``, follows an
+    AR(1) process ``z_t = d * z_{t-1} + sqrt(1 - d^2) * N(0, 1)`` with ``d = exp(-1 / correlation)``: still
+    ``N(0, 1)`` at every step, but correlated over about ``correlation`` steps (a discretized Ornstein-Uhlenbeck
+    process), which moves the actions in longer excursions. :meth:`advance` steps it, outside any compiled graph.
 
     The sigmas are per-run state, not policy parameters: they are not saved with the model, so a model
     can be loaded with any number of environments.
@@ -51,6 +54,7 @@ class MixedGaussianNoise:
     :param device: device of the sigmas (that of the actions)
     :param correlation: steps over which the noise's correlation decays to 1/e; ``None``: white noise
     :param action_dim: size of the actions (needed with ``correlation``, whose state has the actions' shape)
+    :param stratified: draw environment ``i``'s sigma from the ``i``-th of ``n_envs`` equal slices of the range
     """
 
     def __init__(
@@ -61,6 +65,7 @@ class MixedGaussianNoise:
         device: th.device | str = "cpu",
         correlation: float | None = None,
         action_dim: int = 1,
+        stratified: bool = False,
     ):
         check_noise_scales(std_min, std_max)
         check_noise_correlation(correlation)
@@ -68,6 +73,7 @@ class MixedGaussianNoise:
         self.std_min = std_min
         self.std_max = std_max
         self.correlation = correlation
+        self.stratified = stratified
         self.decay = 0.0 if correlation is None else math.exp(-1.0 / correlation)
         self.sigmas = th.empty(n_envs, 1, device=device)
         # The AR(1) state, N(0, 1) at every step; None for white noise
@@ -75,7 +81,10 @@ class MixedGaussianNoise:
         self.reset()
 
     def _draw(self, n: int) -> th.Tensor:
-        return th.rand(n, 1, device=self.sigmas.device) * (self.std_max - self.std_min) + self.std_min
+        unit = th.rand(n, 1, device=self.sigmas.device)
+        if self.stratified:  # env i's draw from [i / n, (i + 1) / n)
+            unit = (unit + th.arange(n, device=unit.device).reshape(-1, 1)) / n
+        return unit * (self.std_max - self.std_min) + self.std_min
 
     def reset(self, dones: th.Tensor | None = None) -> None:
         """
@@ -109,4 +118,8 @@ class MixedGaussianNoise:
 
     def __repr__(self) -> str:
         correlation = "" if self.correlation is None else f", correlation={self.correlation}"
-        return f"MixedGaussianNoise(n_envs={self.n_envs}, std_min={self.std_min}, std_max={self.std_max}{correlation})"
+        stratified = ", stratified=True" if self.stratified else ""
+        return (
+            f"MixedGaussianNoise(n_envs={self.n_envs}, std_min={self.std_min}, std_max={self.std_max}"
+            f"{correlation}{stratified})"
+        )

@@ -166,6 +166,9 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param noise_correlation: environment steps over which the mixed noise's correlation decays to 1/e (an
         Ornstein-Uhlenbeck-like process of the same per-env scale, for longer excursions); ``None``: white noise,
         drawn anew at every step, as the reference. Shapes the mixed noise only, so not with ``action_noise``
+    :param stratified_noise: env ``i`` draws its noise scale from the ``i``-th of ``n_envs`` equal slices of
+        [std_min, std_max], so that every step mixes small and large scales however few envs there are; ``False``:
+        each env draws from the whole range, as the reference. Shapes the mixed noise only, so not with ``action_noise``
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
     :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
@@ -248,6 +251,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         std_min: float = 0.001,
         std_max: float = 0.4,
         noise_correlation: float | None = None,
+        stratified_noise: bool = False,
         use_cdq: bool = True,
         actor_q: str = "all",
         num_atoms: int = 101,
@@ -301,6 +305,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.std_min = std_min
         self.std_max = std_max
         self.noise_correlation = noise_correlation
+        self.stratified_noise = stratified_noise
         self.use_cdq = use_cdq
         self.actor_q = actor_q
         self.num_atoms = num_atoms
@@ -350,6 +355,10 @@ class FastTD3(RolloutCollection, Checkpointing):
                 "noise_correlation shapes the mixed exploration noise, which action_noise replaces: give one of them "
                 "(an SB3 OrnsteinUhlenbeckActionNoise as action_noise is the SB3 way to correlated noise)"
             )
+        if self.stratified_noise and self.action_noise is not None:
+            raise ValueError(
+                "stratified_noise shapes the mixed exploration noise, which action_noise replaces: give one of them"
+            )
         for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
             rate = getattr(self, name)
             # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
@@ -376,6 +385,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(self.clip_obs is None or (_is_number(self.clip_obs) and self.clip_obs > 0), "clip_obs", "None or a float > 0")
         require(self.epsilon > 0, "epsilon", "a float > 0")
         require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
+        require(isinstance(self.stratified_noise, bool), "stratified_noise", "True or False")
         require(self.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
         require(self.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
         require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")

@@ -71,6 +71,7 @@ class RolloutCollection(OffPolicyAlgorithm):
     std_min: float
     std_max: float
     noise_correlation: float | None
+    stratified_noise: bool
     warmup_actions: str  # how to act before learning_starts: "uniform" or "actor"
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
@@ -88,7 +89,9 @@ class RolloutCollection(OffPolicyAlgorithm):
         """
         n_envs = self.n_envs if n_envs is None else n_envs
         action_dim = spaces.flatdim(self.action_space)
-        return MixedGaussianNoise(n_envs, self.std_min, self.std_max, self.device, self.noise_correlation, action_dim)
+        return MixedGaussianNoise(
+            n_envs, self.std_min, self.std_max, self.device, self.noise_correlation, action_dim, self.stratified_noise
+        )
 
     def _setup_device_rollouts(self) -> None:
         """Checks and constants for the on-device loop (called by ``_setup_learn``)."""
