@@ -13,6 +13,7 @@ import gymnasium as gym
 import numpy as np
 import stable_baselines3
 import torch as th
+import yaml
 from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
@@ -134,3 +135,14 @@ def run_one_per_core(
         core = next(core for core, (_, process) in running.items() if process.pid == pid)
         job, _ = running.pop(core)
         yield job, core, os.waitstatus_to_exitcode(status)
+
+
+def parse_overrides(pairs: list[str]) -> dict[str, Any]:
+    """``key=value`` pairs, each value read as YAML (``8``, ``0.005``, ``true``, ``[256, 256]``)."""
+    overrides = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set takes key=value pairs, got {pair!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides

@@ -8,8 +8,9 @@ share of ``learn()``, and a profile of the update by kind of operator (matrix pr
 
     python -m benchmarks.entry_speed                                 # the HalfCheetah entry in fp32 and in bf16
     python -m benchmarks.entry_speed --variants "compile=false" "compile=true"
+    python -m benchmarks.entry_speed --variants amp_dtype=auto parallel_actor_update=true --output parallel_update
 
-Writes ``benchmarks/results/entry_speed.{json,md}``.
+Writes ``benchmarks/results/entry_speed.{json,md}`` (``--output``: another name).
 """
 
 import argparse
@@ -20,9 +21,8 @@ from typing import Any
 import numpy as np
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import CpuSteal, machine_info, write_results
+from benchmarks.common import CpuSteal, machine_info, parse_overrides, write_results
 from benchmarks.time_to_return import make_model
-from benchmarks.tune_entry import parse_overrides
 from sb3_fasttd3 import FastTD3
 
 # Where an update's time goes: groups of profiler events (self CPU time); the rest is autograd, dispatch,
@@ -74,6 +74,7 @@ def main() -> None:
     parser.add_argument("--transitions", type=int, default=2000, help="learn() transitions per round and variant")
     parser.add_argument("--updates", type=int, default=100, help="train() updates per round and variant")
     parser.add_argument("--warmup", type=int, default=2000, help="transitions trained before timing (compiles)")
+    parser.add_argument("--output", default="entry_speed", help="results name in benchmarks/results/")
     args = parser.parse_args()
 
     steal = CpuSteal()
@@ -127,7 +128,7 @@ def main() -> None:
             f"| `{row['variant']}` | {row['autocast_dtype']} | {row['transitions_per_s']:.0f} | "
             f"{row['speedup_transitions']:.2f}x | {row['ms_per_update']:.2f} | {row['speedup_updates']:.2f}x |"
         )
-    write_results("entry_speed", results, "\n".join(lines + time_share_lines(rows, args.updates)) + "\n")
+    write_results(args.output, results, "\n".join(lines + time_share_lines(rows, args.updates)) + "\n")
 
 
 def time_share_lines(rows: list[dict[str, Any]], updates: int) -> list[str]:

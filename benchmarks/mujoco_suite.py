@@ -27,9 +27,8 @@ from typing import Any
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, run_one_per_core, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides, run_one_per_core, write_results
 from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching, make_model
-from benchmarks.tune_entry import parse_overrides
 
 RESULTS_NAME = "mujoco_suite"
 MARKS = [300.0, 600.0]  # the budgets compared: return after 5 and 10 minutes of training

@@ -7,6 +7,7 @@ entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-co
     python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
     python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --join-invocation 2   # the rest, later
     python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --seed 1 --stop-at 5000 --join-invocation 3
+    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --stop-at 5000 --set n_steps=2 --join-invocation 3
     python -m benchmarks.time_to_return --rewrite-markdown         # the summary again, from the JSON results
 
 Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
@@ -14,7 +15,8 @@ training; evaluation time is not counted. Results append to ``benchmarks/results
 and the Markdown summary and PNG plot are rebuilt from every run in that file, so a long comparison can
 be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task and budget
 required, and the same seed unless only FastTD3 joins: its other seeds are compared with the same peer runs).
-``--stop-at R`` ends each run at its first evaluation returning at least R. Peers need
+``--stop-at R`` ends each run at its first evaluation returning at least R. ``--set KEY=VALUE`` runs a variant
+of FastTD3's entry, named in the results. Peers need
 ``pip install -e ".[benchmarks]"``.
 """
 
@@ -36,7 +38,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides, write_results
 
 # name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
 ALGOS = {
@@ -174,7 +176,7 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process)."""
     import torch as th
 
-    model = make_model(args.worker, args.env, args.seed)
+    model = make_model(args.worker, args.env, args.seed, parse_overrides(args.set))
     callback = BudgetedEvaluation(
         make_vec_env(args.env, n_envs=1, seed=args.seed + 1000),
         args.budget,
@@ -184,7 +186,12 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     )
     model.learn(total_timesteps=10**9, callback=callback)
     run = {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
-    return {**run, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
+    return {**run, "set": args.set, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
+
+
+def run_name(run: dict[str, Any]) -> str:
+    """The algorithm, and the hyperparameters ``--set`` replaced in FastTD3's entry, if any."""
+    return run["algo"] + (f" ({', '.join(run['set'])})" if run.get("set") else "")
 
 
 def first_reaching(curve: list[dict[str, float]], threshold: float) -> dict[str, float] | None:
@@ -205,7 +212,7 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         last = run["curve"][-1]
         stopped = " (stopped)" if run.get("stop_at") is not None and last["return"] >= run["stop_at"] else ""
         lines.append(
-            f"| {run['invocation']} | {run['algo']} | {run['seed']} | {run['budget']:g} | "
+            f"| {run['invocation']} | {run_name(run)} | {run['seed']} | {run['budget']:g} | "
             + " | ".join(cells)
             + f" | {last['return']:.0f}{stopped} | {last['steps']:.0f} | {steal_cell(run)} | {run['machine']['cpu']}"
             + f" | {run['machine']['commit']} |"
@@ -230,7 +237,7 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         for run in ours:  # several when FastTD3 joined a comparison again: another seed or a later commit
             label = f"invocation {invocation}"
             if len(ours) > 1:
-                label += f", FastTD3 seed {run['seed']} at {run['machine']['commit']}"
+                label += f", {run_name(run).replace('fasttd3', 'FastTD3')} seed {run['seed']} at {run['machine']['commit']}"
             for threshold in thresholds:
                 lines.append(f"- {label}, return {threshold:g}: " + speedup(run, peers, threshold))
     lines += [
@@ -341,10 +348,16 @@ def main() -> None:
         type=int,
         help="add the runs to this earlier comparison (same task and budget; same seed unless only fasttd3 joins)",
     )
+    parser.add_argument(
+        "--set", nargs="*", default=[], metavar="KEY=VALUE", help="FastTD3 hyperparameters replacing its entry's (a variant)"
+    )
     parser.add_argument("--rewrite-markdown", action="store_true", help="only re-render the summary from the JSON")
     parser.add_argument("--worker", choices=list(ALGOS), help=argparse.SUPPRESS)
     parser.add_argument("--output", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.set and set(args.algos) != {"fasttd3"} and args.worker is None:
+        parser.error("--set replaces hyperparameters of FastTD3's entry: give it with --algos fasttd3 only")
+    parse_overrides(args.set)  # a malformed pair fails before any run
     if args.worker is not None:
         Path(args.output).write_text(json.dumps(run_worker(args)))
         return
@@ -364,6 +377,7 @@ def main() -> None:
             options = ["--env", args.env, "--budget", str(args.budget), "--seed", str(args.seed)]
             options += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
             options += [] if args.stop_at is None else ["--stop-at", str(args.stop_at)]
+            options += ["--set", *args.set] if args.set else []
             steal = CpuSteal()
             subprocess.run(worker + options, check=True)
             run = json.loads(Path(output.name).read_text())

@@ -12,10 +12,9 @@ import argparse
 import json
 from typing import Any
 
-import yaml
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides
 from benchmarks.time_to_return import BudgetedEvaluation, make_model
 
 
@@ -28,17 +27,6 @@ class StopAtReturn(BudgetedEvaluation):
 
     def _on_step(self) -> bool:
         return super()._on_step() and not (self.curve and self.curve[-1]["return"] >= self.stop_at)
-
-
-def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs, each value read as YAML (``8``, ``0.005``, ``true``, ``[256, 256]``)."""
-    overrides = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set takes key=value pairs, got {pair!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
 
 
 def main() -> None:

@@ -78,11 +78,13 @@ def test_time_to_return_stops_a_run_at_the_return(tmp_path):
     """``--stop-at`` ends a run at its first evaluation reaching the return, long before its budget."""
     args = ["--env", "Pendulum-v1", "--budget", "300", "--eval-every", "400", "--eval-episodes", "1"]
     # Every Pendulum return is above -2000 (at most ~16.3 lost per step, 200 steps): the first evaluation stops it
-    run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--stop-at=-2000", results=tmp_path)
+    # A variant of the entry (--set) is named in the results
+    run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--stop-at=-2000", "--set", "tau=0.02", results=tmp_path)
     (run,) = json.loads((tmp_path / "time_to_return.json").read_text())["runs"]
     assert run["stop_at"] == -2000 and [point["steps"] for point in run["curve"]] == [400]
-    assert run["curve"][0]["seconds"] < run["budget"]
-    assert "(stopped)" in (tmp_path / "time_to_return.md").read_text()
+    assert run["curve"][0]["seconds"] < run["budget"] and run["set"] == ["tau=0.02"]
+    summary = (tmp_path / "time_to_return.md").read_text()
+    assert "(stopped)" in summary and "| fasttd3 (tau=0.02) |" in summary
 
 
 def test_only_fasttd3_joins_a_comparison_with_another_seed():
@@ -185,10 +187,10 @@ def test_tune_entry(tmp_path):
 
 
 def test_entry_speed(tmp_path):
-    run_benchmark(
-        "entry_speed", "--rounds", "1", "--transitions", "100", "--updates", "5", "--warmup", "100", results=tmp_path
-    )
-    rows = read_results(tmp_path, "entry_speed")["rows"]
+    args = ["--rounds", "1", "--transitions", "100", "--updates", "5", "--warmup", "100", "--output", "speed"]
+    run_benchmark("entry_speed", *args, results=tmp_path)
+    assert "-m benchmarks.entry_speed" in (tmp_path / "speed.md").read_text()
+    rows = json.loads((tmp_path / "speed.json").read_text())["rows"]
     assert [row["variant"] for row in rows] == ["amp_dtype=null", "amp_dtype=bf16"]
     assert rows[0]["speedup_transitions"] == 1.0 and all(row["ms_per_update"] > 0 for row in rows)
     for row in rows:
