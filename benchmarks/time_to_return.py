@@ -225,6 +225,13 @@ def summarize(runs: list[dict[str, Any]], thresholds: list[float]) -> str:
         "seed on one CPU compute the same returns at the same steps, so their seconds per step show them). "
         "(stopped): the run ended at its first evaluation reaching `--stop-at`, before its budget.",
         "",
+    ]
+    noted = [run for run in runs if run.get("note")]
+    if noted:
+        lines += ["Notes on runs:", ""]
+        lines += [f"- invocation {run['invocation']}, {run_name(run)} seed {run['seed']}: {run['note']}" for run in noted]
+        lines += [""]
+    lines += [
         "FastTD3's time to a return against the fastest peer of the same invocation:",
         "",
     ]

@@ -105,6 +105,21 @@ def test_only_fasttd3_joins_a_comparison_with_another_seed():
         join_invocation(runs, argparse.Namespace(**{**args, "budget": 600.0}, algos=["fasttd3"], seed=1))
 
 
+def test_time_to_return_names_variants_and_lists_notes():
+    from benchmarks.time_to_return import summarize
+
+    curve = [{"seconds": 10.0, "steps": 5000, "return": 100.0}]
+    machine = {"cpu": "CPU", "commit": "abc1234"}
+    runs = [
+        {"invocation": 1, "algo": algo, "seed": 0, "budget": 60.0, "curve": curve, "machine": machine, **extra}
+        for algo, extra in [("sbx_sac", {}), ("fasttd3", {"set": ["tau=0.02"], "note": "a variant"})]
+    ]
+    summary = summarize(runs, [50.0])
+    assert "| fasttd3 (tau=0.02) |" in summary and "| sbx_sac |" in summary
+    assert "- invocation 1, fasttd3 (tau=0.02) seed 0: a variant" in summary
+    assert "Notes on runs" not in summarize(runs[:1], [50.0])
+
+
 def test_peer_action_noise_keeps_its_std_and_correlation():
     """``action_noise_std`` alone is Gaussian; with ``action_noise_correlation`` it is OU noise of the same std."""
     import numpy as np
