@@ -8,7 +8,7 @@ share of ``learn()``, and a profile of the update by kind of operator (matrix pr
 
     python -m benchmarks.entry_speed                                 # the HalfCheetah entry in fp32 and in bf16
     python -m benchmarks.entry_speed --variants "compile=false" "compile=true"
-    python -m benchmarks.entry_speed --variants amp_dtype=auto parallel_actor_update=true --output parallel_update
+    python -m benchmarks.entry_speed --variants amp_dtype=auto n_envs=8 --output entry_speed_envs
 
 Writes ``benchmarks/results/entry_speed.{json,md}`` (``--output``: another name).
 """

@@ -225,7 +225,7 @@ def test_noise_correlation_with_action_noise_is_refused():
         make_model(noise_correlation=20.0, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
 
 
-@pytest.mark.parametrize("name", ["stratified_noise", "parallel_actor_update"])
+@pytest.mark.parametrize("name", ["stratified_noise"])
 @pytest.mark.parametrize("value", ["yes", 1, None])
 def test_switches_must_be_bools(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be True or False"):

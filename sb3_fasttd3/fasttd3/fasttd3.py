@@ -6,7 +6,6 @@ import pathlib
 import types
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from functools import partial
 from typing import Any, ClassVar, TypeVar
 
@@ -24,7 +23,6 @@ from torch.nn import functional as F
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection, check_support
-from sb3_fasttd3.common.half_threads import HalfThreads
 from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_correlation, check_noise_scales
 from sb3_fasttd3.common.simbav2 import hyperspherical_weights, project_weights_
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
@@ -171,10 +169,6 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param stratified_noise: env ``i`` draws its noise scale from the ``i``-th of ``n_envs`` equal slices of
         [std_min, std_max], so that every step mixes small and large scales however few envs there are; ``False``:
         each env draws from the whole range, as the reference. Shapes the mixed noise only, so not with ``action_noise``
-    :param parallel_actor_update: take the actor's gradient on the critic as it is before this update's critic step
-        (both gradients at once, then both steps) rather than after it, as TD3 does. The two halves of the update
-        are then independent: on a CPU with two torch threads or more they run side by side, one thread each.
-        Only where the actor is updated (``policy_delay``)
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
     :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
@@ -258,7 +252,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         std_max: float = 0.4,
         noise_correlation: float | None = None,
         stratified_noise: bool = False,
-        parallel_actor_update: bool = False,
         use_cdq: bool = True,
         actor_q: str = "all",
         num_atoms: int = 101,
@@ -313,7 +306,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.std_max = std_max
         self.noise_correlation = noise_correlation
         self.stratified_noise = stratified_noise
-        self.parallel_actor_update = parallel_actor_update
         self.use_cdq = use_cdq
         self.actor_q = actor_q
         self.num_atoms = num_atoms
@@ -394,7 +386,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(self.epsilon > 0, "epsilon", "a float > 0")
         require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
         require(isinstance(self.stratified_noise, bool), "stratified_noise", "True or False")
-        require(isinstance(self.parallel_actor_update, bool), "parallel_actor_update", "True or False")
         require(self.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
         require(self.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
         require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
@@ -528,8 +519,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._autocast = partial(th.autocast, device_type=self.device.type, dtype=dtype, enabled=dtype is not None)
         self._grad_scaler = th.amp.GradScaler("cuda") if dtype == th.float16 else None
         self._critic_loss_fn, self._actor_loss_fn, self._act_fn = self._critic_loss, self._actor_loss, self._noisy_actions
-        self._half_threads: HalfThreads | None = None  # parallel_actor_update's worker, made when first used
-        self._halves: HalfThreads | None = None  # the worker of the current train() call, if it runs the halves
         if self.compile:
             mode = "reduce-overhead" if self.device.type == "cuda" else None
             self._critic_loss_fn = _compile_for_this_model(self._critic_loss, mode)
@@ -648,8 +637,6 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_grad_scaler",
             "_critic_loss_fn",
             "_actor_loss_fn",
-            "_half_threads",
-            "_halves",
             "_act_fn",
             "_data_parallel",
             "distributed",  # a model trained on several ranks loads as a plain one
@@ -722,11 +709,9 @@ class FastTD3(RolloutCollection, Checkpointing):
         actor_lr, critic_lr = self._current_learning_rates()
         update_learning_rate(self.actor.optimizer, actor_lr)
         update_learning_rate(self.critic.optimizer, critic_lr)
-        self._halves = self._concurrent_halves()
-        with nullcontext() if self._halves is None else self._halves.halved():
-            for replay_data in self._sample_batches(gradient_steps, batch_size):
-                self._n_updates += 1
-                self._update(replay_data, update_actor=self._n_updates % self.policy_delay == 0)
+        for replay_data in self._sample_batches(gradient_steps, batch_size):
+            self._n_updates += 1
+            self._update(replay_data, update_actor=self._n_updates % self.policy_delay == 0)
         self.policy.set_training_mode(False)
         self.logger.record("train/n_updates", self._n_updates, exclude="tensorboard")
 
@@ -752,73 +737,26 @@ class FastTD3(RolloutCollection, Checkpointing):
             columns = [_split_batches(value, batch_size, n_batches) for value in samples]
             yield from (type(samples)(*fields) for fields in zip(*columns, strict=True))
 
-    def _concurrent_halves(self) -> HalfThreads | None:
-        """
-        The worker that runs the actor's half of ``parallel_actor_update`` beside the critic's, where it helps and is
-        safe: on a CPU with two torch threads or more, and no BatchNorm statistics that both halves would update.
-        """
-        if self._half_threads is not None and self._half_threads.active:  # within learn()
-            return self._half_threads
-        usable = self.parallel_actor_update and self.device.type == "cpu" and th.get_num_threads() >= 2
-        if not usable or self._actor_batch_norm_stats or self._critic_batch_norm_stats:
-            return None
-        if self._half_threads is None:
-            self._half_threads = HalfThreads()
-        return self._half_threads
-
     def _update(self, replay_data: Any, update_actor: bool) -> None:
         """One critic update, the delayed actor update when due, then the target soft updates."""
         if self.compile and self.device.type == "cuda":
             th.compiler.cudagraph_mark_step_begin()
-        if update_actor and self.parallel_actor_update:
-            self._update_both_at_once(replay_data)
-        else:
+        with self._autocast():
+            critic_loss, q_mean = self._critic_loss_fn(replay_data)
+        self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
+        project_weights_(self._critic_sphere_weights)
+        self._update_statistics.add_critic_update(critic_loss, q_mean)
+        if update_actor:
             with self._autocast():
-                critic_loss, q_mean = self._critic_loss_fn(replay_data)
-            self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
-            project_weights_(self._critic_sphere_weights)
-            self._update_statistics.add_critic_update(critic_loss, q_mean)
-            if update_actor:
-                with self._autocast():
-                    actor_loss = self._actor_loss_fn(replay_data.observations)
-                self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
-                project_weights_(self._actor_sphere_weights)
-                self._update_statistics.add_actor_update(actor_loss)
-        if update_actor and self.actor_target is not None:
-            self._soft_update(self._actor_target_params, self._actor_polyak_params)
-            self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
+                actor_loss = self._actor_loss_fn(replay_data.observations)
+            self._optimize(self.actor.optimizer, actor_loss, self._actor_params)
+            project_weights_(self._actor_sphere_weights)
+            self._update_statistics.add_actor_update(actor_loss)
+            if self.actor_target is not None:
+                self._soft_update(self._actor_target_params, self._actor_polyak_params)
+                self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
         self._soft_update(self._critic_target_params, self._critic_polyak_params)
         self._copy_stats(self._critic_target_batch_norm_stats, self._critic_batch_norm_stats)
-
-    def _update_both_at_once(self, replay_data: Any) -> None:
-        """
-        ``parallel_actor_update``: both gradients on the networks as they are before either step, then both steps.
-        The critic's half draws the target noise; the actor's half draws nothing, so the result does not depend on
-        which thread runs what.
-        """
-
-        def critic_half() -> tuple[th.Tensor, th.Tensor]:
-            with self._autocast():
-                loss, q_mean = self._critic_loss_fn(replay_data)
-            self._backward(self.critic.optimizer, loss, self._critic_params)
-            return loss, q_mean
-
-        def actor_half() -> th.Tensor:
-            with self._autocast():  # autocast is per thread
-                loss = self._actor_loss_fn(replay_data.observations)
-            self._backward(self.actor.optimizer, loss, self._actor_params)
-            return loss
-
-        if self._halves is not None:
-            (critic_loss, q_mean), actor_loss = self._halves.run(critic_half, actor_half)
-        else:
-            critic_loss, q_mean = critic_half()
-            actor_loss = actor_half()
-        self._step([(self.critic.optimizer, self._critic_params), (self.actor.optimizer, self._actor_params)])
-        project_weights_(self._critic_sphere_weights)
-        project_weights_(self._actor_sphere_weights)
-        self._update_statistics.add_critic_update(critic_loss, q_mean)
-        self._update_statistics.add_actor_update(actor_loss)
 
     @th.no_grad()
     def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:
@@ -835,42 +773,28 @@ class FastTD3(RolloutCollection, Checkpointing):
             th._foreach_copy_(target_stats, stats)
 
     def _optimize(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: Sequence[th.Tensor]) -> None:
-        """One optimizer step on ``loss``: :meth:`_backward`, then :meth:`_step`."""
-        self._backward(optimizer, loss, params)
-        self._step([(optimizer, params)])
-
-    def _backward(self, optimizer: th.optim.Optimizer, loss: th.Tensor, params: Sequence[th.Tensor]) -> None:
         """
-        The gradients of ``loss`` with respect to ``params`` (the optimizer's) only: the actor's loss goes through
-        the critic, whose weight gradients it would otherwise compute for nothing (eager autograd skips them; a
-        compiled backward computes them and drops them, see ``_setup_fast_path``).
+        One optimizer step on ``loss``, differentiating with respect to ``params`` (the optimizer's) only: the
+        actor's loss goes through the critic, whose weight gradients it would otherwise compute for nothing
+        (eager autograd skips them; a compiled backward computes them and drops them, see ``_setup_fast_path``).
         """
         optimizer.zero_grad(set_to_none=True)
-        scaled = loss if self._grad_scaler is None else self._grad_scaler.scale(loss)
-        scaled.backward(inputs=params)
-
-    def _step(self, groups: Sequence[tuple[th.optim.Optimizer, Sequence[th.Tensor]]]) -> None:
-        """
-        Step each optimizer on the gradients :meth:`_backward` left, all unscaled with the same loss scale before
-        the scale is updated once.
-
-        :param groups: the optimizers, each with its parameters
-        """
         scaler = self._grad_scaler
-        for optimizer, params in groups:
-            if self._data_parallel is not None:
-                # Before unscaling: a non-finite gradient on one rank then makes every rank skip the step
-                self._data_parallel.average_gradients_(params)
-            if scaler is not None:
-                scaler.unscale_(optimizer)
-            if self.max_grad_norm is not None:
-                th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
-        for optimizer, _ in groups:
-            if scaler is None:
-                optimizer.step()
-            else:
-                scaler.step(optimizer)
+        if scaler is None:
+            loss.backward(inputs=params)
+        else:
+            scaler.scale(loss).backward(inputs=params)
+        if self._data_parallel is not None:
+            # Before unscaling: a non-finite gradient on one rank then makes every rank skip the step
+            self._data_parallel.average_gradients_(params)
         if scaler is not None:
+            scaler.unscale_(optimizer)
+        if self.max_grad_norm is not None:
+            th.nn.utils.clip_grad_norm_(params, self.max_grad_norm)
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
             scaler.update()
 
     def _target_distribution(self, replay_data: Any) -> th.Tensor:
@@ -935,16 +859,13 @@ class FastTD3(RolloutCollection, Checkpointing):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfFastTD3:
-        # With parallel_actor_update's second thread, the whole run is on half the threads (see HalfThreads)
-        halves = self._concurrent_halves()
-        with nullcontext() if halves is None else halves.halved():
-            super().learn(
-                total_timesteps=total_timesteps,
-                callback=callback,
-                log_interval=log_interval,
-                tb_log_name=tb_log_name,
-                reset_num_timesteps=reset_num_timesteps,
-                progress_bar=progress_bar,
-            )
+        super().learn(
+            total_timesteps=total_timesteps,
+            callback=callback,
+            log_interval=log_interval,
+            tb_log_name=tb_log_name,
+            reset_num_timesteps=reset_num_timesteps,
+            progress_bar=progress_bar,
+        )
         self._read_device_episodes()  # ep_info_buffer up to date when learn() returns
         return self
