@@ -76,14 +76,17 @@ class MixedGaussianNoise:
         self.stratified = stratified
         self.decay = 0.0 if correlation is None else math.exp(-1.0 / correlation)
         self.sigmas = th.empty(n_envs, 1, device=device)
+        # Where env i's slice starts, in units of the range over n_envs (stratified only), made once for every draw
+        self._slice_starts = th.arange(n_envs, device=device).reshape(-1, 1) if stratified else None
         # The AR(1) state, N(0, 1) at every step; None for white noise
         self.unit = None if correlation is None else th.empty(n_envs, action_dim, device=device)
         self.reset()
 
-    def _draw(self, n: int) -> th.Tensor:
-        unit = th.rand(n, 1, device=self.sigmas.device)
-        if self.stratified:  # env i's draw from [i / n, (i + 1) / n)
-            unit = (unit + th.arange(n, device=unit.device).reshape(-1, 1)) / n
+    def _draw(self) -> th.Tensor:
+        """A new sigma for every env."""
+        unit = th.rand(self.n_envs, 1, device=self.sigmas.device)
+        if self._slice_starts is not None:  # env i's draw from [i / n, (i + 1) / n)
+            unit = (unit + self._slice_starts) / self.n_envs
         return unit * (self.std_max - self.std_min) + self.std_min
 
     def reset(self, dones: th.Tensor | None = None) -> None:
@@ -93,13 +96,13 @@ class MixedGaussianNoise:
         :param dones: boolean mask of shape (n_envs,); ``None`` redraws every sigma
         """
         if dones is None:
-            self.sigmas.copy_(self._draw(self.n_envs))
+            self.sigmas.copy_(self._draw())
             if self.unit is not None:
                 self.unit.normal_()
         else:
             # Draw for every env and keep the old sigma where the episode goes on: no host sync
             mask = th.as_tensor(dones, device=self.sigmas.device, dtype=th.bool).reshape(-1, 1)
-            self.sigmas.copy_(th.where(mask, self._draw(self.n_envs), self.sigmas))
+            self.sigmas.copy_(th.where(mask, self._draw(), self.sigmas))
             if self.unit is not None:  # a new episode starts from the stationary distribution
                 self.unit.copy_(th.where(mask, th.randn_like(self.unit), self.unit))
 
