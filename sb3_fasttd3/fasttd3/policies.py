@@ -19,6 +19,7 @@ from stable_baselines3.common.torch_layers import (
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 
+from sb3_fasttd3.common.batched_mlp import BatchedMLP
 from sb3_fasttd3.common.distributional import expected_value, make_support
 from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, MergeMoments, make_normalizer
 from sb3_fasttd3.common.preprocessing import make_preprocessor
@@ -222,6 +223,8 @@ class DistributionalCritic(FeaturesNetwork):
     :param normalize_images: divide images by 255
     :param share_features_extractor: the features extractor is the actor's
     :param architecture: ``"mlp"`` or ``"simbav2"`` (see :func:`make_network`)
+    :param batched: the Q-networks (``architecture="mlp"``) as one :class:`BatchedMLP`: one batched matrix product
+        per layer for all of them instead of one per network (same function, another parameter layout)
     """
 
     def __init__(
@@ -237,14 +240,19 @@ class DistributionalCritic(FeaturesNetwork):
         normalize_images: bool = True,
         share_features_extractor: bool = False,
         architecture: str = "mlp",
+        batched: bool = False,
     ):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
         self.share_features_extractor = share_features_extractor
         input_dim = features_extractor.features_dim + spaces.flatdim(action_space)
-        self.q_networks = nn.ModuleList(
-            make_network(architecture, input_dim, num_atoms, net_arch, activation_fn, layer_norm=layer_norm)
-            for _ in range(n_critics)
-        )
+        self.q_networks: nn.ModuleList | BatchedMLP
+        if batched:
+            self.q_networks = BatchedMLP(n_critics, input_dim, num_atoms, net_arch, activation_fn, layer_norm)
+        else:
+            self.q_networks = nn.ModuleList(
+                make_network(architecture, input_dim, num_atoms, net_arch, activation_fn, layer_norm=layer_norm)
+                for _ in range(n_critics)
+            )
 
     def forward(self, obs: PyTorchObs, actions: th.Tensor, n_critics: int | None = None) -> th.Tensor:
         """
@@ -257,6 +265,8 @@ class DistributionalCritic(FeaturesNetwork):
         else:
             features = self.features(obs)
         qf_input = th.cat([features, actions], dim=-1)
+        if isinstance(self.q_networks, BatchedMLP):
+            return self.q_networks(qf_input, n_critics)
         return th.stack([q_net(qf_input) for q_net in self.q_networks[:n_critics]])
 
     def optimizer_parameters(self) -> list[nn.Parameter]:
@@ -291,6 +301,9 @@ class FastTD3Policy(BasePolicy):
     :param share_features_extractor: one extractor for the actor and the critic, trained by the actor's loss
         (needs the same actor and critic keys)
     :param layer_norm: LayerNorm after each hidden layer of the critic (``architecture="mlp"``)
+    :param batched_critics: evaluate the Q-networks (``architecture="mlp"``) together, one batched matrix product
+        per layer (:class:`~sb3_fasttd3.common.batched_mlp.BatchedMLP`): the same function with fewer, larger
+        operators, faster where the update is bound by operator count or threads (small networks on a CPU)
     :param architecture: the actor's and the critic's networks: ``"mlp"``, or ``"simbav2"`` (SimbaV2's
         hyperspherical residual blocks; ``net_arch`` then lists blocks of one width, and the default optimizer has
         no weight decay since the weights are kept on the unit sphere)
@@ -325,6 +338,7 @@ class FastTD3Policy(BasePolicy):
         normalize_images: bool = True,
         share_features_extractor: bool = False,
         layer_norm: bool = False,
+        batched_critics: bool = False,
         architecture: str = "mlp",
         actor_keys: list[str] | None = None,
         critic_keys: list[str] | None = None,
@@ -344,6 +358,8 @@ class FastTD3Policy(BasePolicy):
             raise ValueError(f"architecture must be one of {list(ARCHITECTURES)}, got {architecture!r}")
         if architecture == "simbav2" and layer_norm:
             raise ValueError("layer_norm=True applies to architecture='mlp' only: SimbaV2 normalizes every block itself")
+        if architecture == "simbav2" and batched_critics:
+            raise ValueError("batched_critics=True applies to architecture='mlp' only, got architecture='simbav2'")
         if optimizer_kwargs is None:
             # Fused AdamW: one kernel for all parameters (about 5x faster than the default on a CPU)
             optimizer_kwargs = {"weight_decay": 0.0 if architecture == "simbav2" else 0.1, "fused": True}
@@ -370,6 +386,7 @@ class FastTD3Policy(BasePolicy):
         self.activation_fn = activation_fn
         self.share_features_extractor = share_features_extractor
         self.layer_norm = layer_norm
+        self.batched_critics = batched_critics
         self.architecture = architecture
         self.num_atoms = num_atoms
         self.v_min = v_min
@@ -453,6 +470,7 @@ class FastTD3Policy(BasePolicy):
             self.normalize_images,
             share,
             self.architecture,
+            self.batched_critics,
         )
         # Targets hold their own copies and stay in eval mode
         self.critic_target = copy.deepcopy(self.critic).requires_grad_(False).train(False)
@@ -482,6 +500,7 @@ class FastTD3Policy(BasePolicy):
             features_extractor_kwargs=self.features_extractor_kwargs,
             share_features_extractor=self.share_features_extractor,
             layer_norm=self.layer_norm,
+            batched_critics=self.batched_critics,
             architecture=self.architecture,
             actor_keys=self.actor_keys,
             critic_keys=self.critic_keys,
