@@ -133,3 +133,24 @@ def test_batched_linear_initializes_each_layer_as_nn_linear():
 def test_batched_critics_need_mlp_critics():
     with pytest.raises(ValueError, match="batched_critics=True applies to architecture='mlp' only"):
         make_model(1, policy_kwargs=dict(architecture="simbav2", net_arch=[16], batched_critics=True))
+
+
+def test_fasttd3_batches_mlp_critics_unless_told_otherwise():
+    assert make_model(1).policy_kwargs["batched_critics"] is True
+    assert isinstance(make_model(1).critic.q_networks, BatchedMLP)
+    plain = make_model(1, policy_kwargs=tiny(batched_critics=False))
+    assert plain.policy_kwargs["batched_critics"] is False and isinstance(plain.critic.q_networks, nn.ModuleList)
+    simba = make_model(1, policy_kwargs=dict(architecture="simbav2", net_arch=[16]))
+    assert "batched_critics" not in simba.policy_kwargs and not simba.policy.batched_critics
+
+
+def test_a_model_saved_before_batched_critics_loads_with_its_layout(tmp_path):
+    older = make_model(2, policy_kwargs=tiny(batched_critics=False))
+    older.policy_kwargs = dict(TINY["policy_kwargs"])  # as saved before the option: no key
+    older.learn(60)
+    older.save(tmp_path / "model")
+    loaded = FastTD3.load(tmp_path / "model", env=counting_env(2))
+    assert isinstance(loaded.critic.q_networks, nn.ModuleList)
+    obs, actions = th.randn(8, 3), th.rand(8, 1) * 2 - 1
+    th.testing.assert_close(loaded.critic(obs, actions), older.critic(obs, actions))
+    loaded.learn(20)

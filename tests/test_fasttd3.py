@@ -289,11 +289,18 @@ def test_actor_loss_reads_the_critics_actor_q_names(use_cdq):
         th.testing.assert_close(model._actor_loss(obs), -q_value.mean())
 
 
-def test_actor_q1_skips_the_other_critics_in_the_actor_step():
-    model = make_model(actor_q="q1", policy_delay=1)
+@pytest.mark.parametrize("batched_critics", [False, True])
+def test_actor_q1_skips_the_other_critics_in_the_actor_step(batched_critics):
+    model = make_model(
+        actor_q="q1", policy_delay=1, policy_kwargs=dict(TINY["policy_kwargs"], batched_critics=batched_critics)
+    )
     calls = {0: 0, 1: 0}
-    for index, q_net in enumerate(model.critic.q_networks):
-        q_net.register_forward_hook(lambda *_, index=index: calls.__setitem__(index, calls[index] + 1))
+
+    def count(_module, _inputs, logits):  # logits of the Q-networks evaluated, shape (n_critics, batch, atoms)
+        for index in range(logits.shape[0]):
+            calls[index] += 1
+
+    model.critic.register_forward_hook(count)
     model.learn(40)
     # Each update runs both critics once in the critic step; the actor step adds a pass of the first only
     assert model._n_updates > 0
@@ -399,9 +406,9 @@ def test_dict_observations_use_actor_and_critic_keys():
     model = make_model(dict_obs=True)
     assert model.policy.actor_keys == ["state"] and model.policy.critic_keys == ["privileged_state"]
     assert model.actor.mu[0].in_features == 3
-    assert model.critic.q_networks[0][0].in_features == 4 + 1
+    assert model.critic.q_networks.linears[0].in_features == 4 + 1
     explicit = make_model(dict_obs=True, policy_kwargs=dict(TINY["policy_kwargs"], critic_keys=["state", "privileged_state"]))
-    assert explicit.critic.q_networks[0][0].in_features == 3 + 4 + 1
+    assert explicit.critic.q_networks.linears[0].in_features == 3 + 4 + 1
 
 
 class RecordSigmas(BaseCallback):

@@ -148,7 +148,7 @@ def test_custom_features_extractor_with_kwargs(dict_obs):
     model = FastTD3("MultiInputPolicy" if dict_obs else "MlpPolicy", env, policy_kwargs=policy_kwargs, **TINY)
     actor_extractor, critic_extractor = model.actor.features_extractor, model.critic.features_extractor
     assert isinstance(actor_extractor, SquashExtractor) and actor_extractor.linear.out_features == 5
-    assert model.actor.mu[0].in_features == 5 and model.critic.q_networks[0][0].in_features == 5 + 1
+    assert model.actor.mu[0].in_features == 5 and model.critic.q_networks.linears[0].in_features == 5 + 1
     if dict_obs:
         # Each extractor is built over the keys its network reads (asymmetric by default here)
         assert list(actor_extractor.space.spaces) == ["state"] and actor_extractor.linear.in_features == 3

@@ -155,7 +155,8 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param stats_window_size: window size for the rollout logging
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
-        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...)
+        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...); ``batched_critics`` is ``True`` unless
+        given (see :class:`~sb3_fasttd3.fasttd3.policies.FastTD3Policy`)
     :param verbose: verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
     :param seed: seed for the pseudo random generators
     :param device: device on which the code should run (``"auto"``: CUDA when available)
@@ -297,6 +298,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             sde_support=False,
             support_multi_env=True,
         )
+        self._default_to_batched_critics()
         self.actor_learning_rate = actor_learning_rate
         self.critic_learning_rate = critic_learning_rate
         self.policy_delay = policy_delay
@@ -458,6 +460,16 @@ class FastTD3(RolloutCollection, Checkpointing):
         if seed is not None and data_parallel is not None:
             seed += data_parallel.rank
         super().set_random_seed(seed)
+
+    def _default_to_batched_critics(self) -> None:
+        """
+        MLP critics of a FastTD3 policy are batched unless ``policy_kwargs`` says otherwise. The key is written into
+        the model's ``policy_kwargs`` (and saved with them), so that a model saved before the option existed, whose
+        ``policy_kwargs`` lack it, loads with the policy's own default: the per-network layout it was saved with.
+        """
+        fasttd3_policy = isinstance(self.policy_class, type) and issubclass(self.policy_class, FastTD3Policy)
+        if fasttd3_policy and self.policy_kwargs.get("architecture", "mlp") == "mlp":
+            self.policy_kwargs = {"batched_critics": True, **self.policy_kwargs}
 
     def _algorithm_policy_kwargs(self) -> dict[str, Any]:
         """The policy's arguments that FastTD3 sets from its own: ``policy_kwargs`` may not hold them too."""
