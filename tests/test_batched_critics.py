@@ -135,22 +135,67 @@ def test_batched_critics_need_mlp_critics():
         make_model(1, policy_kwargs=dict(architecture="simbav2", net_arch=[16], batched_critics=True))
 
 
-def test_fasttd3_batches_mlp_critics_unless_told_otherwise():
-    assert make_model(1).policy_kwargs["batched_critics"] is True
-    assert isinstance(make_model(1).critic.q_networks, BatchedMLP)
+def test_mlp_critics_are_batched_unless_told_otherwise():
+    model = make_model(1)
+    assert model.policy.batched_critics is True and isinstance(model.critic.q_networks, BatchedMLP)
+    assert "batched_critics" not in model.policy_kwargs  # SB3's load compares them with the ones it is given
     plain = make_model(1, policy_kwargs=tiny(batched_critics=False))
-    assert plain.policy_kwargs["batched_critics"] is False and isinstance(plain.critic.q_networks, nn.ModuleList)
+    assert plain.policy.batched_critics is False and isinstance(plain.critic.q_networks, nn.ModuleList)
     simba = make_model(1, policy_kwargs=dict(architecture="simbav2", net_arch=[16]))
-    assert "batched_critics" not in simba.policy_kwargs and not simba.policy.batched_critics
+    assert simba.policy.batched_critics is False
+
+
+def older_model(tmp_path) -> tuple[FastTD3, str]:
+    """A model with one module per Q-network, saved as before batched critics (no key in its policy_kwargs)."""
+    older = make_model(2, policy_kwargs=tiny(batched_critics=False))
+    older.policy_kwargs = dict(TINY["policy_kwargs"])
+    older.learn(60)
+    older.save(tmp_path / "older")
+    return older, str(tmp_path / "older.zip")
+
+
+def assert_same_critic(model: FastTD3, other: FastTD3) -> None:
+    obs, actions = th.randn(8, 3), th.rand(8, 1) * 2 - 1
+    th.testing.assert_close(model.critic(obs, actions), other.critic(obs, actions))
 
 
 def test_a_model_saved_before_batched_critics_loads_with_its_layout(tmp_path):
-    older = make_model(2, policy_kwargs=tiny(batched_critics=False))
-    older.policy_kwargs = dict(TINY["policy_kwargs"])  # as saved before the option: no key
-    older.learn(60)
-    older.save(tmp_path / "model")
-    loaded = FastTD3.load(tmp_path / "model", env=counting_env(2))
-    assert isinstance(loaded.critic.q_networks, nn.ModuleList)
+    older, path = older_model(tmp_path)
+    for kwargs in ({}, dict(policy_kwargs=dict(TINY["policy_kwargs"]))):  # SB3 and the RL Zoo pass them again
+        loaded = FastTD3.load(path, env=counting_env(2), **kwargs)
+        assert isinstance(loaded.critic.q_networks, nn.ModuleList) and loaded.critic is loaded.policy.critic
+        assert_same_critic(loaded, older)
+        th.testing.assert_close(
+            loaded.critic.optimizer.state_dict()["state"][0]["exp_avg"],
+            older.critic.optimizer.state_dict()["state"][0]["exp_avg"],
+        )
+        loaded.learn(20)
+        loaded.save(tmp_path / "again")
+        assert isinstance(FastTD3.load(tmp_path / "again").critic.q_networks, nn.ModuleList)
+
+
+def test_set_parameters_of_the_other_layout_keeps_what_was_collected(tmp_path):
+    older, path = older_model(tmp_path)
+    model = make_model(2)
+    model.learn(60)
+    stored = model.replay_buffer.size()
+    model.set_parameters(path)
+    assert isinstance(model.critic.q_networks, nn.ModuleList) and model.policy.batched_critics is False
+    assert_same_critic(model, older)
+    assert model.replay_buffer.size() == stored
+    model.learn(20)
+    assert model.replay_buffer.size() > stored
+    model.set_parameters(make_model(2).get_parameters())
+    assert isinstance(model.critic.q_networks, BatchedMLP)
+
+
+def test_a_policy_saved_alone_before_batched_critics_loads_with_its_layout(tmp_path):
+    older, _ = older_model(tmp_path)
+    older.policy.save(tmp_path / "policy.pt")
+    saved = th.load(tmp_path / "policy.pt", weights_only=False)
+    del saved["data"]["batched_critics"]  # as saved before the option
+    th.save(saved, tmp_path / "policy.pt")
+    loaded = type(older.policy).load(str(tmp_path / "policy.pt"))
+    assert loaded.batched_critics is False
     obs, actions = th.randn(8, 3), th.rand(8, 1) * 2 - 1
     th.testing.assert_close(loaded.critic(obs, actions), older.critic(obs, actions))
-    loaded.learn(20)

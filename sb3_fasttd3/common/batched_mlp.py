@@ -99,10 +99,12 @@ class BatchedMLP(nn.Module):
         super().__init__()
         self.n = n
         sizes = [in_dim, *net_arch, out_dim]
-        self.linears = nn.ModuleList(
+        self.linears: list[BatchedLinear] = nn.ModuleList(  # type: ignore[assignment]
             BatchedLinear(n, size_in, size_out, initialize=False) for size_in, size_out in pairwise(sizes)
         )
-        self.norms = nn.ModuleList(BatchedLayerNorm(n, size) for size in net_arch) if layer_norm else None
+        self.norms: list[BatchedLayerNorm] | None = (
+            nn.ModuleList(BatchedLayerNorm(n, size) for size in net_arch) if layer_norm else None  # type: ignore[assignment]
+        )
         self.activation = activation_fn()
         # Network by network, layer by layer: the random draws of n ``create_mlp`` networks made one after another,
         # so that a seed gives the batched critic the parameters it gives the plain one

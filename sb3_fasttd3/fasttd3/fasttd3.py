@@ -15,7 +15,7 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
-from stable_baselines3.common.save_util import load_from_pkl
+from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TrainFreq, TrainFrequencyUnit
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch.nn import functional as F
@@ -42,6 +42,7 @@ from sb3_fasttd3.fasttd3.policies import (
     FastTD3Policy,
     MlpPolicy,
     MultiInputPolicy,
+    critics_are_batched,
 )
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 
@@ -155,8 +156,7 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param stats_window_size: window size for the rollout logging
     :param tensorboard_log: the log location for tensorboard (if None, no logging)
     :param policy_kwargs: additional arguments for the policy (``net_arch``, ``layer_norm``, ``actor_keys``,
-        ``critic_keys``, ``optimizer_kwargs`` such as ``weight_decay``...); ``batched_critics`` is ``True`` unless
-        given (see :class:`~sb3_fasttd3.fasttd3.policies.FastTD3Policy`)
+        ``critic_keys``, ``batched_critics``, ``optimizer_kwargs`` such as ``weight_decay``...)
     :param verbose: verbosity level: 0 for no output, 1 for info messages, 2 for debug messages
     :param seed: seed for the pseudo random generators
     :param device: device on which the code should run (``"auto"``: CUDA when available)
@@ -298,7 +298,6 @@ class FastTD3(RolloutCollection, Checkpointing):
             sde_support=False,
             support_multi_env=True,
         )
-        self._default_to_batched_critics()
         self.actor_learning_rate = actor_learning_rate
         self.critic_learning_rate = critic_learning_rate
         self.policy_delay = policy_delay
@@ -434,6 +433,11 @@ class FastTD3(RolloutCollection, Checkpointing):
             gamma=self.gamma,
             **self.replay_buffer_kwargs,
         )
+        self._make_policy()
+        self._convert_train_freq()
+
+    def _make_policy(self) -> None:
+        """Build the policy from ``policy_kwargs`` and the algorithm's settings, then what depends on it."""
         self.policy = self.policy_class(  # type: ignore[assignment]
             self.observation_space,
             self.action_space,
@@ -441,7 +445,6 @@ class FastTD3(RolloutCollection, Checkpointing):
             **self.policy_kwargs,
             **self._algorithm_policy_kwargs(),
         ).to(self.device)
-        self._convert_train_freq()
         self._create_aliases()
         self._setup_fast_path()
 
@@ -460,16 +463,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         if seed is not None and data_parallel is not None:
             seed += data_parallel.rank
         super().set_random_seed(seed)
-
-    def _default_to_batched_critics(self) -> None:
-        """
-        MLP critics of a FastTD3 policy are batched unless ``policy_kwargs`` says otherwise. The key is written into
-        the model's ``policy_kwargs`` (and saved with them), so that a model saved before the option existed, whose
-        ``policy_kwargs`` lack it, loads with the policy's own default: the per-network layout it was saved with.
-        """
-        fasttd3_policy = isinstance(self.policy_class, type) and issubclass(self.policy_class, FastTD3Policy)
-        if fasttd3_policy and self.policy_kwargs.get("architecture", "mlp") == "mlp":
-            self.policy_kwargs = {"batched_critics": True, **self.policy_kwargs}
 
     def _algorithm_policy_kwargs(self) -> dict[str, Any]:
         """The policy's arguments that FastTD3 sets from its own: ``policy_kwargs`` may not hold them too."""
@@ -660,7 +653,16 @@ class FastTD3(RolloutCollection, Checkpointing):
         exact_match: bool = True,
         device: th.device | str = "auto",
     ) -> None:
-        super().set_parameters(load_path_or_dict, exact_match, device)
+        params: dict[str, Any] = load_path_or_dict  # type: ignore[assignment]
+        if not isinstance(params, dict):
+            _, params, _ = load_from_zip_file(params, device=device)
+        # Parameters saved with the other critic layout (one module per Q-network, as before batched critics, or
+        # batched) rebuild the policy with their layout: they load as saved, and nothing else of the model changes
+        saved_batched = critics_are_batched(params.get("policy", {}))
+        if saved_batched is not None and saved_batched != self.policy.batched_critics:
+            self.policy_kwargs = {**self.policy_kwargs, "batched_critics": saved_batched}
+            self._make_policy()
+        super().set_parameters(params, exact_match, device)
         # torch's Optimizer.load_state_dict keeps the state tensors it is given: take copies, so that the dict of
         # another model's get_parameters() leaves the two models' optimizers independent
         for optimizer in (self.actor.optimizer, self.critic.optimizer):

@@ -17,6 +17,7 @@ from stable_baselines3.common.torch_layers import (
     create_mlp,
 )
 from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
+from stable_baselines3.common.utils import get_device
 from torch import nn
 
 from sb3_fasttd3.common.batched_mlp import BatchedMLP
@@ -65,6 +66,18 @@ def _copy_normalizer_statistics(module: nn.Module, state_dict: dict[str, Any], p
         for holder in ("actor.", "actor_target."):
             if getattr(module, holder[:-1], None) is not None:
                 state_dict.setdefault(prefix + holder + key[len(prefix) :], state_dict[key])
+
+
+def critics_are_batched(state_dict: dict[str, Any], prefix: str = "critic.") -> bool | None:
+    """
+    The critic layout a policy's state dict was saved with: ``True`` for batched MLP critics, ``False`` for one
+    module per Q-network, ``None`` when it holds no critic.
+    """
+    networks = prefix + "q_networks."
+    keys = [key[len(networks) :] for key in state_dict if key.startswith(networks)]
+    if not keys:
+        return None
+    return any(key.startswith("linears.") for key in keys)
 
 
 def make_network(
@@ -303,7 +316,8 @@ class FastTD3Policy(BasePolicy):
     :param layer_norm: LayerNorm after each hidden layer of the critic (``architecture="mlp"``)
     :param batched_critics: evaluate the Q-networks (``architecture="mlp"``) together, one batched matrix product
         per layer (:class:`~sb3_fasttd3.common.batched_mlp.BatchedMLP`): the same function with fewer, larger
-        operators, faster where the update is bound by operator count or threads (small networks on a CPU)
+        operators; ``False``: one SB3 MLP per Q-network (``critic.q_networks[i]``); ``None``: batched with MLP
+        critics
     :param architecture: the actor's and the critic's networks: ``"mlp"``, or ``"simbav2"`` (SimbaV2's
         hyperspherical residual blocks; ``net_arch`` then lists blocks of one width, and the default optimizer has
         no weight decay since the weights are kept on the unit sphere)
@@ -338,7 +352,7 @@ class FastTD3Policy(BasePolicy):
         normalize_images: bool = True,
         share_features_extractor: bool = False,
         layer_norm: bool = False,
-        batched_critics: bool = False,
+        batched_critics: bool | None = None,
         architecture: str = "mlp",
         actor_keys: list[str] | None = None,
         critic_keys: list[str] | None = None,
@@ -386,7 +400,7 @@ class FastTD3Policy(BasePolicy):
         self.activation_fn = activation_fn
         self.share_features_extractor = share_features_extractor
         self.layer_norm = layer_norm
-        self.batched_critics = batched_critics
+        self.batched_critics = architecture == "mlp" if batched_critics is None else batched_critics
         self.architecture = architecture
         self.num_atoms = num_atoms
         self.v_min = v_min
@@ -518,6 +532,17 @@ class FastTD3Policy(BasePolicy):
             lr_schedule=self._dummy_schedule,
         )
         return data
+
+    @classmethod
+    def load(cls, path: str, device: th.device | str = "auto") -> "FastTD3Policy":  # type: ignore[override]
+        """SB3's ``BasePolicy.load``, with the critic layout the policy was saved with (see :func:`critics_are_batched`)."""
+        saved = th.load(path, map_location=get_device(device), weights_only=False)
+        saved_batched = critics_are_batched(saved["state_dict"])
+        if saved_batched is not None:
+            saved["data"]["batched_critics"] = saved_batched
+        model = cls(**saved["data"])
+        model.load_state_dict(saved["state_dict"])
+        return model.to(get_device(device))
 
     def update_normalizer(self, obs: PyTorchObs, merge_moments: MergeMoments | None = None) -> None:
         """
