@@ -126,20 +126,3 @@ class BatchedMLP(nn.Module):
                     hidden = self.norms[index](hidden, n)
                 hidden = self.activation(hidden)
         return hidden
-
-    def load_sequential_(self, networks: list[nn.Sequential]) -> None:
-        """
-        Copy the parameters of ``n`` ``create_mlp`` networks of the same shape into this one (network ``i`` into
-        slice ``i``).
-
-        :param networks: the networks, e.g. a plain critic's ``q_networks``
-        """
-        with th.no_grad():
-            linears = [[module for module in net if isinstance(module, nn.Linear)] for net in networks]
-            norms = [[module for module in net if isinstance(module, nn.LayerNorm)] for net in networks]
-            for layer, per_network in zip(self.linears, zip(*linears, strict=True), strict=True):
-                layer.weight.copy_(th.stack([linear.weight for linear in per_network]))
-                layer.bias.copy_(th.stack([linear.bias for linear in per_network]).unsqueeze(1))
-            for norm, per_network in zip(self.norms or [], zip(*norms, strict=True), strict=True):
-                norm.weight.copy_(th.stack([ln.weight for ln in per_network]).unsqueeze(1))
-                norm.bias.copy_(th.stack([ln.bias for ln in per_network]).unsqueeze(1))
