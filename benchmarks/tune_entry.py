@@ -10,23 +10,11 @@ evaluation return reaches ``--stop-at``. It prints the curve and appends it to
 
 import argparse
 import json
-from typing import Any
 
 from stable_baselines3.common.env_util import make_vec_env
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides
 from benchmarks.time_to_return import BudgetedEvaluation, make_model
-
-
-class StopAtReturn(BudgetedEvaluation):
-    """:class:`BudgetedEvaluation` that also stops once an evaluation reaches ``stop_at``."""
-
-    def __init__(self, *args: Any, stop_at: float, **kwargs: Any):
-        super().__init__(*args, **kwargs)
-        self.stop_at = stop_at
-
-    def _on_step(self) -> bool:
-        return super()._on_step() and not (self.curve and self.curve[-1]["return"] >= self.stop_at)
 
 
 def main() -> None:
@@ -42,7 +30,7 @@ def main() -> None:
 
     model = make_model("fasttd3", args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
-    callback = StopAtReturn(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
+    callback = BudgetedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     steal = CpuSteal()
     model.learn(total_timesteps=10**9, callback=callback)
 
