@@ -23,6 +23,8 @@ Writes ``benchmarks/results/gpu_check.{json,md}``.
 """
 
 import argparse
+import functools
+import importlib.util
 import json
 import os
 import subprocess
@@ -57,6 +59,7 @@ VARIANTS = {
     "compiled fp16": dict(compile=True, amp_dtype="fp16"),
 }
 GEMM_DTYPES = {"fp32": th.float32, "bf16": th.bfloat16, "fp16": th.float16}
+SKIPPED_TESTS = {"passed": [], "failed": [], "skipped": ["all: --skip-tests"]}
 SIZES = {  # batch, critic widths, actor widths, buffer envs and rows
     "paper": dict(batch=32768, critic=[1024, 512, 256], actor=[512, 256, 128], envs=REFERENCE_ENVS, rows=REFERENCE_ROWS),
     "quick": dict(batch=256, critic=[64, 32, 16], actor=[32, 16], envs=16, rows=64),
@@ -154,43 +157,60 @@ def parameter_change(model: FastTD3, before: list[th.Tensor]) -> th.Tensor:
     return th.cat([(param.detach() - old).float().flatten() for param, old in pairs])
 
 
-def check_updates(device: th.device, sizes: dict[str, Any], repeats: int) -> dict[str, Any]:
-    """Agreement with the eager fp32 update, updates/s and FLOP/s against the GEMM peak, for each variant."""
+def failure(error: Exception) -> dict[str, str]:
+    """What a check that raised reports in place of its results, so that the other checks still run."""
+    message = " ".join(f"{type(error).__name__}: {error}".split()).replace("|", "/")  # one line, fit for a table cell
+    return {"error": message[:2000]}
+
+
+def update_row(device: th.device, sizes: dict[str, Any], repeats: int, kwargs: dict[str, Any], base: dict[str, Any]) -> dict:
+    """One variant from the reference's weights: its parameter change against the eager fp32 one, and its speed."""
+    batch = sizes["batch"]
+    th._dynamo.reset()
+    model = make_model(device, sizes, **kwargs)
+    model.set_parameters(base["weights"])
+    model.replay_buffer = base["buffer"]
+    before = [param.detach().clone() for param in model.policy.parameters()]
+    with inductor_config.patch(fallback_random=True):  # compiled code draws eager's random numbers
+        set_random_seed(0)
+        model.train(gradient_steps=2, batch_size=batch)
+    change = parameter_change(model, before)
+    base.setdefault("change", change)  # the first variant, eager fp32, is the reference
+    relative = float((change - base["change"]).norm() / base["change"].norm())
+    seconds = median_seconds(lambda: model.train(gradient_steps=2, batch_size=batch), device, repeats) / 2
+    flops, peak = base["flops"], base["peaks"][kwargs["amp_dtype"] or "fp32"]
+    return {
+        "relative_difference_to_eager_fp32": relative,
+        "updates_per_s": 1 / seconds,
+        "tflop_per_s": flops / seconds / 1e12,
+        "share_of_gemm_peak": flops / seconds / peak,
+    }
+
+
+def check_updates(device: th.device, sizes: dict[str, Any], repeats: int, report: Callable[[dict], None]) -> dict[str, Any]:
+    """
+    Agreement with the eager fp32 update, updates/s and FLOP/s against the GEMM peak, for each variant; the rows
+    so far go to ``report`` after each variant.
+    """
     batch = sizes["batch"]
     buffer = filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
     reference = make_model(device, sizes)
     reference.replay_buffer = buffer
     reference.train(gradient_steps=2, batch_size=batch)  # optimizer states exist
-    weights = reference.get_parameters()
     flops = update_flops(reference, batch)
     size = 8192 if device.type == "cuda" else 1024
     peaks = {name: gemm_peak(dtype, device, size, repeats) for name, dtype in GEMM_DTYPES.items()}
     rows: dict[str, Any] = {"gflop_per_update": flops / 1e9, "gemm_peak_tflop_per_s": {k: v / 1e12 for k, v in peaks.items()}}
-    reference_change = None
+    base = {"weights": reference.get_parameters(), "buffer": buffer, "flops": flops, "peaks": peaks}
     for name, kwargs in VARIANTS.items():
         if kwargs["amp_dtype"] == "fp16" and device.type != "cuda":
             rows[name] = {"skipped": "fp16 needs CUDA"}
             continue
-        th._dynamo.reset()
-        model = make_model(device, sizes, **kwargs)
-        model.set_parameters(weights)
-        model.replay_buffer = buffer
-        before = [param.detach().clone() for param in model.policy.parameters()]
-        with inductor_config.patch(fallback_random=True):  # compiled code draws eager's random numbers
-            set_random_seed(0)
-            model.train(gradient_steps=2, batch_size=batch)
-        change = parameter_change(model, before)
-        if reference_change is None:
-            reference_change = change
-        relative = float((change - reference_change).norm() / reference_change.norm())
-        seconds = median_seconds(lambda model=model: model.train(gradient_steps=2, batch_size=batch), device, repeats) / 2
-        dtype = kwargs["amp_dtype"] or "fp32"
-        rows[name] = {
-            "relative_difference_to_eager_fp32": relative,
-            "updates_per_s": 1 / seconds,
-            "tflop_per_s": flops / seconds / 1e12,
-            "share_of_gemm_peak": flops / seconds / peaks[dtype],
-        }
+        try:
+            rows[name] = update_row(device, sizes, repeats, kwargs, base)
+        except Exception as error:  # a failing variant is a result; the others still run
+            rows[name] = failure(error)
+        report(rows)
     return rows
 
 
@@ -223,6 +243,8 @@ def check_memory(device: th.device, sizes: dict[str, Any]) -> list[dict[str, Any
 
 def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:
     """A short CheetahRun run on the GPU when JAX sees one."""
+    if importlib.util.find_spec("mujoco_playground") is None:
+        return {"skipped": "MuJoCo Playground is not installed (the jax extra)"}
     try:
         import jax
 
@@ -255,42 +277,71 @@ def check_distributed(device: th.device) -> dict[str, Any] | str:
         return json.loads(out.read_text())
 
 
-def markdown(results: dict[str, Any]) -> str:
-    tests, updates = results["tests"], results["updates"]
+def tests_lines(tests: dict[str, Any]) -> list[str]:
+    failed = f" Failed: {', '.join(tests['failed'])}." if tests["failed"] else ""
+    counts = f"{len(tests['passed'])} passed, {len(tests['failed'])} failed, {len(tests['skipped'])} skipped."
+    return [f"Tests marked `device`: {counts}{failed}"]
+
+
+def updates_lines(updates: dict[str, Any]) -> list[str]:
+    peaks = ", ".join(f"{k} {v:.2f}" for k, v in updates["gemm_peak_tflop_per_s"].items())
     lines = [
-        f"# GPU check on {results['device']} ({results['sizes']} sizes)",
-        "",
-        f"Tests marked `device`: {len(tests['passed'])} passed, {len(tests['failed'])} failed, "
-        f"{len(tests['skipped'])} skipped." + (f" Failed: {', '.join(tests['failed'])}." if tests["failed"] else ""),
-        "",
-        f"Updates: {updates['gflop_per_update']:.2f} GFLOP each; GEMM peak (TFLOP/s): "
-        + ", ".join(f"{k} {v:.2f}" for k, v in updates["gemm_peak_tflop_per_s"].items()),
+        f"Updates: {updates['gflop_per_update']:.2f} GFLOP each; GEMM peak (TFLOP/s): {peaks}",
         "",
         "| variant | relative difference to eager fp32 | updates/s | TFLOP/s | share of the GEMM peak |",
         "|---|---|---|---|---|",
     ]
     for name in VARIANTS:
-        row = updates[name]
-        if "skipped" in row:
-            lines.append(f"| {name} | skipped: {row['skipped']} | | | |")
+        row = updates.get(name, {"skipped": "not reached"})
+        if "skipped" in row or "error" in row:
+            lines.append(f"| {name} | {row.get('error') or 'skipped: ' + row['skipped']} | | | |")
             continue
         lines.append(
             f"| {name} | {row['relative_difference_to_eager_fp32']:.2e} | {row['updates_per_s']:.1f} | "
             f"{row['tflop_per_s']:.3f} | {row['share_of_gemm_peak']:.1%} |"
         )
-    lines += ["", "| layout | envs x rows | buffer GB | peak allocated GB | peak reserved GB | beyond the buffer GB |"]
+    return lines
+
+
+def memory_lines(memory: list[dict[str, Any]]) -> list[str]:
+    lines = ["| layout | envs x rows | buffer GB | peak allocated GB | peak reserved GB | beyond the buffer GB |"]
     lines.append("|---|---|---|---|---|---|")
-    for row in results["memory"]:
+    for row in memory:
+        size = f"{row['envs']} x {row['rows']}"
         if "out_of_memory" in row:
-            lines.append(f"| {row['layout']} | {row['envs']} x {row['rows']} | {row['out_of_memory']} | | | |")
+            lines.append(f"| {row['layout']} | {size} | {row['out_of_memory']} | | | |")
             continue
         peaks = [f"{row[key]:.2f}" if key in row else "n/a" for key in ("peak_allocated_gb", "peak_reserved_gb")]
         beyond = "n/a"
         if "beyond_the_buffer_gb" in row:
             beyond = f"{row['beyond_the_buffer_gb']:.2f} (recipe: {row['recipe_reserve_gb']:g})"
-        size = f"{row['envs']} x {row['rows']}"
         lines.append(f"| {row['layout']} | {size} | {row['buffer_gb']:.3f} | {' | '.join(peaks)} | {beyond} |")
-    lines += ["", f"Distributed: {results['distributed']}", "", f"Playground: {results['playground']}"]
+    return lines
+
+
+SECTION_LINES: dict[str, Callable[[Any], list[str]]] = {
+    "tests": tests_lines,
+    "updates": updates_lines,
+    "memory": memory_lines,
+    "distributed": lambda value: [f"Distributed: {value}"],
+    "playground": lambda value: [f"Playground: {value}"],
+}
+
+
+def markdown(results: dict[str, Any]) -> str:
+    """The report: each section's table, or what stopped it (an error, or not reached before the run ended)."""
+    lines = [f"# GPU check on {results['device']} ({results['sizes']} sizes, {results['seconds']:.0f} s)"]
+    for name, section_lines in SECTION_LINES.items():
+        value = results.get(name)
+        lines.append("")
+        if value is None:
+            lines.append(f"{name}: not reached")
+        elif isinstance(value, dict) and value.keys() == {"error"}:
+            lines.append(f"{name} failed: {value['error']}")
+        else:
+            lines += section_lines(value)
+            if isinstance(value, dict) and "error" in value:
+                lines += ["", f"{name} stopped: {value['error']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -309,16 +360,27 @@ def main() -> None:
     start = time.perf_counter()
     results: dict[str, Any] = {"device": th.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
     results["sizes"] = sizes_name
-    results["tests"] = {"passed": [], "failed": [], "skipped": ["all: --skip-tests"]}
-    if not args.skip_tests:
-        results["tests"] = run_device_tests(device)
-    results["updates"] = check_updates(device, sizes, args.repeats)
-    results["memory"] = check_memory(device, sizes)
-    results["distributed"] = check_distributed(device)
-    results["playground"] = check_playground(device, args.playground_budget)
-    results["seconds"] = time.perf_counter() - start
     results["machine"] = machine_info()
-    write_results("gpu_check", results, markdown(results))
+
+    def save(name: str, value: Any) -> None:
+        results[name] = value
+        results["seconds"] = time.perf_counter() - start
+        write_results("gpu_check", results, markdown(results))
+
+    sections: dict[str, Callable[[], Any]] = {
+        "tests": lambda: SKIPPED_TESTS if args.skip_tests else run_device_tests(device),
+        "updates": lambda: check_updates(device, sizes, args.repeats, functools.partial(save, "updates")),
+        "memory": lambda: check_memory(device, sizes),
+        "distributed": lambda: check_distributed(device),
+        "playground": lambda: check_playground(device, args.playground_budget),
+    }
+    for name, check in sections.items():
+        print(f"{name}...", flush=True)
+        try:
+            value = check()
+        except Exception as error:  # a failing section is a result (kept beside what it reported); the others run
+            value = {**results.get(name, {}), **failure(error)}
+        save(name, value)  # after every section, so that a run stopped at a time limit keeps what it measured
 
 
 if __name__ == "__main__":

@@ -5,12 +5,12 @@ import pickle
 import sys
 from argparse import Namespace
 
-import optuna
 import pytest
 import torch as th
 
 pytest.importorskip("rl_zoo3")
 
+import optuna  # a dependency of rl_zoo3: skipped with it where the zoo extra is not installed
 from rl_zoo3 import exp_manager, hyperparams_opt, utils
 
 from sb3_fasttd3 import FastTD3
