@@ -24,6 +24,7 @@ Writes ``benchmarks/results/gpu_check.{json,md}``.
 
 import argparse
 import functools
+import gc
 import importlib.util
 import json
 import os
@@ -97,11 +98,15 @@ def run_device_tests(device: th.device) -> dict[str, Any]:
         command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-m", "device", f"--junitxml={report}"]
         env = {**os.environ, "FASTTD3_TEST_DEVICE": str(device)}
         subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True)
-        outcomes = {"passed": [], "failed": [], "skipped": []}
+        outcomes: dict[str, Any] = {"passed": [], "failed": [], "skipped": [], "messages": {}}
         for case in ET.parse(report).iter("testcase"):
-            kinds = {child.tag for child in case}
-            kind = "failed" if kinds & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
-            outcomes[kind].append(f"{case.get('classname')}::{case.get('name')}")
+            kinds = {child.tag: child for child in case}
+            kind = "failed" if kinds.keys() & {"failure", "error"} else "skipped" if "skipped" in kinds else "passed"
+            name = f"{case.get('classname')}::{case.get('name')}"
+            outcomes[kind].append(name)
+            if kind == "failed":  # the assertion's message and the end of the traceback: enough to act on
+                failure = kinds.get("failure", kinds.get("error"))
+                outcomes["messages"][name] = f"{failure.get('message', '')}\n{(failure.text or '')[-3000:]}"
     return outcomes
 
 
@@ -218,6 +223,7 @@ def check_memory(device: th.device, sizes: dict[str, Any]) -> list[dict[str, Any
     """Peak device memory of updates at the batch size with the reference's buffer, in either layout."""
     rows = []
     for layout, lean in (("full", False), ("lean", True)):
+        gc.collect()  # a model sits in reference cycles: only the collector frees the previous layout's buffer
         if device.type == "cuda":
             th.cuda.empty_cache()
             th.cuda.reset_peak_memory_stats(device)
@@ -280,7 +286,10 @@ def check_distributed(device: th.device) -> dict[str, Any] | str:
 def tests_lines(tests: dict[str, Any]) -> list[str]:
     failed = f" Failed: {', '.join(tests['failed'])}." if tests["failed"] else ""
     counts = f"{len(tests['passed'])} passed, {len(tests['failed'])} failed, {len(tests['skipped'])} skipped."
-    return [f"Tests marked `device`: {counts}{failed}"]
+    lines = [f"Tests marked `device`: {counts}{failed}"]
+    for name, message in tests.get("messages", {}).items():
+        lines.append(f"- {name}: {' '.join(message.split())[:300]}")  # the full message is in the JSON
+    return lines
 
 
 def updates_lines(updates: dict[str, Any]) -> list[str]:
