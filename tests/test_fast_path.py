@@ -7,12 +7,13 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3.common.utils import set_random_seed
+from stable_baselines3.common.vec_env import VecEnvWrapper
 from torch._dynamo.utils import counters
 from torch._inductor import config as inductor_config
 
 from sb3_fasttd3 import FastTD3
 from tests.device import TEST_DEVICE
-from tests.test_fasttd3 import make_model
+from tests.test_fasttd3 import TINY, counting_env, make_model
 
 LEARNING_RATE = 3e-4
 
@@ -41,6 +42,7 @@ def paired_models(**fast_kwargs):
 def losses_and_gradients(model, replay_data) -> list[th.Tensor]:
     """Critic loss, mean Q, actor loss and every gradient, on the same batch and random numbers."""
     results = []
+    model._begin_compiled_step()  # as each update does: the CUDA graphs of the last call may be reused
     for loss_fn, module, arg in (
         (model._critic_loss_fn, model.critic, replay_data),
         (model._actor_loss_fn, model.actor, replay_data.observations),
@@ -88,6 +90,41 @@ def test_bf16_losses_and_gradients_close_to_fp32():
     for a, b in zip(expected[2:], actual[2:], strict=True):
         if a.norm() > 1e-6:
             assert th.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.98
+
+
+class ActionRecorder(VecEnvWrapper):
+    """Keeps a copy of every action sent to the envs."""
+
+    def __init__(self, venv):
+        super().__init__(venv)
+        self.sent: list[np.ndarray] = []
+
+    def step_async(self, actions: np.ndarray) -> None:
+        self.sent.append(np.array(actions, copy=True))
+        self.venv.step_async(actions)
+
+    def reset(self):
+        return self.venv.reset()
+
+    def step_wait(self):
+        return self.venv.step_wait()
+
+
+@pytest.mark.device
+@pytest.mark.parametrize("n_steps", [1, 3])
+def test_compiled_learning_stores_the_actions_it_took(n_steps):
+    # The compiled actor's output lives in CUDA graph memory on a GPU, rewritten by the graph's next replay and
+    # reused after each update's step mark: every action the envs received must reach the buffer intact
+    env = ActionRecorder(counting_env(2))
+    kwargs = dict(learning_starts=10, n_steps=n_steps, compile=True, device=TEST_DEVICE, seed=0)
+    model = FastTD3("MlpPolicy", env, **{**TINY, **kwargs})
+    model.learn(60)
+    assert model._n_updates > 0
+    sent = np.stack(env.sent, axis=1)  # (n_envs, vector steps, action_dim) in the env's units
+    rows = model.replay_buffer.pos  # the window of an n-step return is written once it is complete
+    assert rows >= len(env.sent) - n_steps
+    stored = model.replay_buffer.actions[:, :rows].cpu().numpy()
+    np.testing.assert_allclose(stored * 2.0, sent[:, :rows], atol=1e-6)  # the action space is [-2, 2]
 
 
 FP16 = pytest.mark.skipif(TEST_DEVICE.type != "cuda", reason="fp16 autocast with its gradient scaler needs CUDA")

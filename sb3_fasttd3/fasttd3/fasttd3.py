@@ -753,8 +753,7 @@ class FastTD3(RolloutCollection, Checkpointing):
 
     def _update(self, replay_data: Any, update_actor: bool) -> None:
         """One critic update, the delayed actor update when due, then the target soft updates."""
-        if self.compile and self.device.type == "cuda":
-            th.compiler.cudagraph_mark_step_begin()
+        self._begin_compiled_step()
         with self._autocast():
             critic_loss, q_mean = self._critic_loss_fn(replay_data)
         self._optimize(self.critic.optimizer, critic_loss, self._critic_params)
@@ -771,6 +770,14 @@ class FastTD3(RolloutCollection, Checkpointing):
                 self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
         self._soft_update(self._critic_target_params, self._critic_polyak_params)
         self._copy_stats(self._critic_target_batch_norm_stats, self._critic_batch_norm_stats)
+
+    def _begin_compiled_step(self) -> None:
+        """
+        Tell CUDA graph trees that an update starts: outputs of the previous one may be overwritten from here on,
+        while tensors saved for the backward passes of this one are kept.
+        """
+        if self.compile and self.device.type == "cuda":
+            th.compiler.cudagraph_mark_step_begin()
 
     @th.no_grad()
     def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:
