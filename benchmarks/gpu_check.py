@@ -18,6 +18,8 @@ Sections:
 4. distributed: a 2-rank NCCL run of ``benchmarks/distributed_scaling.py``'s worker when two GPUs are present
    (transitions/s, updates/s and communication time per update).
 5. playground: a short learning run of ``examples/playground_cheetah_run.py`` when JAX sees a GPU.
+6. profile: where the compiled bf16 update's device time goes (matrix products, fused kernels, the optimizer,
+   copies, the rest; the ten longest kernels) and how busy the device is over the update's wall time.
 
 Writes ``benchmarks/results/gpu_check.{json,md}``.
 """
@@ -247,6 +249,56 @@ def check_memory(device: th.device, sizes: dict[str, Any]) -> list[dict[str, Any
     return rows
 
 
+PROFILED_UPDATES = 8
+KERNEL_KINDS = {  # the first kind whose marks a kernel's name holds, lower-cased
+    "fused (compiled)": ("triton", "compiledfxgraph"),
+    "optimizer": ("adam", "multi_tensor", "foreach"),  # before "mm": FusedAdamMathFunctor
+    "matrix products": ("gemm", "xmma", "cutlass", "nvjet", "mm"),
+    "copies": ("memcpy", "memset", "copy"),
+}
+
+
+def kernel_kind(name: str) -> str:
+    name = name.lower()
+    return next((kind for kind, marks in KERNEL_KINDS.items() if any(mark in name for mark in marks)), "other")
+
+
+def check_profile(device: th.device, sizes: dict[str, Any]) -> dict[str, Any]:
+    """Device time of the compiled bf16 update by kind of kernel, its ten longest kernels, and the busy share."""
+    batch = sizes["batch"]
+    th._dynamo.reset()
+    model = make_model(device, sizes, compile=True, amp_dtype="bf16")
+    model.replay_buffer = filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
+    model.train(gradient_steps=4, batch_size=batch)  # compiled, and on CUDA its graphs recorded
+    on_cuda = device.type == "cuda"
+    activities = [th.profiler.ProfilerActivity.CUDA if on_cuda else th.profiler.ProfilerActivity.CPU]
+    synchronize(device)
+    start = time.perf_counter()
+    with th.profiler.profile(activities=activities) as profile:
+        model.train(gradient_steps=PROFILED_UPDATES, batch_size=batch)
+        synchronize(device)
+    wall = time.perf_counter() - start
+    # On CUDA the kernels; on a CPU the operators' own time (no double counting of nested operators)
+    kernels = {
+        event.key: (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / 1e3 / PROFILED_UPDATES
+        for event in profile.key_averages()
+        if (event.device_type == th.autograd.DeviceType.CUDA) == on_cuda
+    }
+    kernels = {name: ms for name, ms in kernels.items() if ms > 0}
+    busy = sum(kernels.values())
+    kinds = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
+    for name, ms in kernels.items():
+        kinds[kernel_kind(name)] += ms
+    longest = sorted(kernels.items(), key=lambda item: -item[1])[:10]
+    return {
+        "variant": "compiled bf16",
+        "wall_ms_per_update": wall * 1e3 / PROFILED_UPDATES,
+        "busy_ms_per_update": busy,
+        "ms_per_update_by_kind": kinds,
+        "longest_kernels_ms_per_update": [{"name": name[:120], "ms": ms} for name, ms in longest],
+    }
+
+
 def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:
     """A short CheetahRun run on the GPU when JAX sees one."""
     if importlib.util.find_spec("mujoco_playground") is None:
@@ -281,6 +333,21 @@ def check_distributed(device: th.device) -> dict[str, Any] | str:
         if result.returncode != 0:
             return f"failed: {result.stderr[-2000:]}"
         return json.loads(out.read_text())
+
+
+def profile_lines(profile: dict[str, Any]) -> list[str]:
+    wall, busy = profile["wall_ms_per_update"], profile["busy_ms_per_update"]
+    lines = [
+        f"Profile of the {profile['variant']} update: {wall:.2f} ms per update, kernels busy {busy:.2f} ms "
+        f"({busy / wall:.0%} of it; the profiler adds its own overhead)",
+        "",
+        "| kind | ms per update | share of kernel time |",
+        "|---|---|---|",
+    ]
+    lines += [f"| {kind} | {ms:.3f} | {ms / busy:.0%} |" for kind, ms in profile["ms_per_update_by_kind"].items()]
+    lines += ["", "| longest kernels | ms per update |", "|---|---|"]
+    lines += [f"| `{row['name']}` | {row['ms']:.3f} |" for row in profile["longest_kernels_ms_per_update"]]
+    return lines
 
 
 def tests_lines(tests: dict[str, Any]) -> list[str]:
@@ -334,6 +401,7 @@ SECTION_LINES: dict[str, Callable[[Any], list[str]]] = {
     "memory": memory_lines,
     "distributed": lambda value: [f"Distributed: {value}"],
     "playground": lambda value: [f"Playground: {value}"],
+    "profile": profile_lines,
 }
 
 
@@ -382,6 +450,7 @@ def main() -> None:
         "memory": lambda: check_memory(device, sizes),
         "distributed": lambda: check_distributed(device),
         "playground": lambda: check_playground(device, args.playground_budget),
+        "profile": lambda: check_profile(device, sizes),
     }
     for name, check in sections.items():
         print(f"{name}...", flush=True)

@@ -290,6 +290,27 @@ def test_gpu_check_falls_back_to_the_cpu(tmp_path):
     assert [row["layout"] for row in results["memory"]] == ["full", "lean"]
     assert results["memory"][1]["buffer_gb"] < results["memory"][0]["buffer_gb"]
     assert results["playground"]["skipped"].startswith("needs JAX on a GPU")
+    profile = results["profile"]
+    assert sum(profile["ms_per_update_by_kind"].values()) == pytest.approx(profile["busy_ms_per_update"])
+    assert profile["ms_per_update_by_kind"]["matrix products"] > 0 and profile["longest_kernels_ms_per_update"]
+
+
+def test_gpu_check_sorts_kernels_and_reports_what_stopped_a_section():
+    from benchmarks.gpu_check import failure, kernel_kind, markdown
+
+    assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == kernel_kind("aten::baddbmm") == "matrix products"
+    assert kernel_kind("triton_tem_fused_mm_0") == "fused (compiled)"
+    assert kernel_kind("void multi_tensor_apply_kernel<FusedAdamMathFunctor>") == "optimizer"
+    assert kernel_kind("Memcpy DtoD (Device -> Device)") == "copies"
+    assert kernel_kind("void at::native::softmax_warp_forward") == "other"
+    tests = {"passed": ["a"], "failed": ["b"], "skipped": [], "messages": {"b": "AssertionError:\n  1 != 2"}}
+    updates = {"gflop_per_update": 1.0, "gemm_peak_tflop_per_s": {"fp32": 1.0}, "eager fp32": failure(ValueError("x|y"))}
+    results = {"device": "cpu", "sizes": "quick", "seconds": 3.0, "tests": tests, "memory": failure(RuntimeError("z"))}
+    text = markdown({**results, "updates": {**updates, **failure(RuntimeError("out of\nmemory"))}})
+    assert "- b: AssertionError: 1 != 2" in text  # a failed test's message, on one line
+    assert "| eager fp32 | ValueError: x/y |" in text and "| compiled fp32 | skipped: not reached |" in text
+    assert "updates stopped: RuntimeError: out of memory" in text  # the rows so far, then what stopped them
+    assert "memory failed: RuntimeError: z" in text and "playground: not reached" in text
 
 
 def test_action_noise(tmp_path):
