@@ -279,7 +279,7 @@ def test_soak_one_million_transitions_keeps_memory_flat(tmp_path):
 
 
 def test_gpu_check_falls_back_to_the_cpu(tmp_path):
-    run_benchmark("gpu_check", "--quick", "--repeats", "1", "--device", "cpu", results=tmp_path)
+    run_benchmark("gpu_check", "--quick", "--repeats", "1", "--device", "cpu", "--profile", results=tmp_path)
     results = read_results(tmp_path, "gpu_check")
     assert results["tests"]["passed"] and not results["tests"]["failed"]  # the tests marked device, on the CPU
     updates = results["updates"]
