@@ -48,13 +48,14 @@ from torch._inductor import config as inductor_config
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.common import BoxEnv, machine_info, write_results
+from benchmarks.kernel_profile import profile_lines, profile_update
 from benchmarks.replay_memory import MODEL_RESERVE_GB, REFERENCE_ENVS, REFERENCE_ROWS
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 
 ROOT = Path(__file__).resolve().parents[1]
 OBS_DIM, ACTION_DIM = 376, 17  # Humanoid-v5's sizes
-VARIANTS = {
+VARIANTS: dict[str, dict[str, Any]] = {
     "eager fp32": dict(compile=False, amp_dtype=None),
     "compiled fp32": dict(compile=True, amp_dtype=None),
     "eager bf16": dict(compile=False, amp_dtype="bf16"),
@@ -108,7 +109,7 @@ def run_device_tests(device: th.device) -> dict[str, Any]:
             name = f"{case.get('classname')}::{case.get('name')}"
             outcomes[kind].append(name)
             if kind == "failed":  # the assertion's message and the end of the traceback: enough to act on
-                failure = kinds.get("failure", kinds.get("error"))
+                failure = kinds["failure"] if "failure" in kinds else kinds["error"]
                 outcomes["messages"][name] = f"{failure.get('message', '')}\n{(failure.text or '')[-3000:]}"
     return outcomes
 
@@ -183,7 +184,10 @@ def update_row(device: th.device, sizes: dict[str, Any], repeats: int, kwargs: d
         set_random_seed(0)
         model.train(gradient_steps=2, batch_size=batch)
     change = parameter_change(model, before)
-    base.setdefault("change", change)  # the first variant, eager fp32, is the reference
+    if kwargs == VARIANTS["eager fp32"]:
+        base["change"] = change
+    elif "change" not in base:
+        raise RuntimeError("no eager fp32 update to compare with: that variant failed")
     relative = float((change - base["change"]).norm() / base["change"].norm())
     seconds = median_seconds(lambda: model.train(gradient_steps=2, batch_size=batch), device, repeats) / 2
     flops, peak = base["flops"], base["peaks"][kwargs["amp_dtype"] or "fp32"]
@@ -250,54 +254,12 @@ def check_memory(device: th.device, sizes: dict[str, Any]) -> list[dict[str, Any
     return rows
 
 
-PROFILED_UPDATES = 8
-KERNEL_KINDS = {  # the first kind whose marks a kernel's name holds, lower-cased
-    "fused (compiled)": ("triton", "compiledfxgraph"),
-    "optimizer": ("adam", "multi_tensor", "foreach"),  # before "mm": FusedAdamMathFunctor
-    "matrix products": ("gemm", "xmma", "cutlass", "nvjet", "mm"),
-    "copies": ("memcpy", "memset", "copy"),
-}
-
-
-def kernel_kind(name: str) -> str:
-    name = name.lower()
-    return next((kind for kind, marks in KERNEL_KINDS.items() if any(mark in name for mark in marks)), "other")
-
-
 def check_profile(device: th.device, sizes: dict[str, Any]) -> dict[str, Any]:
-    """Device time of the compiled bf16 update by kind of kernel, its ten longest kernels, and the busy share."""
-    batch = sizes["batch"]
+    """Where the compiled bf16 update's device time goes, at ``sizes``."""
     th._dynamo.reset()
     model = make_model(device, sizes, compile=True, amp_dtype="bf16")
-    model.replay_buffer = filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
-    model.train(gradient_steps=4, batch_size=batch)  # compiled, and on CUDA its graphs recorded
-    on_cuda = device.type == "cuda"
-    activities = [th.profiler.ProfilerActivity.CUDA if on_cuda else th.profiler.ProfilerActivity.CPU]
-    synchronize(device)
-    start = time.perf_counter()
-    with th.profiler.profile(activities=activities) as profile:
-        model.train(gradient_steps=PROFILED_UPDATES, batch_size=batch)
-        synchronize(device)
-    wall = time.perf_counter() - start
-    # On CUDA the kernels; on a CPU the operators' own time (no double counting of nested operators)
-    kernels = {
-        event.key: (event.self_device_time_total if on_cuda else event.self_cpu_time_total) / 1e3 / PROFILED_UPDATES
-        for event in profile.key_averages()
-        if (event.device_type == th.autograd.DeviceType.CUDA) == on_cuda
-    }
-    kernels = {name: ms for name, ms in kernels.items() if ms > 0}
-    busy = sum(kernels.values())
-    kinds = dict.fromkeys([*KERNEL_KINDS, "other"], 0.0)
-    for name, ms in kernels.items():
-        kinds[kernel_kind(name)] += ms
-    longest = sorted(kernels.items(), key=lambda item: -item[1])[:10]
-    return {
-        "variant": "compiled bf16",
-        "wall_ms_per_update": wall * 1e3 / PROFILED_UPDATES,
-        "busy_ms_per_update": busy,
-        "ms_per_update_by_kind": kinds,
-        "longest_kernels_ms_per_update": [{"name": name[:120], "ms": ms} for name, ms in longest],
-    }
+    model.replay_buffer = filled_buffer(device, envs=16, rows=max(64, sizes["batch"] // 8), lean=False)
+    return {"variant": "compiled bf16", **profile_update(model, sizes["batch"], synchronize)}
 
 
 def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:
@@ -334,23 +296,6 @@ def check_distributed(device: th.device) -> dict[str, Any] | str:
         if result.returncode != 0:
             return f"failed: {result.stderr[-2000:]}"
         return json.loads(out.read_text())
-
-
-def profile_lines(profile: dict[str, Any]) -> list[str]:
-    if "skipped" in profile:
-        return [f"Profile: skipped, {profile['skipped']}"]
-    wall, busy = profile["wall_ms_per_update"], profile["busy_ms_per_update"]
-    lines = [
-        f"Profile of the {profile['variant']} update: {wall:.2f} ms per update, kernels busy {busy:.2f} ms "
-        f"({busy / wall:.0%} of it; the profiler adds its own overhead)",
-        "",
-        "| kind | ms per update | share of kernel time |",
-        "|---|---|---|",
-    ]
-    lines += [f"| {kind} | {ms:.3f} | {ms / busy:.0%} |" for kind, ms in profile["ms_per_update_by_kind"].items()]
-    lines += ["", "| longest kernels | ms per update |", "|---|---|"]
-    lines += [f"| `{row['name']}` | {row['ms']:.3f} |" for row in profile["longest_kernels_ms_per_update"]]
-    return lines
 
 
 def tests_lines(tests: dict[str, Any]) -> list[str]:

@@ -296,7 +296,8 @@ def test_gpu_check_falls_back_to_the_cpu(tmp_path):
 
 
 def test_gpu_check_sorts_kernels_and_reports_what_stopped_a_section():
-    from benchmarks.gpu_check import failure, kernel_kind, markdown
+    from benchmarks.gpu_check import failure, markdown
+    from benchmarks.kernel_profile import kernel_kind
 
     assert kernel_kind("sm90_xmma_gemm_bf16bf16_bf16f32") == kernel_kind("aten::baddbmm") == "matrix products"
     assert kernel_kind("triton_tem_fused_mm_0") == "fused (compiled)"
