@@ -45,6 +45,12 @@ def BoxEnv(obs_dim: int, action_dim: int, n_envs: int) -> VecEnv:
     return make_vec_env(RandomBoxEnv, n_envs=n_envs, seed=0, env_kwargs=dict(obs_dim=obs_dim, action_dim=action_dim))
 
 
+def synchronize(device: th.device) -> None:
+    """Wait for ``device``'s queued work (CUDA runs asynchronously), so that a host clock covers it."""
+    if device.type == "cuda":
+        th.cuda.synchronize(device)
+
+
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on, and the command that measured them."""
     cpu, flags = platform.processor(), []

@@ -27,7 +27,7 @@ import torch as th
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from benchmarks.common import BoxEnv, machine_info, write_results
+from benchmarks.common import BoxEnv, machine_info, synchronize, write_results
 from sb3_fasttd3 import FastTD3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,12 +41,10 @@ class Timed:
         self.method, self.device, self.seconds, self.calls = method, device, 0.0, 0
 
     def __call__(self, *args: Any) -> Any:
-        if self.device.type == "cuda":
-            th.cuda.synchronize(self.device)
+        synchronize(self.device)
         start = time.perf_counter()
         result = self.method(*args)
-        if self.device.type == "cuda":
-            th.cuda.synchronize(self.device)
+        synchronize(self.device)
         self.seconds += time.perf_counter() - start
         self.calls += 1
         return result
@@ -81,8 +79,7 @@ def worker(args: argparse.Namespace) -> None:
     updates_before, steps_before = model._n_updates, model.num_timesteps
     start = time.perf_counter()
     model.learn(model._transitions_per_step * args.steps, reset_num_timesteps=False)
-    if model.device.type == "cuda":
-        th.cuda.synchronize(model.device)
+    synchronize(model.device)
     seconds = time.perf_counter() - start
     updates = model._n_updates - updates_before
     critic = sum(p.numel() for p in model.critic.parameters() if p.requires_grad)
@@ -122,8 +119,7 @@ def compare_ddp(model: FastTD3, rounds: int, updates: int) -> dict[str, float]:
             for _ in range(updates):
                 loss, _ = model._critic_loss(batch)
                 model._optimize(optimizer, loss, model._critic_params)
-            if model.device.type == "cuda":
-                th.cuda.synchronize(model.device)
+            synchronize(model.device)
             times[name].append(1e3 * (time.perf_counter() - start) / updates)
     model._data_parallel, model.critic = data_parallel, critic
     dist.barrier()  # no rank leaves while another still runs DDP's collectives

@@ -47,7 +47,7 @@ from stable_baselines3.common.utils import set_random_seed
 from torch._inductor import config as inductor_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import BoxEnv, machine_info, write_results
+from benchmarks.common import BoxEnv, machine_info, synchronize, write_results
 from benchmarks.kernel_profile import profile_lines, profile_update
 from benchmarks.replay_memory import MODEL_RESERVE_GB, REFERENCE_ENVS, REFERENCE_ROWS
 from sb3_fasttd3 import FastTD3
@@ -69,11 +69,6 @@ SIZES = {  # batch, critic widths, actor widths, buffer envs and rows
     "paper": dict(batch=32768, critic=[1024, 512, 256], actor=[512, 256, 128], envs=REFERENCE_ENVS, rows=REFERENCE_ROWS),
     "quick": dict(batch=256, critic=[64, 32, 16], actor=[32, 16], envs=16, rows=64),
 }
-
-
-def synchronize(device: th.device) -> None:
-    if device.type == "cuda":
-        th.cuda.synchronize(device)
 
 
 def median_seconds(fn: Callable[[], Any], device: th.device, repeats: int) -> float:
@@ -153,6 +148,11 @@ def filled_buffer(device: th.device, envs: int, rows: int, lean: bool) -> Device
     return buffer
 
 
+def update_buffer(device: th.device, batch: int) -> DeviceNStepReplayBuffer:
+    """A small full-layout buffer with enough rows for batches of ``batch``: what the update checks sample from."""
+    return filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
+
+
 def update_flops(model: FastTD3, batch: int) -> float:
     """FLOPs of one update (averaged over the actor's delay), counted on the eager path."""
     counter = FlopCounterMode(display=False)
@@ -205,7 +205,7 @@ def check_updates(device: th.device, sizes: dict[str, Any], repeats: int, report
     so far go to ``report`` after each variant.
     """
     batch = sizes["batch"]
-    buffer = filled_buffer(device, envs=16, rows=max(64, batch // 8), lean=False)
+    buffer = update_buffer(device, batch)
     reference = make_model(device, sizes)
     reference.replay_buffer = buffer
     reference.train(gradient_steps=2, batch_size=batch)  # optimizer states exist
@@ -258,8 +258,8 @@ def check_profile(device: th.device, sizes: dict[str, Any]) -> dict[str, Any]:
     """Where the compiled bf16 update's device time goes, at ``sizes``."""
     th._dynamo.reset()
     model = make_model(device, sizes, compile=True, amp_dtype="bf16")
-    model.replay_buffer = filled_buffer(device, envs=16, rows=max(64, sizes["batch"] // 8), lean=False)
-    return {"variant": "compiled bf16", **profile_update(model, sizes["batch"], synchronize)}
+    model.replay_buffer = update_buffer(device, sizes["batch"])
+    return {"variant": "compiled bf16", **profile_update(model, sizes["batch"])}
 
 
 def check_playground(device: th.device, budget_s: int) -> dict[str, Any]:

@@ -5,11 +5,11 @@ time. On a CPU the operators' own time stands in for kernels. Used by ``benchmar
 """
 
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch as th
 
+from benchmarks.common import synchronize
 from sb3_fasttd3 import FastTD3
 
 PROFILED_UPDATES = 8
@@ -27,14 +27,13 @@ def kernel_kind(name: str) -> str:
     return next((kind for kind, marks in KERNEL_KINDS.items() if any(mark in name for mark in marks)), "other")
 
 
-def profile_update(model: FastTD3, batch: int, synchronize: Callable[[th.device], None]) -> dict[str, Any]:
+def profile_update(model: FastTD3, batch: int) -> dict[str, Any]:
     """
     Device time of ``model``'s update by kind of kernel, its ten longest kernels, and the busy share of the wall
     time, over ``PROFILED_UPDATES`` updates after four that compile (and on CUDA record the graphs).
 
     :param model: a model with a filled replay buffer and a logger
     :param batch: the batch size of each update
-    :param synchronize: waits for the device (so that the wall time covers the kernels)
     """
     device = model.device
     model.train(gradient_steps=4, batch_size=batch)
