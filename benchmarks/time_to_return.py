@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -337,19 +338,25 @@ def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """Return against training seconds and against environment steps, one line per run."""
+    """Return against training seconds and against environment steps: one line per run, one colour and legend entry
+    per algorithm or variant (variants dashed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    colors = {algo: f"C{i}" for i, algo in enumerate(ALGOS)}
+    counts = Counter(run_name(run) for run in runs)
+    colors = {name: f"C{i % 10}" for i, name in enumerate(counts)}
+    labelled: set[str] = set()
     for run in runs:
-        label = f"{run['algo']} (seed {run['seed']}, #{run['invocation']})"
+        name = run_name(run)
+        label = None if name in labelled else f"{name}: {counts[name]} run(s)"
+        labelled.add(name)
+        style = {"color": colors[name], "linestyle": "--" if run.get("set") else "-", "label": label}
         for axis, key in zip(axes, ("seconds", "steps"), strict=True):
             values = [point[key] for point in run["curve"]]
-            axis.plot(values, [point["return"] for point in run["curve"]], color=colors[run["algo"]], label=label)
+            axis.plot(values, [point["return"] for point in run["curve"]], **style)
     axes[0].set(xlabel="training wall-clock (s, evaluation excluded)", ylabel="evaluation return")
     axes[1].set(xlabel="environment steps")
     axes[0].legend(fontsize=7)
