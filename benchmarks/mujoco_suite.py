@@ -11,7 +11,9 @@ one CPU core with one thread, so runs on different cores go side by side without
 ``--budget`` seconds of training (evaluation excluded, as in ``time_to_return``) and also evaluates at the
 first step past each of ``MARKS`` seconds. Runs append to ``benchmarks/results/mujoco_suite.json`` under a file
 lock, so two ``run`` commands on different cores can share it. A FastTD3 variant is the entry with ``--set``
-replacements, told apart by ``--label``. Peers need ``pip install -e ".[benchmarks]"``.
+replacements, told apart by ``--label``. Each task's plot colours the peers and the runs of the task's entry,
+named in the JSON's ``entry_labels`` (task id to labels; ``fasttd3`` where a task has none), and draws the other
+variants in grey. Peers need ``pip install -e ".[benchmarks]"``.
 """
 
 import argparse
@@ -21,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +78,7 @@ def append_run(run: dict[str, Any]) -> None:
         results["runs"].append(run)
         results["machine"] = run["machine"]
         write_results(RESULTS_NAME, results, summarize(results["runs"]))
-        plot(results["runs"])
+        plot(results["runs"], results.get("entry_labels", {}))
 
 
 def start_job(job: dict[str, Any], core: int, args: argparse.Namespace, output: str) -> subprocess.Popen:
@@ -230,31 +233,47 @@ def format_return(value: float | None) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
-def plot(runs: list[dict[str, Any]]) -> None:
-    """One PNG per task: return against training seconds, one line per run, one color per label."""
+def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None:
+    """
+    One PNG per task: return against training seconds, one line per run. The peers and the runs of the task's
+    entry (its labels in ``entry_labels``, default ``fasttd3``) get a colour per label and CPU; the other variants
+    are grey lines without a legend entry each, so that the levers screened do not hide the entry.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    cpus = cpu_labels(runs)
     for env_id in dict.fromkeys(run["env"] for run in runs):
         task_runs = [run for run in runs if run["env"] == env_id]
-        colors = {label: f"C{i}" for i, label in enumerate(dict.fromkeys(run["label"] for run in task_runs))}
+        entry = set(entry_labels.get(env_id, ["fasttd3"]))
+        shown = [run for run in task_runs if run["algo"] != "fasttd3" or run["label"] in entry]
+        others = [run for run in task_runs if run not in shown]
+        names = [f"{run['label']}, CPU {cpus[cpu_key(run)][0]}" for run in shown]
+        counts = Counter(names)
+        colors = {name: f"C{i % 10}" for i, name in enumerate(counts)}
         fig, axis = plt.subplots(figsize=(7, 4.5))
-        for label, color in colors.items():
-            for i, run in enumerate(run for run in task_runs if run["label"] == label):
-                points = run["curve"]
-                axis.plot(
-                    [p["seconds"] for p in points], [p["return"] for p in points], color=color, alpha=0.8,
-                    label=label if i == 0 else None,
-                )  # fmt: skip
+        for i, run in enumerate(others):
+            label = f"other variants (levers): {len(others)} runs" if i == 0 else None
+            axis.plot(*curve_xy(run), color="lightgrey", linewidth=0.7, label=label, zorder=1)
+        labelled: set[str] = set()
+        for run, name in zip(shown, names, strict=True):
+            label = None if name in labelled else f"{name}: {counts[name]} run(s)"
+            labelled.add(name)
+            axis.plot(*curve_xy(run), color=colors[name], alpha=0.9, label=label, zorder=2)
         for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
             axis.axvline(mark, color="grey", linewidth=0.5)
         axis.set(xlabel="training wall-clock, one core (s)", ylabel="evaluation return", title=env_id)
-        axis.legend(fontsize=8)
+        axis.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(RESULTS_DIR / f"{RESULTS_NAME}_{env_id}.png", dpi=90)
         plt.close(fig)
+
+
+def curve_xy(run: dict[str, Any]) -> tuple[list[float], list[float]]:
+    """A run's training seconds and evaluation returns."""
+    return [point["seconds"] for point in run["curve"]], [point["return"] for point in run["curve"]]
 
 
 def main() -> None:
@@ -288,7 +307,7 @@ def main() -> None:
     else:
         results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
         write_results(RESULTS_NAME, results, summarize(results["runs"]))
-        plot(results["runs"])
+        plot(results["runs"], results.get("entry_labels", {}))
 
 
 if __name__ == "__main__":
