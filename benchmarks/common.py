@@ -5,6 +5,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,15 @@ def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
     machine = "\n".join(f"- {key}: {value}" for key, value in results["machine"].items())
     (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n## Machine\n\n" + machine + "\n")
     print(f"wrote {RESULTS_DIR / name}.json and .md")
+
+
+def legend_labels(names: list[str]) -> list[str | None]:
+    """Legend labels for one line per run: ``<name>: <n> run(s)`` on the first run of each name, none on the rest."""
+    counts, seen, labels = Counter(names), set(), []
+    for name in names:
+        labels.append(None if name in seen else f"{name}: {counts[name]} run(s)")
+        seen.add(name)
+    return labels
 
 
 def run_one_per_core(

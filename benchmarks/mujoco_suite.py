@@ -23,14 +23,21 @@ import os
 import subprocess
 import sys
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides, run_one_per_core, write_results
+from benchmarks.common import (
+    RESULTS_DIR,
+    CpuSteal,
+    legend_labels,
+    machine_info,
+    parse_overrides,
+    run_one_per_core,
+    write_results,
+)
 from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching, make_model
 
 RESULTS_NAME = "mujoco_suite"
@@ -251,16 +258,12 @@ def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None
         shown = [run for run in task_runs if run["algo"] != "fasttd3" or run["label"] in entry]
         others = [run for run in task_runs if run not in shown]
         names = [f"{run['label']}, CPU {cpus[cpu_key(run)][0]}" for run in shown]
-        counts = Counter(names)
-        colors = {name: f"C{i % 10}" for i, name in enumerate(counts)}
+        colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
         fig, axis = plt.subplots(figsize=(7, 4.5))
         for i, run in enumerate(others):
-            label = f"other variants (levers): {len(others)} runs" if i == 0 else None
+            label = f"other variants (levers): {len(others)} run(s)" if i == 0 else None
             axis.plot(*curve_xy(run), color="lightgrey", linewidth=0.7, label=label, zorder=1)
-        labelled: set[str] = set()
-        for run, name in zip(shown, names, strict=True):
-            label = None if name in labelled else f"{name}: {counts[name]} run(s)"
-            labelled.add(name)
+        for run, name, label in zip(shown, names, legend_labels(names), strict=True):
             axis.plot(*curve_xy(run), color=colors[name], alpha=0.9, label=label, zorder=2)
         for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
             axis.axvline(mark, color="grey", linewidth=0.5)

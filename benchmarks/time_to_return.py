@@ -28,7 +28,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +39,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, legend_labels, machine_info, parse_overrides, write_results
 
 # name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
 ALGOS = {
@@ -338,21 +337,19 @@ def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
-    """Return against training seconds and against environment steps: one line per run, one colour and legend entry
-    per algorithm or variant (variants dashed)."""
+    """
+    Return against training seconds and against environment steps: one line per run, one colour and legend entry
+    per algorithm or variant (variants dashed).
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5), sharey=True)
-    counts = Counter(run_name(run) for run in runs)
-    colors = {name: f"C{i % 10}" for i, name in enumerate(counts)}
-    labelled: set[str] = set()
-    for run in runs:
-        name = run_name(run)
-        label = None if name in labelled else f"{name}: {counts[name]} run(s)"
-        labelled.add(name)
+    names = [run_name(run) for run in runs]
+    colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
+    for run, name, label in zip(runs, names, legend_labels(names), strict=True):
         style = {"color": colors[name], "linestyle": "--" if run.get("set") else "-", "label": label}
         for axis, key in zip(axes, ("seconds", "steps"), strict=True):
             values = [point[key] for point in run["curve"]]

@@ -190,6 +190,36 @@ def test_mujoco_suite_names_each_cpu_where_runs_came_from_several():
     assert "| Pendulum-v1 | 300 s | A | sbx_sac 5000 |" not in table  # no FastTD3 run on A: no row
 
 
+def test_legend_labels_name_each_algorithm_once_with_its_runs():
+    from benchmarks.common import legend_labels
+
+    assert legend_labels(["fasttd3", "sbx_sac", "fasttd3"]) == ["fasttd3: 2 run(s)", "sbx_sac: 1 run(s)", None]
+
+
+def test_mujoco_suite_plot_colours_the_entry_and_the_peers_and_greys_the_levers(monkeypatch):
+    """The levers screened on a task must not hide its entry: one grey legend entry for all of them."""
+    import matplotlib.figure
+
+    from benchmarks.mujoco_suite import plot
+
+    figures = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda figure, *args, **kwargs: figures.append(figure))
+
+    def run(label: str, algo: str = "fasttd3") -> dict[str, Any]:
+        curve = [{"seconds": 10.0, "steps": 5000, "return": 100.0}]
+        machine = {"cpu": "AMD EPYC", "cpu_flags": ["avx512f"], "commit": "abc1234"}
+        return {"env": "Pendulum-v1", "algo": algo, "label": label, "seed": 0, "curve": curve, "machine": machine}
+
+    runs = [run("entry"), run("lever"), run("entry"), run("sbx_sac", "sbx_sac"), run("other lever")]
+    plot(runs, {"Pendulum-v1": ["entry"]})
+    plot(runs, {})  # without entry labels, the runs labelled fasttd3 are the entry
+    legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()] for figure in figures]
+    assert legends[0] == ["other variants (levers): 2 run(s)", "entry, CPU A: 2 run(s)", "sbx_sac, CPU A: 1 run(s)"]
+    assert legends[1] == ["other variants (levers): 4 run(s)", "sbx_sac, CPU A: 1 run(s)"]
+    grey, entry = figures[0].axes[0].get_lines()[0], figures[0].axes[0].get_lines()[2]
+    assert grey.get_color() == "lightgrey" and entry.get_color() != "lightgrey"
+
+
 def test_zoo_entries(tmp_path):
     from benchmarks.zoo_entries import TUNED, untuned_mujoco_ids
 
