@@ -255,8 +255,9 @@ def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None
     for env_id in dict.fromkeys(run["env"] for run in runs):
         task_runs = [run for run in runs if run["env"] == env_id]
         entry = set(entry_labels.get(env_id, ["fasttd3"]))
-        shown = [run for run in task_runs if run["algo"] != "fasttd3" or run["label"] in entry]
-        others = [run for run in task_runs if run not in shown]
+        shown, others = [], []  # the peers and the entry's runs; the levers screened
+        for run in task_runs:
+            (shown if run["algo"] != "fasttd3" or run["label"] in entry else others).append(run)
         names = [f"{run['label']}, CPU {cpus[cpu_key(run)][0]}" for run in shown]
         colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
         fig, axis = plt.subplots(figsize=(7, 4.5))
