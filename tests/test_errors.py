@@ -11,6 +11,7 @@ from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
 
 from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.hyperparams import parse_schedule
 from tests.envs import CountingEnv, CountingTorchVecEnv
 from tests.test_fasttd3 import TINY, counting_env, make_model
 
@@ -205,6 +206,13 @@ def test_learning_rates_must_be_non_negative_or_schedules(name):
         make_model(**{name: -1e-3})
     make_model(**{name: 0.0})  # frozen, as the RL Zoo's enjoy loads models
     make_model(**{name: lambda progress: 1e-3 * progress})  # a schedule is accepted
+
+
+@pytest.mark.parametrize("value", ["lin_fast", "LinearSchedule(0.001)", "print(1)", "0.001 * 2"])
+def test_a_bad_schedule_string_names_the_parameter_and_the_accepted_forms(value):
+    accepted = r"actor_learning_rate takes a float, lin_<rate> or LinearSchedule\(start, end, end_fraction\), got"
+    with pytest.raises(ValueError, match=accepted):
+        parse_schedule("actor_learning_rate", value)
 
 
 def test_action_noise_of_another_shape_fails_before_the_first_step():

@@ -7,6 +7,7 @@ from argparse import Namespace
 
 import pytest
 import torch as th
+import yaml
 
 pytest.importorskip("rl_zoo3")
 
@@ -14,7 +15,7 @@ import optuna  # a dependency of rl_zoo3: skipped with it where the zoo extra is
 from rl_zoo3 import exp_manager, hyperparams_opt, utils
 
 from sb3_fasttd3 import FastTD3
-from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, zoo_entry
+from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, load_hyperparams, zoo_entry
 from sb3_fasttd3.zoo import NET_ARCHS, convert_fasttd3_params, register, sample_fasttd3_params
 from sb3_fasttd3.zoo.__main__ import main as zoo_main
 
@@ -117,6 +118,25 @@ def test_fallback_cli_trains(tmp_path, monkeypatch):
     model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
     assert model.num_timesteps == 400 and model.batch_size == zoo_entry("Pendulum-v1")["batch_size"]
     assert model.policy.obs_normalizer.count.item() > 0
+
+
+def test_entries_write_learning_rate_schedules(tmp_path, monkeypatch):
+    """The actor's and the critic's rates as schedule strings, read alike by the Zoo and by load_hyperparams."""
+    schedules = {"actor_learning_rate": "LinearSchedule(0.001, 0.0001, 0.5)", "critic_learning_rate": "lin_0.0005"}
+    config = tmp_path / "fasttd3.yml"
+    config.write_text(yaml.safe_dump({"Pendulum-v1": {**zoo_entry("Pendulum-v1"), **schedules}}))
+    hyperparams, _ = load_hyperparams("Pendulum-v1", config)
+    assert [hyperparams[key](0.75) for key in schedules] == pytest.approx([0.00055, 0.000375])
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    args = ["--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "400", "-f", "logs", "-conf", str(config)]
+    zoo_main(["train", *args, "--hyperparams", "learning_starts:200", "learning_rate:'lin_0.002'"])
+    model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
+    # Past half the run the actor's rate is its schedule's end; the critic's has fallen to 0 with progress
+    assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
+    assert model.critic.optimizer.param_groups[0]["lr"] < 0.0005 * 0.1
+    assert model.learning_rate(0.5) == pytest.approx(0.001)  # the Zoo's own lin_ still reads learning_rate
 
 
 def test_zoo_normalize_rewards_only(tmp_path, monkeypatch):

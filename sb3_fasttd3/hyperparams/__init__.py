@@ -5,12 +5,15 @@ from typing import Any
 
 import torch as th
 import yaml
+from stable_baselines3.common.utils import LinearSchedule
 
 HYPERPARAMS_FILE = Path(__file__).with_name("fasttd3.yml")
 # MuJoCo Playground tasks (PlaygroundVecEnv), keyed by registry name
 PLAYGROUND_FILE = Path(__file__).with_name("playground.yml")
 # Keys of the RL Zoo format that are not FastTD3 constructor arguments
 ZOO_ONLY_KEYS = ("n_timesteps", "n_envs", "env_wrapper", "normalize", "frame_stack", "callback")
+# Learning rates an entry may write as a schedule string, progressing over the run's total_timesteps
+SCHEDULE_KEYS = ("learning_rate", "actor_learning_rate", "critic_learning_rate")
 
 
 def zoo_entry(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> dict[str, Any]:
@@ -24,6 +27,27 @@ def zoo_entry(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> dict[str, Any
     if env_id not in entries and "default" not in entries:
         raise ValueError(f"{path} has no entry for env_id={env_id!r} and no default; it has {sorted(entries)}")
     return dict(entries.get(env_id, entries.get("default")))
+
+
+def parse_schedule(key: str, value: str) -> LinearSchedule:
+    """
+    The learning-rate schedule a string writes: the RL Zoo's ``lin_<rate>`` (from ``rate`` down to 0) or SB3's
+    ``LinearSchedule(start, end, end_fraction)`` (from ``start`` to ``end`` over the first ``end_fraction`` of the
+    run, then ``end``).
+
+    :param key: the hyperparameter, named in the error
+    :param value: the string
+    """
+    accepted = f"{key} takes a float, lin_<rate> or LinearSchedule(start, end, end_fraction), got {value!r}"
+    try:
+        if value.startswith("lin_"):
+            return LinearSchedule(float(value.removeprefix("lin_")), 0.0, 1.0)
+        schedule = eval(value, {"__builtins__": {}}, {"LinearSchedule": LinearSchedule})
+    except Exception as error:
+        raise ValueError(accepted) from error
+    if not isinstance(schedule, LinearSchedule):
+        raise ValueError(accepted)
+    return schedule
 
 
 def load_hyperparams(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> tuple[dict[str, Any], int]:
@@ -41,4 +65,7 @@ def load_hyperparams(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> tuple[
     if isinstance(entry.get("policy_kwargs"), str):
         # The RL Zoo evaluates this string; only dict() and torch.nn are needed here
         entry["policy_kwargs"] = eval(entry["policy_kwargs"], {"__builtins__": {}, "dict": dict, "nn": th.nn})
+    for key in SCHEDULE_KEYS:
+        if isinstance(entry.get(key), str):
+            entry[key] = parse_schedule(key, entry[key])
     return entry, n_envs

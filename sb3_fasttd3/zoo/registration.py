@@ -19,7 +19,7 @@ from typing import Any
 
 from sb3_fasttd3.common.distributed import launched_by_torchrun
 from sb3_fasttd3.fasttd3 import FastTD3
-from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE
+from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, SCHEDULE_KEYS, parse_schedule
 from sb3_fasttd3.zoo.sampler import convert_fasttd3_params, sample_fasttd3_params
 
 ALGO_NAME = "fasttd3"
@@ -72,10 +72,39 @@ def _default_config(exp_manager: ModuleType) -> None:
     manager.__init__ = __init__
 
 
+def _schedules(exp_manager: ModuleType) -> None:
+    """
+    The Zoo reads only ``learning_rate: lin_<rate>`` as a schedule; FastTD3's entries may also write the actor's and
+    the critic's rates as one, and any of the three as ``LinearSchedule(start, end, end_fraction)``
+    (:func:`~sb3_fasttd3.hyperparams.parse_schedule`). Other algorithms' entries read as before.
+    """
+    manager = exp_manager.ExperimentManager
+    original = manager._preprocess_schedules
+    if getattr(original, _MARK, False):
+        return
+
+    @functools.wraps(original)
+    def _preprocess_schedules(hyperparams: dict[str, Any]) -> dict[str, Any]:
+        ours = {
+            key: parse_schedule(key, hyperparams.pop(key))
+            for key in SCHEDULE_KEYS
+            if isinstance(hyperparams.get(key), str) and not (key == "learning_rate" and hyperparams[key].startswith("lin_"))
+        }
+        return {**original(hyperparams), **ours}
+
+    setattr(_preprocess_schedules, _MARK, True)
+    manager._preprocess_schedules = staticmethod(_preprocess_schedules)
+
+
+def _patch_exp_manager(exp_manager: ModuleType) -> None:
+    _default_config(exp_manager)
+    _schedules(exp_manager)
+
+
 PATCHES = {
     "rl_zoo3.utils": _register_algo,
     "rl_zoo3.hyperparams_opt": _register_sampler,
-    "rl_zoo3.exp_manager": _default_config,
+    "rl_zoo3.exp_manager": _patch_exp_manager,
 }
 
 
