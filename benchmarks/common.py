@@ -19,6 +19,8 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_fasttd3.hyperparams import SCHEDULE_KEYS, parse_schedule
+
 # Where results are written and read; BENCHMARK_RESULTS_DIR moves them (the smoke tests write to a temporary folder)
 RESULTS_DIR = Path(os.environ.get("BENCHMARK_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
@@ -154,11 +156,16 @@ def run_one_per_core(
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
-    """``key=value`` pairs, each value read as YAML (``8``, ``0.005``, ``true``, ``[256, 256]``)."""
+    """
+    ``key=value`` pairs, each value read as YAML (``8``, ``0.005``, ``true``, ``[256, 256]``); a learning rate may
+    also be a schedule, written as in the entries (``LinearSchedule(start, end, end_fraction)``, ``lin_<rate>``).
+    """
     overrides = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--set takes key=value pairs, got {pair!r}")
         overrides[key] = yaml.safe_load(value)
+        if key in SCHEDULE_KEYS and isinstance(overrides[key], str):
+            overrides[key] = parse_schedule(f"--set {key}", value)
     return overrides

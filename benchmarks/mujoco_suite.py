@@ -5,6 +5,8 @@ one CPU core with one thread, so runs on different cores go side by side without
     python -m benchmarks.mujoco_suite run --envs Hopper-v5 Swimmer-v5 --algos sbx_td3 sbx_sac --cores 1
     python -m benchmarks.mujoco_suite run --envs Hopper-v5 --seeds 0 1 2 --cores 0 1
     python -m benchmarks.mujoco_suite run --envs Hopper-v5 --label layernorm --set "policy_kwargs={layer_norm: true}"
+    python -m benchmarks.mujoco_suite run --envs Hopper-v5 --label decay --set total_timesteps=200000 \
+        "critic_learning_rate=LinearSchedule(0.0003, 0.0001, 1.0)"
     python -m benchmarks.mujoco_suite report             # the Markdown table and one plot per task, from the JSON
 
 ``run`` queues one job per (task, algorithm, seed) and keeps one job per listed core busy; each job trains for
@@ -13,7 +15,10 @@ first step past each of ``MARKS`` seconds. Runs append to ``benchmarks/results/m
 lock, so two ``run`` commands on different cores can share it. A FastTD3 variant is the entry with ``--set``
 replacements, told apart by ``--label``. Each task's plot colours the peers and the runs of the task's entry,
 named in the JSON's ``entry_labels`` (task id to labels; ``fasttd3`` where a task has none), and draws the other
-variants in grey. Peers need ``pip install -e ".[benchmarks]"``.
+variants in grey. A learning rate may be a schedule, written as in the entries (``LinearSchedule(start, end,
+end_fraction)``); a run with one learns over the entry's ``n_timesteps``, as in ``rl_zoo3.train``, or over
+``--set total_timesteps=N``, and stops there (runs are otherwise open-ended: the budget ends them).
+Peers need ``pip install -e ".[benchmarks]"``.
 """
 
 import argparse
@@ -38,7 +43,7 @@ from benchmarks.common import (
     run_one_per_core,
     write_results,
 )
-from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, first_reaching, make_model
+from benchmarks.time_to_return import ALGOS, BudgetedEvaluation, budgeted_learn, first_reaching
 
 RESULTS_NAME = "mujoco_suite"
 MARKS = [300.0, 600.0]  # the budgets compared: return after 5 and 10 minutes of training
@@ -68,10 +73,9 @@ class MarkedEvaluation(BudgetedEvaluation):
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process pinned to one core)."""
-    model = make_model(args.worker, args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
     callback = MarkedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, marks=args.marks)
-    model.learn(total_timesteps=10**9, callback=callback)
+    budgeted_learn(args.worker, args.env, args.seed, args.set, callback)
     return {"curve": callback.curve, "torch_threads": th.get_num_threads()}
 
 
@@ -307,6 +311,7 @@ def main() -> None:
     if args.command == "worker":
         Path(args.output).write_text(json.dumps(run_worker(args)))
     elif args.command == "run":
+        parse_overrides(args.set)  # a malformed pair fails before any run
         run_jobs(args)
     else:
         results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())

@@ -17,7 +17,7 @@ and the Markdown summary and PNG plot are rebuilt from every run in that file, s
 be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task and budget
 required, and the same seed unless only FastTD3 joins: its other seeds are compared with the same peer runs).
 ``--stop-at R`` ends each run at its first evaluation returning at least R. ``--set KEY=VALUE`` runs a variant
-of FastTD3's entry, named in the results. Peers need
+of FastTD3's entry, named in the results; a learning rate may be a schedule (see ``mujoco_suite``). Peers need
 ``pip install -e ".[benchmarks]"``.
 """
 
@@ -40,6 +40,7 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, legend_labels, machine_info, parse_overrides, write_results
+from sb3_fasttd3.hyperparams import SCHEDULE_KEYS
 
 # name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
 ALGOS = {
@@ -58,6 +59,8 @@ SHARED_MUJOCO_ENTRY = {"td3": "Hopper-v4", "sac": "Hopper-v4", "tqc": "Hopper-v4
 MUJOCO_V4_IDS = ("InvertedDoublePendulum-v4", "InvertedPendulum-v4", "Reacher-v4", "Pusher-v4")
 # The issue's target on HalfCheetah-v5: FastTD3 reaches a return in at most 1/5 of the fastest peer's wall-clock
 TARGET_RATIO = 0.2
+# learn()'s total_timesteps where the budget, not a number of transitions, ends a run
+OPEN_ENDED = 10**9
 
 
 def results_name(env_id: str) -> str:
@@ -125,6 +128,25 @@ def make_model(algo: str, env_id: str, seed: int, overrides: dict[str, Any] | No
     return algo_class(env=env, seed=seed, verbose=0, **hyperparams)
 
 
+def budgeted_learn(algo: str, env_id: str, seed: int, pairs: list[str], callback: BaseCallback) -> BaseAlgorithm:
+    """
+    ``algo`` trained on ``env_id`` until ``callback`` stops it, or until learn()'s ``total_timesteps``: the pair
+    ``total_timesteps=N`` where given, else the entry's ``n_timesteps`` where FastTD3's learning rates follow a
+    schedule (it progresses over them, as in ``rl_zoo3.train``), else open-ended.
+
+    :param pairs: the ``--set`` pairs, hyperparameters replacing the entry's
+    """
+    overrides = parse_overrides(pairs)
+    total_timesteps = overrides.pop("total_timesteps", None)
+    model = make_model(algo, env_id, seed, overrides)
+    if total_timesteps is None and algo == "fasttd3" and any(callable(getattr(model, key)) for key in SCHEDULE_KEYS):
+        from sb3_fasttd3.hyperparams import zoo_entry
+
+        total_timesteps = zoo_entry(env_id)["n_timesteps"]
+    model.learn(total_timesteps=int(total_timesteps or OPEN_ENDED), callback=callback)
+    return model
+
+
 def action_noise(n_actions: int, std: float, correlation: float | None = None) -> ActionNoise:
     """
     Gaussian action noise of standard deviation ``std``, or, with ``correlation``, Ornstein-Uhlenbeck noise with
@@ -179,20 +201,18 @@ class BudgetedEvaluation(BaseCallback):
             return False
         return True
 
+    def _on_training_end(self) -> None:
+        if not self.curve or self.curve[-1]["steps"] != self.num_timesteps:  # learn() reached total_timesteps
+            self.evaluate()
+
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process)."""
     import torch as th
 
-    model = make_model(args.worker, args.env, args.seed, parse_overrides(args.set))
-    callback = BudgetedEvaluation(
-        make_vec_env(args.env, n_envs=1, seed=args.seed + 1000),
-        args.budget,
-        args.eval_every,
-        args.eval_episodes,
-        stop_at=args.stop_at,
-    )
-    model.learn(total_timesteps=10**9, callback=callback)
+    eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
+    callback = BudgetedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
+    budgeted_learn(args.worker, args.env, args.seed, args.set, callback)
     run = {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
     return {**run, "set": args.set, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
 

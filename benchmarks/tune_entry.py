@@ -13,8 +13,8 @@ import json
 
 from stable_baselines3.common.env_util import make_vec_env
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, parse_overrides
-from benchmarks.time_to_return import BudgetedEvaluation, make_model
+from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info
+from benchmarks.time_to_return import BudgetedEvaluation, budgeted_learn
 
 
 def main() -> None:
@@ -28,11 +28,10 @@ def main() -> None:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameters to replace")
     args = parser.parse_args()
 
-    model = make_model("fasttd3", args.env, args.seed, parse_overrides(args.set))
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
     callback = BudgetedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     steal = CpuSteal()
-    model.learn(total_timesteps=10**9, callback=callback)
+    budgeted_learn("fasttd3", args.env, args.seed, args.set, callback)
 
     results_file = RESULTS_DIR / "entry_variants.json"
     runs = json.loads(results_file.read_text()) if results_file.exists() else []

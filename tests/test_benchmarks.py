@@ -88,6 +88,33 @@ def test_time_to_return_stops_a_run_at_the_return(tmp_path):
     assert "(stopped)" in summary and "| fasttd3 (tau=0.02) |" in summary
 
 
+def test_set_takes_a_learning_rate_schedule_over_total_timesteps():
+    """A ``--set`` learning-rate schedule progresses over ``total_timesteps``, where the run then ends."""
+    from stable_baselines3.common.env_util import make_vec_env
+
+    from benchmarks.common import parse_overrides
+    from benchmarks.time_to_return import OPEN_ENDED, BudgetedEvaluation, budgeted_learn
+    from sb3_fasttd3.hyperparams import zoo_entry
+
+    with pytest.raises(ValueError, match="--set critic_learning_rate takes a float, lin_<rate> or LinearSchedule"):
+        parse_overrides(["critic_learning_rate=LinearSchedule(0.001)"])
+    callback = BudgetedEvaluation(make_vec_env("Pendulum-v1", n_envs=1, seed=1), 3600, 10**6, 1)
+    schedule = "actor_learning_rate=LinearSchedule(0.001, 0.0001, 0.5)"
+    pairs = [schedule, "total_timesteps=1000", "learning_starts=100", "n_envs=1"]
+    model = budgeted_learn("fasttd3", "Pendulum-v1", 0, pairs, callback)
+    # Past half the horizon the actor's rate is the schedule's end; the critic's is the entry's, unchanged
+    assert model.num_timesteps == 1000 and model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
+    assert model.critic.optimizer.param_groups[0]["lr"] == pytest.approx(model.learning_rate)
+    # Reaching total_timesteps before the budget still ends with an evaluation of the final policy
+    assert [point["steps"] for point in callback.curve] == [1000]
+
+    # Without total_timesteps, a schedule progresses over the entry's n_timesteps, as in rl_zoo3.train; without a
+    # schedule the run is open-ended
+    for pairs, horizon in (([schedule], zoo_entry("Pendulum-v1")["n_timesteps"]), ([], OPEN_ENDED)):
+        at_once = BudgetedEvaluation(make_vec_env("Pendulum-v1", n_envs=1, seed=1), 0, 10**6, 1)
+        assert budgeted_learn("fasttd3", "Pendulum-v1", 0, pairs, at_once)._total_timesteps == horizon
+
+
 def test_only_fasttd3_joins_a_comparison_with_another_seed():
     """FastTD3's other seeds join the peers' comparison; a peer joining must have the comparison's seed."""
     import argparse
