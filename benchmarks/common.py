@@ -19,8 +19,6 @@ from gymnasium import spaces
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecEnv
 
-from sb3_fasttd3.hyperparams import SCHEDULE_KEYS, parse_schedule
-
 # Where results are written and read; BENCHMARK_RESULTS_DIR moves them (the smoke tests write to a temporary folder)
 RESULTS_DIR = Path(os.environ.get("BENCHMARK_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
 
@@ -166,6 +164,8 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         if not sep or not key:
             raise ValueError(f"--set takes key=value pairs, got {pair!r}")
         overrides[key] = yaml.safe_load(value)
-        if key in SCHEDULE_KEYS and isinstance(overrides[key], str):
+        if key.endswith("learning_rate") and isinstance(overrides[key], str):
+            from sb3_fasttd3.hyperparams import parse_schedule  # only here: the peers' workers never import FastTD3
+
             overrides[key] = parse_schedule(f"--set {key}", value)
     return overrides

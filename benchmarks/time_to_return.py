@@ -40,7 +40,6 @@ from stable_baselines3.common.evaluation import evaluate_policy
 from stable_baselines3.common.noise import ActionNoise, NormalActionNoise, OrnsteinUhlenbeckActionNoise
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, legend_labels, machine_info, parse_overrides, write_results
-from sb3_fasttd3.hyperparams import SCHEDULE_KEYS
 
 # name -> (module, class, RL Zoo hyperparameter file); FastTD3 uses our own Zoo file
 ALGOS = {
@@ -139,10 +138,11 @@ def budgeted_learn(algo: str, env_id: str, seed: int, pairs: list[str], callback
     overrides = parse_overrides(pairs)
     total_timesteps = overrides.pop("total_timesteps", None)
     model = make_model(algo, env_id, seed, overrides)
-    if total_timesteps is None and algo == "fasttd3" and any(callable(getattr(model, key)) for key in SCHEDULE_KEYS):
-        from sb3_fasttd3.hyperparams import zoo_entry
+    if total_timesteps is None and algo == "fasttd3":
+        from sb3_fasttd3.hyperparams import SCHEDULE_KEYS, zoo_entry
 
-        total_timesteps = zoo_entry(env_id)["n_timesteps"]
+        if any(callable(getattr(model, key)) for key in SCHEDULE_KEYS):
+            total_timesteps = zoo_entry(env_id)["n_timesteps"]
     model.learn(total_timesteps=int(total_timesteps or OPEN_ENDED), callback=callback)
     return model
 
