@@ -143,7 +143,7 @@ def budgeted_learn(algo: str, env_id: str, seed: int, pairs: list[str], callback
 
         if any(callable(getattr(model, key)) for key in SCHEDULE_KEYS):
             total_timesteps = zoo_entry(env_id)["n_timesteps"]
-    model.learn(total_timesteps=int(total_timesteps or OPEN_ENDED), callback=callback)
+    model.learn(total_timesteps=OPEN_ENDED if total_timesteps is None else int(total_timesteps), callback=callback)
     return model
 
 
