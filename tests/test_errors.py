@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.buffers import NStepReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise
@@ -59,6 +60,9 @@ def test_unsupported_observation_space():
         (dict(v_min=5.0, v_max=-5.0), "v_min must be smaller than v_max"),
         (dict(num_atoms=1), "num_atoms must be an integer >= 2"),
         (dict(n_steps=0), "n_steps must be an integer >= 1"),
+        (dict(n_step_start=-1), "n_step_start must be an integer >= 0"),
+        (dict(n_step_start=2e4), "n_step_start must be an integer >= 0"),
+        (dict(n_steps=2, n_step_start=10, replay_buffer_class=NStepReplayBuffer), "n_step_start needs a replay buffer"),
         (dict(std_min=0.5, std_max=0.1), "std_min must be <= std_max"),
         (dict(std_min=-0.1), "std_min must be a float >= 0"),
         (dict(tau=-0.1), r"tau must be in \[0, 1\]"),

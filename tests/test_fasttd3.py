@@ -13,7 +13,7 @@ from stable_baselines3.common.utils import set_random_seed
 from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
 
 from sb3_fasttd3 import FastTD3
-from tests.envs import CountingEnv
+from tests.envs import CountingEnv, CountingTorchVecEnv
 
 TINY = dict(
     batch_size=16,
@@ -198,6 +198,20 @@ def test_env_reset_ends_open_windows(reset_num_timesteps):
         # The same episode goes on: the windows of rows 8 to 11 grew with rows 12 to 15
         assert not th.equal(returns[:, 8:12], rewards_before[:, 8:12])
     th.testing.assert_close(returns[:, :8], rewards_before[:, :8])
+
+
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_n_step_start_keeps_one_step_returns_for_the_first_transitions(torch_env):
+    # 2 envs, n_step_start=20: the 9 vector steps that end below 20 transitions keep one-step returns, the next ones
+    # open windows that grow with the following rows until an episode ends
+    env = CountingTorchVecEnv(num_envs=2, max_steps=100, bound=100.0) if torch_env else counting_env(2, max_steps=100)
+    model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, "n_steps": 3, "n_step_start": 20, "learning_starts": 1000})
+    model.learn(40)
+    buffer = model.replay_buffer
+    lengths, goes_on = buffer.window_lengths, ~buffer.dones
+    assert (lengths[:, :9] == 1).all()
+    assert goes_on[:, 9:19].any() and (lengths[:, 9:19][goes_on[:, 9:19]] >= 2).all()
+    assert not buffer.one_step_returns
 
 
 def test_same_seed_same_results():

@@ -83,6 +83,9 @@ class DeviceNStepReplayBuffer(BaseBuffer):
       observations in a second pass. The layout takes a non-done env's next observation from the observation it
       is given at the next add, as SB3's ``optimize_memory_usage`` does.
 
+    ``one_step_returns = True`` keeps the returns of the rows added while it holds to one step (a window closed
+    as it is written), whatever ``n_steps``; windows opened before go on to their full length.
+
     ``sample(batch_size, env)`` with a ``VecNormalize`` normalizes observations, next observations and rewards
     with the env's current statistics, as SB3's off-policy buffers do: each one-step reward is normalized before
     the n-step discounted sum.
@@ -160,6 +163,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         self.handle_timeout_termination = handle_timeout_termination
         self.n_steps = int(n_steps)
         self.gamma = float(gamma)
+        # While True, the rows added keep one-step returns: their windows are closed as they are written
+        self.one_step_returns = False
 
         self.codec = ObservationCodec(observation_space)
         self.layout = RowLayout(self.codec.float_width, self.action_dim, self.codec.image_width, self.optimize_memory_usage)
@@ -342,7 +347,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
                 self._images[self.pos] = images
             self._rewards[self.pos] = reward_t
             flags = done_t.to(self._flags.dtype) * DONE | timeout_t.to(self._flags.dtype) * TIMEOUT
-            if self.n_steps > 1:
+            if self.n_steps > 1 and not self.one_step_returns:
                 flags |= (~done_t).to(self._flags.dtype) * OPEN
             self._flags[self.pos] = flags
 
@@ -690,7 +695,7 @@ class DeviceNStepReplayBuffer(BaseBuffer):
                 "This replay buffer was saved by an earlier version of sb3_fasttd3, whose storage layout is not "
                 "supported anymore: train without it (or with a buffer saved by this version)"
             )
-        self.__dict__.update(state)
+        self.__dict__.update({"one_step_returns": False, **state})
         # Falls back to the CPU if the saved device is a GPU that is not available
         self.device = get_device(state["device"])
         self._move_storage(self.device)

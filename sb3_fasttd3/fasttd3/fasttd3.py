@@ -170,6 +170,10 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param stratified_noise: env ``i`` draws its noise scale from the ``i``-th of ``n_envs`` equal slices of
         [std_min, std_max], so that every step mixes small and large scales however few envs there are; ``False``:
         each env draws from the whole range, as the reference. Shapes the mixed noise only, so not with ``action_noise``
+    :param n_step_start: transitions collected before ``num_timesteps`` reaches it (counting them) keep one-step
+        returns, later ones ``n_steps``-step returns: the long returns of the first, noisiest data are biased
+        towards what the exploring policy does (on Hopper, they pull the learner into standing still); ``0``:
+        ``n_steps``-step returns from the start
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
     :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
@@ -253,6 +257,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         std_max: float = 0.4,
         noise_correlation: float | None = None,
         stratified_noise: bool = False,
+        n_step_start: int = 0,
         use_cdq: bool = True,
         actor_q: str = "all",
         num_atoms: int = 101,
@@ -307,6 +312,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.std_max = std_max
         self.noise_correlation = noise_correlation
         self.stratified_noise = stratified_noise
+        self.n_step_start = n_step_start
         self.use_cdq = use_cdq
         self.actor_q = actor_q
         self.num_atoms = num_atoms
@@ -376,6 +382,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
         require(isinstance(self.gradient_steps, int) and self.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
         require(self.learning_starts >= 0, "learning_starts", "an integer >= 0")
+        require(isinstance(self.n_step_start, int) and self.n_step_start >= 0, "n_step_start", "an integer >= 0")
         require(self.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
         require(self.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
         require(
@@ -433,6 +440,11 @@ class FastTD3(RolloutCollection, Checkpointing):
             gamma=self.gamma,
             **self.replay_buffer_kwargs,
         )
+        if self.n_step_start > 0 and not hasattr(self.replay_buffer, "one_step_returns"):
+            raise ValueError(
+                f"n_step_start needs a replay buffer that keeps one-step returns on demand (a DeviceNStepReplayBuffer), "
+                f"which replay_buffer_class={self.replay_buffer_class.__name__} is not: give n_step_start=0"
+            )
         self._make_policy()
         self._convert_train_freq()
 

@@ -73,6 +73,7 @@ class RolloutCollection(OffPolicyAlgorithm):
     noise_correlation: float | None
     stratified_noise: bool
     warmup_actions: str  # how to act before learning_starts: "uniform" or "actor"
+    n_step_start: int  # transitions stored before num_timesteps reaches it keep one-step returns
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
     _autocast: Callable[[], AbstractContextManager]  # the autocast context of the updates and of acting
@@ -216,6 +217,7 @@ class RolloutCollection(OffPolicyAlgorithm):
 
             final_obs = infos["final_observation"]
             check_finite_on_device(new_obs, rewards, final_obs, self.num_timesteps)
+            self._set_return_length()
             self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])  # type: ignore[arg-type]
             if self.action_noise is not None:
                 # SB3's action noise lives on the host: reading which envs are done costs a sync per step
@@ -318,8 +320,13 @@ class RolloutCollection(OffPolicyAlgorithm):
         next_obs = new_obs_tensor if stored_new_obs is new_obs else obs_as_tensor(stored_new_obs, self.device)  # type: ignore[arg-type]
         next_obs = self._replace_rows(next_obs, final_obs)
         truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
+        self._set_return_length()
         self.replay_buffer.add(stored_obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
         return new_obs_tensor
+
+    def _set_return_length(self) -> None:
+        """The transitions stored next keep one-step returns while ``num_timesteps`` (counting them) is below it."""
+        self.replay_buffer.one_step_returns = self.num_timesteps < self.n_step_start
 
     def _replace_rows(self, obs: TorchObs, rows: dict[int, Any]) -> TorchObs:
         """Copy of ``obs`` where env ``i``'s row is ``rows[i]`` (the true final observation of its episode)."""
