@@ -443,7 +443,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         if self.n_step_start > 0 and not hasattr(self.replay_buffer, "one_step_returns"):
             raise ValueError(
                 f"n_step_start needs a replay buffer that keeps one-step returns on demand (a DeviceNStepReplayBuffer), "
-                f"which replay_buffer_class={self.replay_buffer_class.__name__} is not: give n_step_start=0"
+                f"which replay_buffer_class={type(self.replay_buffer).__name__} is not: give n_step_start=0"
             )
         self._make_policy()
         self._convert_train_freq()
