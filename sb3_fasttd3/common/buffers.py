@@ -84,7 +84,8 @@ class DeviceNStepReplayBuffer(BaseBuffer):
       is given at the next add, as SB3's ``optimize_memory_usage`` does.
 
     ``one_step_returns = True`` keeps the returns of the rows added while it holds to one step (a window closed
-    as it is written), whatever ``n_steps``; windows opened before go on to their full length.
+    as it is written), whatever ``n_steps``; windows opened before go on to their full length. A bool tensor of
+    shape ``(n_envs,)`` does so for the envs where it is true.
 
     ``sample(batch_size, env)`` with a ``VecNormalize`` normalizes observations, next observations and rewards
     with the env's current statistics, as SB3's off-policy buffers do: each one-step reward is normalized before
@@ -163,8 +164,9 @@ class DeviceNStepReplayBuffer(BaseBuffer):
         self.handle_timeout_termination = handle_timeout_termination
         self.n_steps = int(n_steps)
         self.gamma = float(gamma)
-        # While True, the rows added keep one-step returns: their windows are closed as they are written
-        self.one_step_returns = False
+        # While True, the rows added keep one-step returns: their windows are closed as they are written (a bool
+        # tensor of shape (n_envs,) chooses the envs)
+        self.one_step_returns: bool | th.Tensor = False
 
         self.codec = ObservationCodec(observation_space)
         self.layout = RowLayout(self.codec.float_width, self.action_dim, self.codec.image_width, self.optimize_memory_usage)
@@ -347,13 +349,20 @@ class DeviceNStepReplayBuffer(BaseBuffer):
                 self._images[self.pos] = images
             self._rewards[self.pos] = reward_t
             flags = done_t.to(self._flags.dtype) * DONE | timeout_t.to(self._flags.dtype) * TIMEOUT
-            if self.n_steps > 1 and not self.one_step_returns:
-                flags |= (~done_t).to(self._flags.dtype) * OPEN
+            if self.n_steps > 1:
+                flags |= self._opens_window(done_t).to(self._flags.dtype) * OPEN
             self._flags[self.pos] = flags
 
         self.n_transitions = min(self.n_transitions + n_envs, self.buffer_size * n_envs)
         self.full = self.n_transitions == self.buffer_size * n_envs
         self.pos = (self.pos + 1) % self.ring_rows
+
+    def _opens_window(self, done: th.Tensor) -> th.Tensor:
+        """Which envs' rows being added open an n-step window: those that go on, unless one-step returns are asked."""
+        one_step = self.one_step_returns
+        if isinstance(one_step, th.Tensor):
+            return ~done & ~one_step.to(self.device, th.bool).reshape(self.n_envs)
+        return ~done & (not one_step)
 
     def _store_next_lean(
         self, next_floats: th.Tensor, next_images: th.Tensor | None, done: th.Tensor, done_input: ArrayLike

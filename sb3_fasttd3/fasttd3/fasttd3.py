@@ -174,6 +174,10 @@ class FastTD3(RolloutCollection, Checkpointing):
         returns, later ones ``n_steps``-step returns: the long returns of the first, noisiest data are biased
         towards what the exploring policy does (on Hopper, they pull the learner into standing still); ``0``:
         ``n_steps``-step returns from the start
+    :param n_step_max_noise: transitions acted with a mixed-noise scale above it (their env's, at that step) keep
+        one-step returns, as do uniform warm-up actions: a long return is only as good as the actions it follows,
+        and the noisiest envs' are the furthest from the policy's; ``None``: every transition gets ``n_steps``-step
+        returns. Reads the mixed noise's scales, so not with ``action_noise``
     :param use_cdq: clipped double Q: train both critics towards the target distribution with the smaller mean,
         and train the actor on the smaller Q; otherwise each critic has its own target and the actor uses the mean
     :param actor_q: which critics the actor's loss reads: ``"all"`` (the smaller Q with ``use_cdq``, else the
@@ -258,6 +262,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         noise_correlation: float | None = None,
         stratified_noise: bool = False,
         n_step_start: int = 0,
+        n_step_max_noise: float | None = None,
         use_cdq: bool = True,
         actor_q: str = "all",
         num_atoms: int = 101,
@@ -313,6 +318,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.noise_correlation = noise_correlation
         self.stratified_noise = stratified_noise
         self.n_step_start = n_step_start
+        self.n_step_max_noise = n_step_max_noise
         self.use_cdq = use_cdq
         self.actor_q = actor_q
         self.num_atoms = num_atoms
@@ -331,6 +337,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         # Per-run state, rebuilt by _setup_learn (never saved)
         self.exploration_noise: MixedGaussianNoise | None = None
         self._last_obs_tensor: th.Tensor | dict[str, th.Tensor] | None = None
+        self._acted_uniformly = False
 
         if self.env is not None:  # an env given by its id was made by SB3: check what it made
             check_env_spaces(self.env)
@@ -365,6 +372,16 @@ class FastTD3(RolloutCollection, Checkpointing):
         if self.stratified_noise and self.action_noise is not None:
             raise ValueError(
                 "stratified_noise shapes the mixed exploration noise, which action_noise replaces: give one of them"
+            )
+        require(
+            self.n_step_max_noise is None or (_is_number(self.n_step_max_noise) and self.n_step_max_noise >= 0),
+            "n_step_max_noise",
+            "None or a float >= 0",
+        )
+        if self.n_step_max_noise is not None and self.action_noise is not None:
+            raise ValueError(
+                "n_step_max_noise reads the scales of the mixed exploration noise, which action_noise replaces: give "
+                "one of them"
             )
         for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
             rate = getattr(self, name)
@@ -411,6 +428,15 @@ class FastTD3(RolloutCollection, Checkpointing):
             )
         # buffer_size is checked against n_envs * (n_steps + 1) by the replay buffer, created next
 
+    def _check_one_step_returns(self) -> None:
+        """``n_step_start`` and ``n_step_max_noise`` need a replay buffer that keeps one-step returns on demand."""
+        for name, off in (("n_step_start", 0), ("n_step_max_noise", None)):
+            if getattr(self, name) != off and not hasattr(self.replay_buffer, "one_step_returns"):
+                raise ValueError(
+                    f"{name} needs a replay buffer that keeps one-step returns on demand (a DeviceNStepReplayBuffer), "
+                    f"which replay_buffer_class={type(self.replay_buffer).__name__} is not: give {name}={off}"
+                )
+
     # ------------------------------------------------------------------ setup
     def _setup_model(self) -> None:
         # Here rather than in __init__: a loaded model knows normalize_observations only once its data is restored
@@ -440,11 +466,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             gamma=self.gamma,
             **self.replay_buffer_kwargs,
         )
-        if self.n_step_start > 0 and not hasattr(self.replay_buffer, "one_step_returns"):
-            raise ValueError(
-                f"n_step_start needs a replay buffer that keeps one-step returns on demand (a DeviceNStepReplayBuffer), "
-                f"which replay_buffer_class={type(self.replay_buffer).__name__} is not: give n_step_start=0"
-            )
+        self._check_one_step_returns()
         self._make_policy()
         self._convert_train_freq()
 
@@ -648,6 +670,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_actor_target_batch_norm_stats",
             "exploration_noise",
             "_last_obs_tensor",
+            "_acted_uniformly",
             "_update_statistics",
             "_autocast",
             "autocast_dtype",  # resolved again on load: "auto" depends on the machine

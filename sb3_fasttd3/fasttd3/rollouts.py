@@ -74,6 +74,8 @@ class RolloutCollection(OffPolicyAlgorithm):
     stratified_noise: bool
     warmup_actions: str  # how to act before learning_starts: "uniform" or "actor"
     n_step_start: int  # transitions stored before num_timesteps reaches it keep one-step returns
+    n_step_max_noise: float | None  # transitions acted with a larger noise scale keep one-step returns
+    _acted_uniformly: bool  # whether the last actions were the uniform warm-up's
     _last_obs_tensor: TorchObs | None  # the last observation on the model's device (None: convert _last_obs)
     _act_fn: Callable[[TorchObs], th.Tensor]  # the noisy actor (compiled or not)
     _autocast: Callable[[], AbstractContextManager]  # the autocast context of the updates and of acting
@@ -266,7 +268,8 @@ class RolloutCollection(OffPolicyAlgorithm):
         data_parallel = self._data_parallel
         self.policy.update_normalizer(obs, None if data_parallel is None else data_parallel.merge_moments)
         action_noise = self.action_noise
-        if self.num_timesteps < learning_starts and self.warmup_actions == "uniform":
+        self._acted_uniformly = self.num_timesteps < learning_starts and self.warmup_actions == "uniform"
+        if self._acted_uniformly:
             actions = th.rand(self.n_envs, spaces.flatdim(self.action_space), device=self.device) * 2.0 - 1.0
         elif action_noise is None:
             assert self.exploration_noise is not None
@@ -325,8 +328,18 @@ class RolloutCollection(OffPolicyAlgorithm):
         return new_obs_tensor
 
     def _set_return_length(self) -> None:
-        """The transitions stored next keep one-step returns while ``num_timesteps`` (counting them) is below it."""
-        self.replay_buffer.one_step_returns = self.num_timesteps < self.n_step_start
+        """
+        Which transitions stored next keep one-step returns: all while ``num_timesteps`` (counting them) is below
+        ``n_step_start``; with ``n_step_max_noise``, uniform warm-up actions and those of the envs whose noise scale
+        is above it (a mask on the device, no host sync).
+        """
+        one_step: bool | th.Tensor = self.num_timesteps < self.n_step_start or (
+            self.n_step_max_noise is not None and self._acted_uniformly
+        )
+        if not one_step and self.n_step_max_noise is not None:
+            assert self.exploration_noise is not None  # action_noise is refused with n_step_max_noise
+            one_step = self.exploration_noise.sigmas[:, 0] > self.n_step_max_noise
+        self.replay_buffer.one_step_returns = one_step
 
     def _replace_rows(self, obs: TorchObs, rows: dict[int, Any]) -> TorchObs:
         """Copy of ``obs`` where env ``i``'s row is ``rows[i]`` (the true final observation of its episode)."""
