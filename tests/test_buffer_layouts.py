@@ -102,25 +102,29 @@ def test_lean_layout_samples_what_the_full_layout_samples(
     n_envs=st.sampled_from([1, 3]),
     n_steps=st.sampled_from([2, 3]),
     rows=st.sampled_from([4, 7]),
-    one_step=st.lists(st.booleans(), min_size=1, max_size=30),
+    one_step=st.lists(st.one_of(st.booleans(), st.integers(min_value=0, max_value=7)), min_size=1, max_size=30),
     p_end=st.sampled_from([0.0, 0.15]),
     seed=st.integers(min_value=0, max_value=2**31 - 1),
 )
 def test_one_step_returns_for_the_rows_added_while_asked(
-    space: str, lean: bool, n_envs: int, n_steps: int, rows: int, one_step: list[bool], p_end: float, seed: int
+    space: str, lean: bool, n_envs: int, n_steps: int, rows: int, one_step: list[bool | int], p_end: float, seed: int
 ) -> None:
-    # A row added with one_step_returns samples as with n_steps=1, any other as with n_steps, whenever the flag changes
+    # A row added with one_step_returns (for all envs, or for its env in a mask, an int's bits here) samples as with
+    # n_steps=1, any other as with n_steps, whenever the flag or the mask changes
     def make(steps: int) -> DeviceNStepReplayBuffer:
         kwargs = dict(optimize_memory_usage=lean, n_steps=steps, gamma=0.9)
         return DeviceNStepReplayBuffer(rows * n_envs, SPACES[space], ACTION_SPACE, "cpu", n_envs, **kwargs)
 
     one, full, switched = make(1), make(n_steps), make(n_steps)
     episodes = Episodes(SPACES[space], n_envs, seed, p_terminate=p_end / 2, p_truncate=p_end / 2)
+    masks = []
     for flag in one_step:
-        switched.one_step_returns = flag
+        mask = th.full((n_envs,), flag) if isinstance(flag, bool) else (flag >> th.arange(n_envs)) % 2 == 1
+        switched.one_step_returns = flag if isinstance(flag, bool) else mask
+        masks.append(mask)
         add([one, full, switched], episodes.step())
     kept = min(len(one_step), rows)
-    row_is_one_step = th.tensor(one_step[-kept:]).repeat_interleave(n_envs)[:, None]
+    row_is_one_step = th.stack(masks[-kept:]).reshape(-1, 1)
     expected = th.where(row_is_one_step, sample_columns(stored_samples(one)), sample_columns(stored_samples(full)))
     assert th.equal(sample_columns(stored_samples(switched)), expected)
 

@@ -63,6 +63,12 @@ def test_unsupported_observation_space():
         (dict(n_step_start=-1), "n_step_start must be an integer >= 0"),
         (dict(n_step_start=2e4), "n_step_start must be an integer >= 0"),
         (dict(n_steps=2, n_step_start=10, replay_buffer_class=NStepReplayBuffer), "n_step_start needs a replay buffer"),
+        (dict(n_step_max_noise=-0.1), "n_step_max_noise must be None or a float >= 0"),
+        (dict(n_step_max_noise="0.2"), "n_step_max_noise must be None or a float >= 0"),
+        (
+            dict(n_steps=2, n_step_max_noise=0.2, replay_buffer_class=NStepReplayBuffer),
+            "n_step_max_noise needs a replay buffer .* give n_step_max_noise=None",
+        ),
         (dict(std_min=0.5, std_max=0.1), "std_min must be <= std_max"),
         (dict(std_min=-0.1), "std_min must be a float >= 0"),
         (dict(tau=-0.1), r"tau must be in \[0, 1\]"),
@@ -246,6 +252,11 @@ def test_stratified_noise_must_be_a_bool(value):
 def test_stratified_noise_with_action_noise_is_refused():
     with pytest.raises(ValueError, match="stratified_noise shapes the mixed exploration noise, which action_noise"):
         make_model(stratified_noise=True, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
+
+
+def test_n_step_max_noise_with_action_noise_is_refused():
+    with pytest.raises(ValueError, match="n_step_max_noise reads the scales of the mixed exploration noise"):
+        make_model(n_step_max_noise=0.2, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
 
 
 def test_a_bad_device_string_is_refused_at_construction():

@@ -214,6 +214,22 @@ def test_n_step_start_keeps_one_step_returns_for_the_first_transitions(torch_env
     assert not buffer.one_step_returns
 
 
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_n_step_max_noise_keeps_one_step_returns_for_warmup_and_the_noisiest_envs(torch_env, tmp_path):
+    # Stratified scales in [0, 0.4) put envs 2 and 3 above 0.2; no episode ends, so the scales stay. The 2 vector
+    # steps of uniform warm-up keep one-step returns, then only envs 2 and 3 do
+    env = CountingTorchVecEnv(num_envs=4, max_steps=100, bound=100.0) if torch_env else counting_env(4, max_steps=100)
+    kwargs = dict(n_steps=3, learning_starts=8, std_min=0.0, std_max=0.4, stratified_noise=True, n_step_max_noise=0.2)
+    model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, **kwargs})
+    model.learn(40)
+    lengths = model.replay_buffer.window_lengths[:, :10]
+    assert th.equal(model.exploration_noise.sigmas[:, 0] > 0.2, th.tensor([False, False, True, True]))
+    assert (lengths[:, :2] == 1).all() and (lengths[2:] == 1).all()
+    assert (lengths[:2, 2:8] == 3).all()
+    model.save(tmp_path / "model.zip")
+    assert FastTD3.load(tmp_path / "model.zip").n_step_max_noise == 0.2
+
+
 def test_same_seed_same_results():
     # As in SB3's own test: build and train one model, then the other (they share the global RNGs)
     first = make_model(2).learn(100)
