@@ -96,7 +96,7 @@ def test_set_takes_a_learning_rate_schedule_over_total_timesteps():
     from benchmarks.time_to_return import OPEN_ENDED, BudgetedEvaluation, budgeted_learn
     from sb3_fasttd3.hyperparams import zoo_entry
 
-    with pytest.raises(ValueError, match="--set critic_learning_rate takes a float, lin_<rate> or LinearSchedule"):
+    with pytest.raises(ValueError, match="--set critic_learning_rate takes a float, lin_<rate>, LinearSchedule"):
         parse_overrides(["critic_learning_rate=LinearSchedule(0.001)"])
     callback = BudgetedEvaluation(make_vec_env("Pendulum-v1", n_envs=1, seed=1), 3600, 10**6, 1)
     schedule = "actor_learning_rate=LinearSchedule(0.001, 0.0001, 0.5)"

@@ -220,7 +220,7 @@ def test_learning_rates_must_be_non_negative_or_schedules(name):
 
 @pytest.mark.parametrize("value", ["lin_fast", "LinearSchedule(0.001)", "print(1)", "0.001 * 2"])
 def test_a_bad_schedule_string_names_the_parameter_and_the_accepted_forms(value):
-    accepted = r"actor_learning_rate takes a float, lin_<rate> or LinearSchedule\(start, end, end_fraction\), got"
+    accepted = r"actor_learning_rate takes a float, lin_<rate>, LinearSchedule\(start, end, end_fraction\) or Delayed"
     with pytest.raises(ValueError, match=accepted):
         parse_schedule("actor_learning_rate", value)
 

@@ -122,11 +122,14 @@ def test_fallback_cli_trains(tmp_path, monkeypatch):
 
 def test_entries_write_learning_rate_schedules(tmp_path, monkeypatch):
     """The actor's and the critic's rates as schedule strings, read alike by the Zoo and by load_hyperparams."""
-    schedules = {"actor_learning_rate": "LinearSchedule(0.001, 0.0001, 0.5)", "critic_learning_rate": "lin_0.0005"}
+    schedules = {
+        "actor_learning_rate": "DelayedLinearSchedule(0.001, 0.0001, 0.2, 0.5)",
+        "critic_learning_rate": "lin_0.0005",
+    }
     config = tmp_path / "fasttd3.yml"
     config.write_text(yaml.safe_dump({"Pendulum-v1": {**zoo_entry("Pendulum-v1"), **schedules}}))
     hyperparams, _ = load_hyperparams("Pendulum-v1", config)
-    assert [hyperparams[key](0.75) for key in schedules] == pytest.approx([0.00055, 0.000375])
+    assert [hyperparams[key](0.75) for key in schedules] == pytest.approx([0.00085, 0.000375])
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", sys.argv[:])

@@ -7,6 +7,8 @@ import torch as th
 import yaml
 from stable_baselines3.common.utils import LinearSchedule
 
+from sb3_fasttd3.common.schedules import DelayedLinearSchedule
+
 HYPERPARAMS_FILE = Path(__file__).with_name("fasttd3.yml")
 # MuJoCo Playground tasks (PlaygroundVecEnv), keyed by registry name
 PLAYGROUND_FILE = Path(__file__).with_name("playground.yml")
@@ -14,6 +16,8 @@ PLAYGROUND_FILE = Path(__file__).with_name("playground.yml")
 ZOO_ONLY_KEYS = ("n_timesteps", "n_envs", "env_wrapper", "normalize", "frame_stack", "callback")
 # Learning rates an entry may write as a schedule string, progressing over the run's total_timesteps
 SCHEDULE_KEYS = ("learning_rate", "actor_learning_rate", "critic_learning_rate")
+# The schedules a schedule string may call
+SCHEDULES = {"LinearSchedule": LinearSchedule, "DelayedLinearSchedule": DelayedLinearSchedule}
 
 
 def zoo_entry(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> dict[str, Any]:
@@ -31,20 +35,24 @@ def zoo_entry(env_id: str, path: Path | str = HYPERPARAMS_FILE) -> dict[str, Any
 
 def parse_schedule(key: str, value: str) -> LinearSchedule:
     """
-    The learning-rate schedule a string writes: the RL Zoo's ``lin_<rate>`` (from ``rate`` down to 0) or SB3's
+    The learning-rate schedule a string writes: the RL Zoo's ``lin_<rate>`` (from ``rate`` down to 0), SB3's
     ``LinearSchedule(start, end, end_fraction)`` (from ``start`` to ``end`` over the first ``end_fraction`` of the
-    run, then ``end``).
+    run, then ``end``) or :class:`~sb3_fasttd3.common.schedules.DelayedLinearSchedule` ``(start, end, start_fraction,
+    end_fraction)`` (``start`` until ``start_fraction`` of the run, then down to ``end`` at ``end_fraction``).
 
     :param key: the hyperparameter, named in the error
     :param value: the string
     """
-    accepted = f"{key} takes a float, lin_<rate> or LinearSchedule(start, end, end_fraction), got {value!r}"
+    accepted = (
+        f"{key} takes a float, lin_<rate>, LinearSchedule(start, end, end_fraction) or "
+        f"DelayedLinearSchedule(start, end, start_fraction, end_fraction), got {value!r}"
+    )
     try:
         if value.startswith("lin_"):
             return LinearSchedule(float(value.removeprefix("lin_")), 0.0, 1.0)
-        schedule = eval(value, {"__builtins__": {}}, {"LinearSchedule": LinearSchedule})
-    except Exception as error:
-        raise ValueError(accepted) from error
+        schedule = eval(value, {"__builtins__": {}}, dict(SCHEDULES))
+    except Exception as error:  # the cause says what was wrong: a name, the arguments, their values
+        raise ValueError(f"{accepted} ({error})") from error
     if not isinstance(schedule, LinearSchedule):
         raise ValueError(accepted)
     return schedule
