@@ -265,7 +265,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         n_step_max_noise: float | None = None,
         use_cdq: bool = True,
         actor_q: str = "all",
-        pre_tanh_penalty: float = 0.0,
         num_atoms: int = 101,
         v_min: float = -250.0,
         v_max: float = 250.0,
@@ -322,7 +321,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.n_step_max_noise = n_step_max_noise
         self.use_cdq = use_cdq
         self.actor_q = actor_q
-        self.pre_tanh_penalty = pre_tanh_penalty
         self.num_atoms = num_atoms
         self.v_min = v_min
         self.v_max = v_max
@@ -891,17 +889,10 @@ class FastTD3(RolloutCollection, Checkpointing):
 
     def _actor_loss(self, observations: th.Tensor | dict[str, th.Tensor]) -> th.Tensor:
         """Minus the expected Q of the actor's actions: the first critic's, or the smaller (CDQ) or mean of all."""
-        if self.pre_tanh_penalty:
-            pre = self.actor.mu[:-1](self.actor.features(self.policy.actor_input(observations)))
-            actions = th.tanh(pre)
-        else:
-            actions = self.actor(self.policy.actor_input(observations))
+        actions = self.actor(self.policy.actor_input(observations))
         n_critics = 1 if self.actor_q == "q1" else None
         q_values = self.policy.q_values(self.critic, self.policy.critic_input(observations), actions, n_critics)
         q_value = q_values.min(dim=0).values if self.use_cdq else q_values.mean(dim=0)
-        if self.pre_tanh_penalty:
-            excess = (pre.float().abs() - 2.0).clamp(min=0.0)
-            return -q_value.mean() + self.pre_tanh_penalty * excess.square().mean()
         return -q_value.mean()
 
     # ------------------------------------------------------------------ logging
