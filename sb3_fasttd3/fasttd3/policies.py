@@ -1,7 +1,6 @@
 """Actor, distributional twin critic and the policy that holds them with the observation normalizer."""
 
 import copy
-import os
 from collections import OrderedDict
 from typing import Any
 
@@ -186,7 +185,7 @@ class Actor(FeaturesNetwork, BasePolicy):
         self.architecture = architecture
         action_dim = spaces.flatdim(action_space)
         self.mu = make_network(architecture, features_extractor.features_dim, action_dim, net_arch, activation_fn, True)
-        if architecture == "mlp" and os.environ.get("FASTTD3_SCREEN_ACTOR_INIT") != "default":
+        if architecture == "mlp":
             # Start close to the zero action: small last layer (FastTD3 uses N(0, 0.01) weights, zero bias)
             last_linear = self.mu[-2]
             assert isinstance(last_linear, nn.Linear)
