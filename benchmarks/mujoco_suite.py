@@ -88,7 +88,7 @@ def append_run(run: dict[str, Any]) -> None:
         results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
         results["runs"].append(run)
         results["machine"] = run["machine"]
-        write_results(RESULTS_NAME, results, summarize(results["runs"]))
+        write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
         plot(results["runs"], results.get("entry_labels", {}))
 
 
@@ -195,9 +195,10 @@ def cpu_labels(runs: list[dict[str, Any]]) -> dict[tuple[str, tuple[str, ...]], 
     return names
 
 
-def summarize(runs: list[dict[str, Any]]) -> str:
+def summarize(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]] | None = None) -> str:
     """
-    The standings, then per task: each run's return at the marks and seconds to each threshold (and its CPU, where
+    The standings; each task's entry and peers alone (the runs of its labels in ``entry_labels``, default
+    ``fasttd3``); then per task every run: its return at the marks and seconds to each threshold (and its CPU, where
     the runs came from several: seconds compare only between runs on one CPU).
     """
     lines = ["# FastTD3 against its peers across MuJoCo tasks", ""]
@@ -206,29 +207,18 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         lines += ["CPUs of the runs (the CPU columns; seconds and returns at a mark compare only on one CPU):", ""]
         lines += [f"- {name}" for name in cpus.values()] + [""]
     lines += [*standings(runs), ""]
-    for env_id in dict.fromkeys(run["env"] for run in runs):
-        thresholds = THRESHOLDS.get(env_id, ())
+    env_ids = list(dict.fromkeys(run["env"] for run in runs))
+    lines += ["## The entries and their peers", ""]
+    for env_id in env_ids:
+        entry = set((entry_labels or {}).get(env_id, ["fasttd3"]))
+        shown = [run for run in runs if run["env"] == env_id and (run["algo"] != "fasttd3" or run["label"] in entry)]
+        if shown:
+            lines += [f"{env_id}:", "", *run_table(shown, cpus), ""]
+    for env_id in env_ids:
         lines += [f"## {env_id}", "", f"![curves]({RESULTS_NAME}_{env_id}.png)", ""]
-        task_runs = sorted((run for run in runs if run["env"] == env_id), key=lambda run: (run["label"], run["seed"]))
-        marks = sorted({mark for run in task_runs for mark in run.get("marks", MARKS)})
-        header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in marks)
-        header += "".join(f" | to {threshold:g}: s (steps)" for threshold in thresholds)
-        header += " | steps at budget | steal % | commit |" + " CPU |" * (len(cpus) > 1)
-        lines += [header, "|" + " --- |" * (5 + len(marks) + len(thresholds) + (len(cpus) > 1))]
-        for run in task_runs:
-            cells = [format_return(value_at(run["curve"], mark)) for mark in marks]
-            for threshold in thresholds:
-                point = first_reaching(run["curve"], threshold)
-                cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
-            steal = run.get("cpu_steal_percent")
-            cpu = cpus[cpu_key(run)][0]
-            lines.append(
-                f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
-                f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |"
-                + f" {cpu} |"
-                * (len(cpus) > 1)
-            )
-        lines += [""] + [f"- {run['label']}, seed {run['seed']}: {run['note']}" for run in task_runs if run.get("note")]
+        task_runs = [run for run in runs if run["env"] == env_id]
+        lines += [*run_table(task_runs, cpus), ""]
+        lines += [f"- {run['label']}, seed {run['seed']}: {run['note']}" for run in sort_runs(task_runs) if run.get("note")]
         lines.append("")
     lines += [
         "Each run: one CPU core and one thread (`taskset`, `OMP_NUM_THREADS=1`), two runs side by side on the two "
@@ -237,6 +227,33 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def sort_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Runs by label, then seed."""
+    return sorted(runs, key=lambda run: (run["label"], run["seed"]))
+
+
+def run_table(runs: list[dict[str, Any]], cpus: dict[tuple[str, tuple[str, ...]], str]) -> list[str]:
+    """One task's runs, one row each: the return at each mark, the seconds (steps) to each threshold, and more."""
+    thresholds = THRESHOLDS.get(runs[0]["env"], ())
+    marks = sorted({mark for run in runs for mark in run.get("marks", MARKS)})
+    header = "| algorithm | seed | " + " | ".join(f"return at {mark:g} s" for mark in marks)
+    header += "".join(f" | to {threshold:g}: s (steps)" for threshold in thresholds)
+    header += " | steps at budget | steal % | commit |" + " CPU |" * (len(cpus) > 1)
+    lines = [header, "|" + " --- |" * (5 + len(marks) + len(thresholds) + (len(cpus) > 1))]
+    for run in sort_runs(runs):
+        cells = [format_return(value_at(run["curve"], mark)) for mark in marks]
+        for threshold in thresholds:
+            point = first_reaching(run["curve"], threshold)
+            cells.append(f"{point['seconds']:.0f} ({point['steps']:.0f})" if point else "not reached")
+        steal = run.get("cpu_steal_percent")
+        cpu = f" {cpus[cpu_key(run)][0]} |" * (len(cpus) > 1)
+        lines.append(
+            f"| {run['label']} | {run['seed']} | " + " | ".join(cells) + f" | {run['curve'][-1]['steps']:.0f}"
+            f" | {'n/a' if steal is None else f'{steal:.0f}'} | {run['machine']['commit']} |{cpu}"
+        )
+    return lines
 
 
 def format_return(value: float | None) -> str:
@@ -315,7 +332,7 @@ def main() -> None:
         run_jobs(args)
     else:
         results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
-        write_results(RESULTS_NAME, results, summarize(results["runs"]))
+        write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
         plot(results["runs"], results.get("entry_labels", {}))
 
 

@@ -217,6 +217,24 @@ def test_mujoco_suite_names_each_cpu_where_runs_came_from_several():
     assert "| Pendulum-v1 | 300 s | A | sbx_sac 5000 |" not in table  # no FastTD3 run on A: no row
 
 
+def test_mujoco_suite_tables_each_tasks_entry_and_peers_apart_from_the_levers():
+    """The record leads with the entry's and the peers' seconds to each threshold, without the levers screened."""
+    from benchmarks.mujoco_suite import summarize
+
+    def run(label: str, algo: str = "fasttd3", seconds: float = 100.0) -> dict[str, Any]:
+        curve = [{"seconds": seconds, "steps": 5000, "return": 2500.0}, {"seconds": 700.0, "steps": 9000, "return": 3500.0}]
+        machine = {"cpu": "AMD EPYC", "cpu_flags": ["avx512f"], "commit": "abc1234"}
+        return {"env": "Hopper-v5", "algo": algo, "label": label, "seed": 0, "curve": curve, "machine": machine}
+
+    runs = [run("lever", seconds=50.0), run("entry"), run("sbx_sac", "sbx_sac", seconds=400.0)]
+    entries = summarize(runs, {"Hopper-v5": ["entry"]}).split("## The entries and their peers")[1].split("## Hopper-v5")[0]
+    assert "| entry | 0 | 2500 | 2500 | 100 (5000) | 700 (9000) |" in entries
+    assert "| sbx_sac | 0 | - | 2500 | 400 (5000) | 700 (9000) |" in entries
+    assert "| lever |" not in entries
+    # Without entry labels the runs labelled fasttd3 are the entry
+    assert "| lever |" not in summarize(runs).split("## Hopper-v5")[0].split("## The entries")[1]
+
+
 def test_legend_labels_name_each_algorithm_once_with_its_runs():
     from benchmarks.common import legend_labels
 
