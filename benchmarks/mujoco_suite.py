@@ -265,7 +265,8 @@ def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None
     """
     One PNG per task: return against training seconds, one line per run. The peers and the runs of the task's
     entry (its labels in ``entry_labels``, default ``fasttd3``) get a colour per label and CPU; the other variants
-    are grey lines without a legend entry each, so that the levers screened do not hide the entry.
+    are grey lines without a legend entry each, so that the levers screened do not hide the entry, and are cut at
+    the entry's and the peers' longest run.
     """
     import matplotlib
 
@@ -290,6 +291,8 @@ def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None
         for mark in sorted({mark for run in task_runs for mark in run.get("marks", MARKS)}):
             axis.axvline(mark, color="grey", linewidth=0.5)
         axis.set(xlabel="training wall-clock, one core (s)", ylabel="evaluation return", title=env_id)
+        if shown:  # the span of the entry and the peers: a lever run for longer must not squeeze their curves
+            axis.set_xlim(0.0, 1.02 * max(run["curve"][-1]["seconds"] for run in shown))
         axis.legend(fontsize=7)
         fig.tight_layout()
         fig.savefig(RESULTS_DIR / f"{RESULTS_NAME}_{env_id}.png", dpi=90)

@@ -256,6 +256,7 @@ def test_mujoco_suite_plot_colours_the_entry_and_the_peers_and_greys_the_levers(
         return {"env": "Pendulum-v1", "algo": algo, "label": label, "seed": 0, "curve": curve, "machine": machine}
 
     runs = [run("entry"), run("lever"), run("entry"), run("sbx_sac", "sbx_sac"), run("other lever")]
+    runs[1]["curve"] = [{"seconds": 50.0, "steps": 25000, "return": 100.0}]  # a lever run for longer
     plot(runs, {"Pendulum-v1": ["entry"]})
     plot(runs, {})  # without entry labels, the runs labelled fasttd3 are the entry
     legends = [[text.get_text() for text in figure.axes[0].get_legend().get_texts()] for figure in figures]
@@ -263,6 +264,7 @@ def test_mujoco_suite_plot_colours_the_entry_and_the_peers_and_greys_the_levers(
     assert legends[1] == ["other variants (levers): 4 run(s)", "sbx_sac, CPU A: 1 run(s)"]
     grey, entry = figures[0].axes[0].get_lines()[0], figures[0].axes[0].get_lines()[2]
     assert grey.get_color() == "lightgrey" and entry.get_color() != "lightgrey"
+    assert figures[0].axes[0].get_xlim()[1] < 11.0  # cut at the entry's and the peers' span, not the lever's
 
 
 def test_zoo_entries(tmp_path):
