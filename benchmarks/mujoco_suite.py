@@ -210,8 +210,7 @@ def summarize(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]] | N
     env_ids = list(dict.fromkeys(run["env"] for run in runs))
     lines += ["## The entries and their peers", ""]
     for env_id in env_ids:
-        entry = set((entry_labels or {}).get(env_id, ["fasttd3"]))
-        shown = [run for run in runs if run["env"] == env_id and (run["algo"] != "fasttd3" or run["label"] in entry)]
+        shown = [run for run in runs if run["env"] == env_id and is_entry_or_peer(run, entry_labels or {})]
         if shown:
             lines += [f"{env_id}:", "", *run_table(shown, cpus), ""]
     for env_id in env_ids:
@@ -227,6 +226,11 @@ def summarize(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]] | N
         "",
     ]
     return "\n".join(lines)
+
+
+def is_entry_or_peer(run: dict[str, Any], entry_labels: dict[str, list[str]]) -> bool:
+    """Whether a run is a peer's or one of its task's entry (its labels in ``entry_labels``, default ``fasttd3``)."""
+    return run["algo"] != "fasttd3" or run["label"] in entry_labels.get(run["env"], ["fasttd3"])
 
 
 def sort_runs(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -276,10 +280,9 @@ def plot(runs: list[dict[str, Any]], entry_labels: dict[str, list[str]]) -> None
     cpus = cpu_labels(runs)
     for env_id in dict.fromkeys(run["env"] for run in runs):
         task_runs = [run for run in runs if run["env"] == env_id]
-        entry = set(entry_labels.get(env_id, ["fasttd3"]))
         shown, others = [], []  # the peers and the entry's runs; the levers screened
         for run in task_runs:
-            (shown if run["algo"] != "fasttd3" or run["label"] in entry else others).append(run)
+            (shown if is_entry_or_peer(run, entry_labels) else others).append(run)
         names = [f"{run['label']}, CPU {cpus[cpu_key(run)][0]}" for run in shown]
         colors = {name: f"C{i % 10}" for i, name in enumerate(dict.fromkeys(names))}
         fig, axis = plt.subplots(figsize=(7, 4.5))
