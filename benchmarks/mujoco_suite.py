@@ -92,9 +92,21 @@ def append_run(run: dict[str, Any]) -> None:
         plot(results["runs"], results.get("entry_labels", {}))
 
 
-def start_job(job: dict[str, Any], core: int, args: argparse.Namespace, output: str) -> subprocess.Popen:
-    """One training run as a child process on ``core``, one thread."""
-    command = [sys.executable, "-m", "benchmarks.mujoco_suite", "worker", "--worker", job["algo"], "--output", output]
+def start_job(
+    job: dict[str, Any],
+    core: int,
+    args: argparse.Namespace,
+    output: str,
+    module: str = "benchmarks.mujoco_suite",
+    extra: tuple[str, ...] = (),
+) -> subprocess.Popen:
+    """
+    One training run as a child process on ``core``, one thread.
+
+    :param module: the benchmark whose ``worker`` command trains it
+    :param extra: more arguments of that command
+    """
+    command = [sys.executable, "-m", module, "worker", "--worker", job["algo"], "--output", output, *extra]
     command += ["--env", job["env"], "--seed", str(job["seed"]), "--budget", str(args.budget)]
     command += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
     command += ["--marks", *map(str, args.marks), "--set", *job["set"]]

@@ -191,6 +191,24 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
 
 
+def test_averaged_actor_plays_every_actor_on_the_same_episodes(tmp_path):
+    """An average over one vector step is the live actor, so it must return exactly what the live actor returns."""
+    args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--marks", "2"]
+    spans = ["--spans", "4", "1000000000", "--set", "use_target_actor=true"]
+    run_benchmark("averaged_actor", "run", *args, *spans, results=tmp_path)
+    [run] = read_results(tmp_path, "averaged_actor")["runs"]
+    curves = run["curves"]
+    assert list(curves) == ["live", "target", "average over 4", "average over 1000000000"]
+    live = curves["live"]
+    for curve in curves.values():
+        assert [(point["steps"], point["mark"]) for point in curve] == [(point["steps"], point["mark"]) for point in live]
+    assert [point["return"] for point in curves["average over 4"]] == [point["return"] for point in live]
+    # An average over a far longer span stays near the initial actor, which plays differently once the actor learned
+    assert curves["average over 1000000000"][-1]["return"] != live[-1]["return"]
+    assert sum(point["mark"] for point in live) == 1 and run["torch_threads"] == 1
+    assert "| 0 | average over 4 |" in (tmp_path / "averaged_actor.md").read_text()
+
+
 def test_mujoco_suite_names_each_cpu_where_runs_came_from_several():
     """Seconds compare only on one CPU: a record mixing CPUs tells each run's, by the flags that differ."""
     from benchmarks.mujoco_suite import summarize
