@@ -188,6 +188,11 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param v_max: largest value of the critic's support
     :param use_target_actor: compute the next action with a soft-updated target actor (classic TD3);
         FastTD3 uses the online actor
+    :param actor_average_tau: keep a moving average of the actor, which ``predict()`` (evaluation, deployment) acts
+        with: after every actor step it moves this fraction of the way to the actor's weights, so that it averages
+        about the last ``1 / actor_average_tau`` steps and rides out the live actor's short lapses, at the cost of
+        lagging it by as many. The live actor still explores and learns. ``None``: ``predict()`` acts with the live
+        actor
     :param normalize_observations: normalize observations with running mean and variance kept in the policy;
         ``"auto"``: unless a ``VecNormalize`` wrapping the env normalizes them (both at once is refused)
     :param clip_obs: normalized observations are clipped to ``[-clip_obs, clip_obs]``; ``None``: no clipping
@@ -269,6 +274,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         v_min: float = -250.0,
         v_max: float = 250.0,
         use_target_actor: bool = False,
+        actor_average_tau: float | None = None,
         normalize_observations: bool | str = "auto",
         clip_obs: float | None = 10.0,
         epsilon: float = 1e-8,
@@ -325,6 +331,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.v_min = v_min
         self.v_max = v_max
         self.use_target_actor = use_target_actor
+        self.actor_average_tau = actor_average_tau
         self.normalize_observations = normalize_observations
         self.clip_obs = clip_obs
         self.epsilon = epsilon
@@ -395,6 +402,12 @@ class FastTD3(RolloutCollection, Checkpointing):
                 accepted,
             )
         require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
+        average_tau = self.actor_average_tau
+        require(
+            average_tau is None or (_is_number(average_tau) and 0.0 < average_tau <= 1.0),
+            "actor_average_tau",
+            "None or a float in (0, 1]",
+        )
         require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
         require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
         require(isinstance(self.gradient_steps, int) and self.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
@@ -505,6 +518,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             v_min=self.v_min,
             v_max=self.v_max,
             use_target_actor=self.use_target_actor,
+            average_actor=self.actor_average_tau is not None,
             normalize_observations=self.normalize_observations,
             clip_obs=self.clip_obs,
             epsilon=self.epsilon,
@@ -545,6 +559,10 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._actor_target_batch_norm_stats = (
             [] if self.actor_target is None else get_parameters_by_name(self.actor_target, ["running_"])
         )
+        # The actor's moving average, paired one-to-one with the actor (its own copy of the extractor included)
+        average = self.policy.actor_average
+        self._actor_average_params: list[th.Tensor] = [] if average is None else list(average.parameters())
+        self._actor_average_batch_norm_stats = [] if average is None else get_parameters_by_name(average, ["running_"])
         self._update_statistics = UpdateStatistics(self.device)
 
     def _setup_fast_path(self) -> None:
@@ -668,6 +686,8 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_critic_target_batch_norm_stats",
             "_actor_batch_norm_stats",
             "_actor_target_batch_norm_stats",
+            "_actor_average_params",
+            "_actor_average_batch_norm_stats",
             "exploration_noise",
             "_last_obs_tensor",
             "_acted_uniformly",
@@ -803,6 +823,9 @@ class FastTD3(RolloutCollection, Checkpointing):
             if self.actor_target is not None:
                 self._soft_update(self._actor_target_params, self._actor_polyak_params)
                 self._copy_stats(self._actor_target_batch_norm_stats, self._actor_batch_norm_stats)
+            if self._actor_average_params:
+                self._soft_update(self._actor_average_params, self._actor_params, self.actor_average_tau)
+                self._copy_stats(self._actor_average_batch_norm_stats, self._actor_batch_norm_stats)
         self._soft_update(self._critic_target_params, self._critic_polyak_params)
         self._copy_stats(self._critic_target_batch_norm_stats, self._critic_batch_norm_stats)
 
@@ -815,12 +838,14 @@ class FastTD3(RolloutCollection, Checkpointing):
             th.compiler.cudagraph_mark_step_begin()
 
     @th.no_grad()
-    def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor]) -> None:
+    def _soft_update(self, target_params: list[th.Tensor], params: list[th.Tensor], tau: float | None = None) -> None:
         """
         Polyak averaging ``target <- target + tau * (online - target)``, outside autograd: recorded, it would
         chain one node per update onto every target weight (memory growing for the whole run).
+
+        :param tau: the fraction of the way (``None``: ``self.tau``)
         """
-        th._foreach_lerp_(target_params, params, self.tau)
+        th._foreach_lerp_(target_params, params, self.tau if tau is None else tau)
 
     @staticmethod
     @th.no_grad()

@@ -57,15 +57,30 @@ def _flatten_keys(extractor: nn.Module, space: spaces.Space, normalize_images: b
 
 def _copy_normalizer_statistics(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
     """
-    The normalizer's statistics are saved under each module that holds it (the policy, the actor, the target
-    actor); a state dict that has them under the policy's ``obs_normalizer.`` only (as saved before the actor held
+    The normalizer's statistics are saved under each module that holds it (the policy, the actor, its target and
+    average); a state dict that has them under the policy's ``obs_normalizer.`` only (as saved before the actor held
     the normalizer) gets them copied to the others, so that it still loads.
     """
     own = prefix + "obs_normalizer."
     for key in [key for key in state_dict if key.startswith(own)]:
-        for holder in ("actor.", "actor_target."):
+        for holder in ("actor.", "actor_target.", "actor_average."):
             if getattr(module, holder[:-1], None) is not None:
                 state_dict.setdefault(prefix + holder + key[len(prefix) :], state_dict[key])
+
+
+def _match_actor_average(module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    """
+    A state dict saved without an actor average loads into a policy that keeps one as the actor itself (the average
+    starts there); one saved with an average loads into a policy that keeps none without it.
+    """
+    actor, average = prefix + "actor.", prefix + "actor_average."
+    saved = [key for key in state_dict if key.startswith(average)]
+    if getattr(module, "actor_average", None) is None:
+        for key in saved:
+            del state_dict[key]
+    elif not saved:
+        for key in [key for key in state_dict if key.startswith(actor)]:
+            state_dict[average + key[len(actor) :]] = state_dict[key]
 
 
 def critics_are_batched(state_dict: dict[str, Any], prefix: str = "critic.") -> bool | None:
@@ -328,6 +343,8 @@ class FastTD3Policy(BasePolicy):
     :param v_max: largest atom (set by the algorithm)
     :param n_critics: number of Q-networks
     :param use_target_actor: keep a target actor (classic TD3) (set by the algorithm)
+    :param average_actor: keep a moving average of the actor's weights, which ``predict`` acts with (set by the
+        algorithm, which updates it)
     :param normalize_observations: normalize observations with running statistics (set by the algorithm)
     :param clip_obs: clip normalized observations to this absolute value (``None``: no clipping)
     :param epsilon: added to the variance before the square root (to the standard deviation with ``epsilon_on_std``)
@@ -361,6 +378,7 @@ class FastTD3Policy(BasePolicy):
         v_max: float = 250.0,
         n_critics: int = 2,
         use_target_actor: bool = False,
+        average_actor: bool = False,
         normalize_observations: bool = True,
         clip_obs: float | None = 10.0,
         epsilon: float = 1e-8,
@@ -407,6 +425,7 @@ class FastTD3Policy(BasePolicy):
         self.v_max = v_max
         self.n_critics = n_critics
         self.use_target_actor = use_target_actor
+        self.average_actor = average_actor
         self.normalize_observations = normalize_observations
         self.clip_obs = clip_obs
         self.epsilon = epsilon
@@ -494,6 +513,12 @@ class FastTD3Policy(BasePolicy):
             self.actor_target.obs_normalizer = self.obs_normalizer  # one set of statistics
             if share:  # as the online networks, the targets share one extractor (the critic target's)
                 self.actor_target.features_extractor = self.critic_target.features_extractor
+        # What predict() acts with where kept: the actor averaged over its recent steps, extractor included
+        self.actor_average = None
+        if self.average_actor:
+            self.actor_average = copy.deepcopy(self.actor).requires_grad_(False).train(False)
+            self.actor_average.obs_normalizer = self.obs_normalizer
+        self.register_load_state_dict_pre_hook(_match_actor_average)  # first: it reads what the actor's keys hold
         self.register_load_state_dict_pre_hook(_copy_normalizer_statistics)
         # Derived from (v_min, v_max, num_atoms): moves with the policy but is not saved
         self.register_buffer("support", make_support(self.v_min, self.v_max, self.num_atoms), persistent=False)
@@ -523,6 +548,7 @@ class FastTD3Policy(BasePolicy):
             v_max=self.v_max,
             n_critics=self.n_critics,
             use_target_actor=self.use_target_actor,
+            average_actor=self.average_actor,
             normalize_observations=self.normalize_observations,
             clip_obs=self.clip_obs,
             epsilon=self.epsilon,
@@ -577,7 +603,12 @@ class FastTD3Policy(BasePolicy):
         return self._predict(observation, deterministic=deterministic)
 
     def _predict(self, observation: PyTorchObs, deterministic: bool = False) -> th.Tensor:
-        # Exploration noise is added by the algorithm during rollouts: acting is deterministic here
+        # Exploration noise is added by the algorithm to the live actor's actions: acting is deterministic here
+        actor = self.actor if self.actor_average is None else self.actor_average
+        return actor(self.actor_input(observation))
+
+    def live_actions(self, observation: PyTorchObs) -> th.Tensor:
+        """The live actor's actions in [-1, 1], which explore: ``predict`` acts with the average where one is kept."""
         return self.actor(self.actor_input(observation))
 
     def set_training_mode(self, mode: bool) -> None:

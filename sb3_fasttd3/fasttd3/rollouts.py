@@ -278,7 +278,7 @@ class RolloutCollection(OffPolicyAlgorithm):
                 return self._act_fn(obs).float()
         else:
             with th.no_grad(), self._autocast():
-                actions = self.policy._predict(obs).float()
+                actions = self.policy.live_actions(obs).float()
         if action_noise is None:
             return actions
         noise = th.as_tensor(action_noise(), device=self.device, dtype=th.float32)
@@ -291,9 +291,9 @@ class RolloutCollection(OffPolicyAlgorithm):
         return (actions + noise).clamp(-1.0, 1.0)
 
     def _noisy_actions(self, obs: TorchObs) -> th.Tensor:
-        """The actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
+        """The live actor's actions (its own weights, no copy) plus each env's exploration noise, clipped to [-1, 1]."""
         assert self.exploration_noise is not None
-        return self.exploration_noise(self.policy._predict(obs))
+        return self.exploration_noise(self.policy.live_actions(obs))
 
     def _store_step(
         self,
