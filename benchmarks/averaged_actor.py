@@ -28,7 +28,17 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
 from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, run_one_per_core, write_results
-from benchmarks.mujoco_suite import MARKS, THRESHOLDS, MarkedEvaluation, format_return, start_job, value_at
+from benchmarks.mujoco_suite import (
+    MARKS,
+    THRESHOLDS,
+    MarkedEvaluation,
+    add_budget_arguments,
+    add_worker_parser,
+    carry_out,
+    format_return,
+    start_job,
+    value_at,
+)
 from benchmarks.time_to_return import budgeted_learn
 
 RESULTS_NAME = "averaged_actor"
@@ -157,27 +167,19 @@ def main() -> None:
     run.add_argument("--env", default="Hopper-v5")
     run.add_argument("--seeds", type=int, nargs="+", default=[0])
     run.add_argument("--cores", type=int, nargs="+", default=[0], help="one job at a time on each")
-    worker = commands.add_parser("worker")
-    worker.add_argument("--worker", default="fasttd3")
-    worker.add_argument("--output", required=True)
-    worker.add_argument("--env", required=True)
-    worker.add_argument("--seed", type=int, required=True)
+    run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameters to replace")
+    worker = add_worker_parser(commands, ["fasttd3"])
     for command in (run, worker):
         command.add_argument("--spans", type=int, nargs="+", default=[4000, 20000], help="averages' spans, transitions")
-        command.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="hyperparameters to replace")
-        command.add_argument("--budget", type=float, default=1150.0, help="training seconds per run")
-        command.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
-        command.add_argument("--eval-episodes", type=int, default=5)
-        command.add_argument("--marks", type=float, nargs="+", default=MARKS, help="also evaluate at these seconds")
+        add_budget_arguments(command, budget=1150.0)
     commands.add_parser("report", help="rewrite the Markdown from the JSON")
-    args = parser.parse_args()
-    if args.command == "worker":
-        Path(args.output).write_text(json.dumps(run_worker(args)))
-    elif args.command == "run":
-        run_jobs(args)
-    else:
-        results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
-        write_results(RESULTS_NAME, results, summarize(results["runs"]))
+    carry_out(parser.parse_args(), run_worker, run_jobs, report)
+
+
+def report() -> None:
+    """Rewrite the Markdown from the JSON."""
+    results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
+    write_results(RESULTS_NAME, results, summarize(results["runs"]))
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,41 @@ def curve_xy(run: dict[str, Any]) -> tuple[list[float], list[float]]:
     return [point["seconds"] for point in run["curve"]], [point["return"] for point in run["curve"]]
 
 
+def carry_out(
+    args: argparse.Namespace,
+    worker: Callable[[argparse.Namespace], dict[str, Any]],
+    jobs: Callable[[argparse.Namespace], None],
+    report: Callable[[], None],
+) -> None:
+    """Carry out a parsed ``worker`` (its run to ``--output``), ``run`` (``--set`` checked first) or ``report``."""
+    if args.command == "worker":
+        Path(args.output).write_text(json.dumps(worker(args)))
+    elif args.command == "run":
+        parse_overrides(args.set)  # a malformed pair fails before any run
+        jobs(args)
+    else:
+        report()
+
+
+def add_worker_parser(commands: Any, algos: list[str]) -> argparse.ArgumentParser:
+    """The ``worker`` command that :func:`start_job` runs for one job."""
+    worker = commands.add_parser("worker")
+    worker.add_argument("--worker", choices=algos, required=True)
+    worker.add_argument("--output", required=True)
+    worker.add_argument("--env", required=True)
+    worker.add_argument("--seed", type=int, required=True)
+    worker.add_argument("--set", nargs="*", default=[])
+    return worker
+
+
+def add_budget_arguments(command: argparse.ArgumentParser, budget: float) -> None:
+    """The training budget and the evaluations, which ``run`` hands to each ``worker``."""
+    command.add_argument("--budget", type=float, default=budget, help="training seconds per run")
+    command.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
+    command.add_argument("--eval-episodes", type=int, default=5)
+    command.add_argument("--marks", type=float, nargs="+", default=MARKS, help="also evaluate at these seconds")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -330,28 +366,18 @@ def main() -> None:
     run.add_argument("--cores", type=int, nargs="+", default=[0], help="one job at a time on each")
     run.add_argument("--label", help="name of a FastTD3 variant (default: fasttd3)")
     run.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="FastTD3 hyperparameters to replace")
-    worker = commands.add_parser("worker")
-    worker.add_argument("--worker", choices=list(ALGOS), required=True)
-    worker.add_argument("--output", required=True)
-    worker.add_argument("--env", required=True)
-    worker.add_argument("--seed", type=int, required=True)
-    worker.add_argument("--set", nargs="*", default=[])
+    worker = add_worker_parser(commands, list(ALGOS))
     for command in (run, worker):
-        command.add_argument("--budget", type=float, default=600.0, help="training seconds per run")
-        command.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
-        command.add_argument("--eval-episodes", type=int, default=5)
-        command.add_argument("--marks", type=float, nargs="+", default=MARKS, help="also evaluate at these seconds")
+        add_budget_arguments(command, budget=600.0)
     commands.add_parser("report", help="rewrite the Markdown and plots from the JSON")
-    args = parser.parse_args()
-    if args.command == "worker":
-        Path(args.output).write_text(json.dumps(run_worker(args)))
-    elif args.command == "run":
-        parse_overrides(args.set)  # a malformed pair fails before any run
-        run_jobs(args)
-    else:
-        results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
-        write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
-        plot(results["runs"], results.get("entry_labels", {}))
+    carry_out(parser.parse_args(), run_worker, run_jobs, report)
+
+
+def report() -> None:
+    """Rewrite the Markdown and the plots from the JSON."""
+    results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
+    write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
+    plot(results["runs"], results.get("entry_labels", {}))
 
 
 if __name__ == "__main__":
