@@ -4,6 +4,7 @@ import numpy as np
 import torch as th
 
 from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.fasttd3.policies import Actor
 from tests.test_fasttd3 import counting_env, make_model, observations
 
 
@@ -71,6 +72,10 @@ def test_save_load_keeps_the_average_and_load_may_add_or_drop_it(tmp_path):
     loaded = FastTD3.load(tmp_path / "averaged", env=counting_env(1))
     assert loaded.actor_average_tau == 0.01
     np.testing.assert_allclose(loaded.predict(obs, deterministic=True)[0], actions, rtol=1e-5, atol=1e-6)
+    # The average deploys alone, as the actor does
+    model.policy.actor_average.save(tmp_path / "average.pt")
+    alone = Actor.load(tmp_path / "average.pt")
+    np.testing.assert_allclose(alone.predict(obs, deterministic=True)[0], actions, rtol=1e-5, atol=1e-6)
     # Loaded without the average, the model acts with the live actor it saved
     live_actions = model.policy.unscale_action(deterministic_actions(model.actor, model, obs).numpy())
     plain = FastTD3.load(tmp_path / "averaged", env=counting_env(1), actor_average_tau=None)
