@@ -3,7 +3,8 @@ Whether an averaged actor holds a gait better than the live one. FastTD3's entry
 one core with one thread as in ``mujoco_suite``; at every evaluation (every ``--eval-every`` steps and past each
 mark, evaluation time kept off the training clock) the live actor, the target actor (where the entry has one) and
 exponential moving averages of the live actor play the same evaluation episodes: each has its own evaluation env,
-seeded alike. Training is the entry's: the averages are only read.
+seeded alike. Training is the entry's: the averages are only read. The live actor is evaluated as such, and an
+entry with ``actor_average_tau`` (what its ``predict()`` acts with) adds its own average to the others.
 
     python -m benchmarks.averaged_actor run --env Hopper-v5 --seeds 0 1 --cores 0 1 --budget 1150 --spans 4000 20000
     python -m benchmarks.averaged_actor report
@@ -60,6 +61,8 @@ class AveragedActorEvaluation(MarkedEvaluation):
         super()._on_training_start()
         policy = self.model.policy
         self.actors = {"target": policy.actor_target} if policy.actor_target is not None else {}
+        if policy.actor_average is not None:
+            self.actors[f"actor_average_tau={self.model.actor_average_tau}"] = policy.actor_average
         self.averages = {}
         for span in self.spans:
             average = copy.deepcopy(policy.actor).requires_grad_(False)
@@ -76,6 +79,10 @@ class AveragedActorEvaluation(MarkedEvaluation):
                 weight = min(1.0, self.model.n_envs / span)
                 th._foreach_lerp_(list(average.parameters()), live, weight)
         return super()._on_step()
+
+    def evaluated(self) -> Any:
+        """The live actor, whatever the model's ``predict()`` acts with."""
+        return self.model.policy.actor
 
     def evaluate(self) -> None:
         super().evaluate()

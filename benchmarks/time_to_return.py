@@ -183,9 +183,13 @@ class BudgetedEvaluation(BaseCallback):
     def training_seconds(self) -> float:
         return time.perf_counter() - self.start - self.eval_seconds
 
+    def evaluated(self) -> Any:
+        """What plays the evaluation episodes: the model, through its ``predict()``."""
+        return self.model
+
     def evaluate(self) -> None:
         seconds, eval_start = self.training_seconds(), time.perf_counter()
-        mean_return, _ = evaluate_policy(self.model, self.eval_env, n_eval_episodes=self.eval_episodes)
+        mean_return, _ = evaluate_policy(self.evaluated(), self.eval_env, n_eval_episodes=self.eval_episodes)
         self.curve.append({"seconds": seconds, "steps": self.num_timesteps, "return": float(mean_return)})
         print(f"  {seconds:7.1f} s {self.num_timesteps:8d} steps  return {mean_return:8.1f}", flush=True)
         self.eval_seconds += time.perf_counter() - eval_start

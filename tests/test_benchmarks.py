@@ -194,11 +194,13 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
 def test_averaged_actor_plays_every_actor_on_the_same_episodes(tmp_path):
     """An average over one vector step is the live actor, so it must return exactly what the live actor returns."""
     args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--marks", "2"]
-    spans = ["--spans", "4", "1000000000", "--set", "use_target_actor=true"]
+    # The entry's own average (what its predict() acts with) is one more actor: "live" stays the live actor
+    spans = ["--spans", "4", "1000000000", "--set", "use_target_actor=true", "actor_average_tau=0.001"]
     run_benchmark("averaged_actor", "run", *args, *spans, results=tmp_path)
     [run] = read_results(tmp_path, "averaged_actor")["runs"]
     curves = run["curves"]
-    assert list(curves) == ["live", "target", "average over 4", "average over 1000000000"]
+    names = ["live", "target", "actor_average_tau=0.001", "average over 4", "average over 1000000000"]
+    assert list(curves) == names
     live = curves["live"]
     for curve in curves.values():
         assert [(point["steps"], point["mark"]) for point in curve] == [(point["steps"], point["mark"]) for point in live]
