@@ -70,14 +70,17 @@ class AveragedActorEvaluation(MarkedEvaluation):
             self.averages[span] = average
             self.actors[f"average over {span}"] = average
         self.eval_envs = {name: self.make_eval_env() for name in self.actors}
+        # Each average's weights with the fraction of the way it moves after a vector step, listed once
+        self.live_params = list(policy.actor.parameters())
+        self.average_params = [
+            (list(average.parameters()), min(1.0, self.model.n_envs / span)) for span, average in self.averages.items()
+        ]
         self.curves.update({name: [] for name in self.actors})
 
     def _on_step(self) -> bool:
-        live = list(self.model.policy.actor.parameters())
         with th.no_grad():
-            for span, average in self.averages.items():
-                weight = min(1.0, self.model.n_envs / span)
-                th._foreach_lerp_(list(average.parameters()), live, weight)
+            for params, weight in self.average_params:
+                th._foreach_lerp_(params, self.live_params, weight)
         return super()._on_step()
 
     def evaluated(self) -> Any:
