@@ -11,8 +11,8 @@ entry with ``actor_average_tau`` (what its ``predict()`` acts with) adds its own
 
 A span is the number of transitions over which a past actor's weight in the average decays to 1/e: the average
 moves towards the live actor by ``n_envs / span`` of the way after every vector step. Runs append to
-``benchmarks/results/averaged_actor.{json,md}``; the summary counts, per actor, the evaluations from the last mark
-on that fall below the task's top threshold in ``mujoco_suite``.
+``benchmarks/results/averaged_actor.{json,md}``; the summary gives, per actor, the transitions to its first evaluation
+at the task's top threshold in ``mujoco_suite``, and counts the evaluations from the last mark on that fall below it.
 """
 
 import argparse
@@ -40,7 +40,7 @@ from benchmarks.mujoco_suite import (
     start_job,
     value_at,
 )
-from benchmarks.time_to_return import budgeted_learn
+from benchmarks.time_to_return import budgeted_learn, first_reaching
 
 RESULTS_NAME = "averaged_actor"
 
@@ -111,13 +111,18 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def hold_row(env_id: str, seed: int, name: str, curve: list[dict[str, float]], mark: float) -> str:
-    """One Markdown row: an actor's returns at the marks, and how it holds the task's top threshold from ``mark``."""
+    """
+    One Markdown row: an actor's returns at the marks, the transitions to its first evaluation at the task's top
+    threshold, and how it holds that threshold from ``mark``.
+    """
     threshold = THRESHOLDS.get(env_id, (float("inf"),))[-1]
     held = [point["return"] for point in curve if point["seconds"] >= mark]
     at_marks = " | ".join(format_return(value_at(curve, m)) for m in MARKS)
-    below = sum(value < threshold for value in held)
+    reached = first_reaching(curve, threshold)
+    first = f"{reached['steps']:.0f}" if reached else "not reached"
+    below = f"{sum(value < threshold for value in held)} of {len(held)}" if held else "-"
     lowest = f"{min(held):.0f}" if held else "-"
-    return f"| {seed} | {name} | {at_marks} | {lowest} | {below} of {len(held)} | {curve[-1]['return']:.0f} |"
+    return f"| {seed} | {name} | {at_marks} | {first} | {lowest} | {below} | {curve[-1]['return']:.0f} |"
 
 
 def summarize(runs: list[dict[str, Any]]) -> str:
@@ -132,8 +137,11 @@ def summarize(runs: list[dict[str, Any]]) -> str:
         threshold = THRESHOLDS.get(env_id, (float("inf"),))[-1]
         lines += ["", f"## {env_id}", ""]
         marks = " | ".join(f"after {m:g} s" for m in MARKS)
-        lines.append(f"| seed | actor | {marks} | lowest from {mark:g} s | below {threshold:g} from {mark:g} s | last |")
-        lines.append("| --- | --- | " + " | ".join("---" for _ in MARKS) + " | --- | --- | --- |")
+        lines.append(
+            f"| seed | actor | {marks} | to {threshold:g}: steps | lowest from {mark:g} s | below {threshold:g} from"
+            f" {mark:g} s | last |"
+        )
+        lines.append("| --- | --- | " + " | ".join("---" for _ in MARKS) + " | --- | --- | --- | --- |")
         for run in (run for run in runs if run["env"] == env_id):
             for name, curve in run["curves"].items():
                 lines.append(hold_row(env_id, run["seed"], name, curve, mark))
