@@ -218,7 +218,8 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     callback = BudgetedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     budgeted_learn(args.worker, args.env, args.seed, args.set, callback)
     run = {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
-    return {**run, "set": args.set, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
+    evaluations = {"eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
+    return {**run, **evaluations, "set": args.set, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
 
 
 def run_name(run: dict[str, Any]) -> str:
@@ -344,8 +345,9 @@ def verdict(ratio: float, judged: bool) -> str:
 
 def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int:
     """
-    ``args.join_invocation``, once checked to be a comparison on the same task and budget, and the same seed unless
-    only FastTD3 joins (its other seeds are compared with the same peer runs).
+    ``args.join_invocation``, once checked to be a comparison on the same task, budget and evaluations (where its
+    runs record them), and the same seed unless only FastTD3 joins (its other seeds are compared with the same peer
+    runs).
     """
     joined = [run for run in runs if run["invocation"] == args.join_invocation]
     if not joined:
@@ -353,10 +355,14 @@ def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int
     wanted = {"env": args.env, "budget": args.budget}
     if set(args.algos) != {"fasttd3"}:
         wanted["seed"] = args.seed
+    evaluations = {"eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
     for run in joined:
-        found = {key: run[key] for key in wanted}
-        if found != wanted:
-            raise SystemExit(f"--join-invocation {args.join_invocation} ran with {found}, not {wanted}: same settings needed")
+        expected = {**wanted, **{key: value for key, value in evaluations.items() if key in run}}
+        found = {key: run[key] for key in expected}
+        if found != expected:
+            raise SystemExit(
+                f"--join-invocation {args.join_invocation} ran with {found}, not {expected}: same settings needed"
+            )
     return args.join_invocation
 
 

@@ -116,7 +116,10 @@ def test_set_takes_a_learning_rate_schedule_over_total_timesteps():
 
 
 def test_only_fasttd3_joins_a_comparison_with_another_seed():
-    """FastTD3's other seeds join the peers' comparison; a peer joining must have the comparison's seed."""
+    """
+    FastTD3's other seeds join the peers' comparison; a peer joining must have the comparison's seed, and every run
+    the evaluations its runs recorded.
+    """
     import argparse
 
     from benchmarks.time_to_return import join_invocation, results_name
@@ -124,13 +127,17 @@ def test_only_fasttd3_joins_a_comparison_with_another_seed():
     runs = [
         {"invocation": 3, "algo": algo, "env": "HalfCheetah-v5", "seed": 0, "budget": 900.0} for algo in ("fasttd3", "sbx_sac")
     ]
-    args = {"join_invocation": 3, "env": "HalfCheetah-v5", "budget": 900.0}
+    args = {"join_invocation": 3, "env": "HalfCheetah-v5", "budget": 900.0, "eval_every": 5000, "eval_episodes": 3}
     assert join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3"], seed=1)) == 3
     assert join_invocation(runs, argparse.Namespace(**args, algos=["sbx_td3"], seed=0)) == 3
     with pytest.raises(SystemExit, match="seed"):
         join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3", "sbx_td3"], seed=1))
     with pytest.raises(SystemExit, match="budget"):
         join_invocation(runs, argparse.Namespace(**{**args, "budget": 600.0}, algos=["fasttd3"], seed=1))
+    recorded = [{**run, "eval_every": 5000, "eval_episodes": 5} for run in runs]
+    with pytest.raises(SystemExit, match="eval_episodes"):
+        join_invocation(recorded, argparse.Namespace(**args, algos=["fasttd3"], seed=1))
+    assert join_invocation(recorded, argparse.Namespace(**{**args, "eval_episodes": 5}, algos=["fasttd3"], seed=1)) == 3
     assert results_name("HalfCheetah-v5") == "time_to_return" and results_name("Hopper-v5") == "time_to_return_Hopper-v5"
 
 
