@@ -83,6 +83,7 @@ def test_time_to_return_stops_a_run_at_the_return(tmp_path):
     run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--stop-at=-2000", "--set", "tau=0.02", results=tmp_path)
     (run,) = json.loads((tmp_path / "time_to_return_Pendulum-v1.json").read_text())["runs"]
     assert run["stop_at"] == -2000 and [point["steps"] for point in run["curve"]] == [400]
+    assert (run["eval_every"], run["eval_episodes"]) == (400, 1)  # what a joining run is checked against
     assert run["curve"][0]["seconds"] < run["budget"] and run["set"] == ["tau=0.02"]
     summary = (tmp_path / "time_to_return_Pendulum-v1.md").read_text()
     assert "(stopped)" in summary and "| fasttd3 (tau=0.02) |" in summary
