@@ -218,8 +218,18 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     callback = BudgetedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at)
     budgeted_learn(args.worker, args.env, args.seed, args.set, callback)
     run = {"algo": args.worker, "env": args.env, "seed": args.seed, "budget": args.budget, "curve": callback.curve}
-    evaluations = {"eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
-    return {**run, **evaluations, "set": args.set, "stop_at": args.stop_at, "torch_threads": th.get_num_threads()}
+    return {
+        **run,
+        **evaluation_settings(args),
+        "set": args.set,
+        "stop_at": args.stop_at,
+        "torch_threads": th.get_num_threads(),
+    }
+
+
+def evaluation_settings(args: argparse.Namespace) -> dict[str, int]:
+    """How a run evaluates: recorded with it, and checked when a run joins its comparison."""
+    return {"eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
 
 
 def run_name(run: dict[str, Any]) -> str:
@@ -355,9 +365,8 @@ def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int
     wanted = {"env": args.env, "budget": args.budget}
     if set(args.algos) != {"fasttd3"}:
         wanted["seed"] = args.seed
-    evaluations = {"eval_every": args.eval_every, "eval_episodes": args.eval_episodes}
     for run in joined:
-        expected = {**wanted, **{key: value for key, value in evaluations.items() if key in run}}
+        expected = {**wanted, **{key: value for key, value in evaluation_settings(args).items() if key in run}}
         found = {key: run[key] for key in expected}
         if found != expected:
             raise SystemExit(
