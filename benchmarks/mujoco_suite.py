@@ -17,7 +17,9 @@ replacements, told apart by ``--label``. Each task's plot colours the peers and 
 named in the JSON's ``entry_labels`` (task id to labels; ``fasttd3`` where a task has none), and draws the other
 variants in grey. A learning rate may be a schedule, written as in the entries (``LinearSchedule(start, end,
 end_fraction)``); a run with one learns over the entry's ``n_timesteps``, as in ``rl_zoo3.train``, or over
-``--set total_timesteps=N``, and stops there (runs are otherwise open-ended: the budget ends them).
+``--set total_timesteps=N``, and stops there (runs are otherwise open-ended: the budget ends them). ``--stop-at R``
+ends each run at its first evaluation returning at least R: the transitions to a return, where its time does not
+matter (a lever screened for a faster machine).
 Peers need ``pip install -e ".[benchmarks]"``.
 """
 
@@ -69,13 +71,17 @@ class MarkedEvaluation(BudgetedEvaluation):
             self.pending.pop(0)
             self.evaluate()
             self.curve[-1]["mark"] = True
+            if self.stop_at is not None and self.curve[-1]["return"] >= self.stop_at:
+                return False
         return super()._on_step()
 
 
 def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one algorithm under the budget (called in a child process pinned to one core)."""
     eval_env = make_vec_env(args.env, n_envs=1, seed=args.seed + 1000)
-    callback = MarkedEvaluation(eval_env, args.budget, args.eval_every, args.eval_episodes, marks=args.marks)
+    callback = MarkedEvaluation(
+        eval_env, args.budget, args.eval_every, args.eval_episodes, stop_at=args.stop_at, marks=args.marks
+    )
     budgeted_learn(args.worker, args.env, args.seed, args.set, callback)
     return {"curve": callback.curve, "torch_threads": th.get_num_threads()}
 
@@ -127,9 +133,11 @@ def run_jobs(args: argparse.Namespace) -> None:
                 jobs.append({"env": env_id, "algo": algo, "label": label, "seed": seed, "set": args.set})
     outputs: dict[int, tuple[str, CpuSteal]] = {}  # per core: the running job's output file and CPU steal
 
+    stop = () if args.stop_at is None else ("--stop-at", str(args.stop_at))
+
     def start(job: dict[str, Any], core: int) -> subprocess.Popen:
         outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal())
-        return start_job(job, core, args, outputs[core][0])
+        return start_job(job, core, args, outputs[core][0], extra=stop)
 
     for job, core, status in run_one_per_core(jobs, args.cores, start):
         output, steal = outputs.pop(core)
@@ -137,6 +145,7 @@ def run_jobs(args: argparse.Namespace) -> None:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
         run = {**job, "budget": args.budget, "marks": args.marks, "core": core, **json.loads(Path(output).read_text())}
+        run.update({} if args.stop_at is None else {"stop_at": args.stop_at})
         os.unlink(output)
         append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
 
@@ -369,6 +378,7 @@ def main() -> None:
     worker = add_worker_parser(commands, list(ALGOS))
     for command in (run, worker):
         add_budget_arguments(command, budget=600.0)
+        command.add_argument("--stop-at", type=float, help="end each run at its first evaluation returning this")
     commands.add_parser("report", help="rewrite the Markdown and plots from the JSON")
     carry_out(parser.parse_args(), run_worker, run_jobs, report)
 

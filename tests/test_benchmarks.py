@@ -199,6 +199,17 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
 
 
+def test_mujoco_suite_stops_a_run_at_the_return(tmp_path):
+    """``--stop-at`` ends a run at its first evaluation reaching the return, a mark's included, and is recorded."""
+    args = ["--envs", "Pendulum-v1", "--budget", "300", "--eval-every", "400", "--eval-episodes", "1"]
+    # Every Pendulum return is above -2000: the first evaluation stops it, at the first step past its one-second mark
+    # when that comes before 400 steps, else at 400 steps
+    run_benchmark("mujoco_suite", "run", *args, "--marks", "1", "--stop-at=-2000", results=tmp_path)
+    [run] = read_results(tmp_path, "mujoco_suite")["runs"]
+    assert run["stop_at"] == -2000 and len(run["curve"]) == 1 and run["curve"][0]["steps"] <= 400
+    assert run["curve"][0]["seconds"] < run["budget"]
+
+
 def test_averaged_actor_plays_every_actor_on_the_same_episodes(tmp_path):
     """An average over one vector step is the live actor, so it must return exactly what the live actor returns."""
     args = ["--env", "Pendulum-v1", "--budget", "4", "--eval-every", "400", "--eval-episodes", "1", "--marks", "2"]
