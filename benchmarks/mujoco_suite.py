@@ -378,7 +378,7 @@ def main() -> None:
     worker = add_worker_parser(commands, list(ALGOS))
     for command in (run, worker):
         add_budget_arguments(command, budget=600.0)
-        command.add_argument("--stop-at", type=float, help="end each run at its first evaluation returning this")
+        command.add_argument("--stop-at", type=float, help="end each run at its first evaluation returning at least this")
     commands.add_parser("report", help="rewrite the Markdown and plots from the JSON")
     carry_out(parser.parse_args(), run_worker, run_jobs, report)
 
