@@ -71,7 +71,7 @@ class MarkedEvaluation(BudgetedEvaluation):
             self.pending.pop(0)
             self.evaluate()
             self.curve[-1]["mark"] = True
-            if self.stop_at is not None and self.curve[-1]["return"] >= self.stop_at:
+            if self.reached_stop_at():
                 return False
         return super()._on_step()
 
@@ -144,8 +144,8 @@ def run_jobs(args: argparse.Namespace) -> None:
         if status != 0:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
-        run = {**job, "budget": args.budget, "marks": args.marks, "core": core, **json.loads(Path(output).read_text())}
-        run.update({} if args.stop_at is None else {"stop_at": args.stop_at})
+        run = {**job, "budget": args.budget, "marks": args.marks, "stop_at": args.stop_at, "core": core}
+        run.update(json.loads(Path(output).read_text()))
         os.unlink(output)
         append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
 

@@ -194,11 +194,15 @@ class BudgetedEvaluation(BaseCallback):
         print(f"  {seconds:7.1f} s {self.num_timesteps:8d} steps  return {mean_return:8.1f}", flush=True)
         self.eval_seconds += time.perf_counter() - eval_start
 
+    def reached_stop_at(self) -> bool:
+        """Whether the last evaluation returned at least ``stop_at``."""
+        return self.stop_at is not None and self.curve[-1]["return"] >= self.stop_at
+
     def _on_step(self) -> bool:
         if self.num_timesteps >= self.next_eval:
             self.next_eval += self.eval_every
             self.evaluate()
-            if self.stop_at is not None and self.curve[-1]["return"] >= self.stop_at:
+            if self.reached_stop_at():
                 return False
         if self.training_seconds() >= self.budget:
             self.evaluate()
