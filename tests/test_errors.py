@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
-from stable_baselines3.common.buffers import NStepReplayBuffer
+from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise
@@ -78,6 +78,8 @@ def test_unsupported_observation_space():
         (dict(actor_average_tau="1e-3"), r"actor_average_tau must be None .* YAML reads a float without a dot"),
         (dict(policy_kwargs=dict(average_actor=True)), r"policy_kwargs must not contain \['average_actor'\]"),
         (dict(replay_buffer_kwargs=dict(optimize_memory_usage=True)), r"replay_buffer_kwargs must not contain"),
+        (dict(replay_buffer_class=dict), "replay_buffer_class must be DeviceNStepReplayBuffer .*HerReplayBuffer"),
+        (dict(n_steps=3, replay_buffer_class=ReplayBuffer), "n_steps=3 needs a replay buffer of n-step returns"),
         (dict(policy_kwargs=dict(num_atoms=51)), r"policy_kwargs must not contain \['num_atoms'\]: pass them to FastTD3"),
         (dict(policy_kwargs=dict(v_min=-1, use_target_actor=True)), r"\['use_target_actor', 'v_min'\]"),
         (dict(gamma=0.0), r"gamma must be in \(0, 1\]"),

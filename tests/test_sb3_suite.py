@@ -28,6 +28,7 @@ SB3_TEST_FILES = [
     "test_vec_normalize.py",
     "test_callbacks.py",
     "test_predict.py",
+    "test_her.py",
 ]
 
 CUDA = "forces model.device = cuda, which this CPU machine does not have"

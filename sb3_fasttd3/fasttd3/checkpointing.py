@@ -13,6 +13,7 @@ from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from sb3_fasttd3.common import checkpoints as ckpt
+from sb3_fasttd3.common import sb3_buffers
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.noise import MixedGaussianNoise
 
@@ -101,10 +102,10 @@ class Checkpointing(OffPolicyAlgorithm):
         except Exception as error:
             raise ckpt.CheckpointError(f"Cannot load the checkpoint {path}: {type(error).__name__}: {error}") from error
         exact = model.env is not None and ckpt.restore_envs(model.env, envs_bytes, state["env_rngs"])
+        sb3_buffers.attach(replay_buffer, model.env, model.device)
         if not exact:
             model._last_obs = None  # type: ignore[assignment]  # learn() resets the envs
-            replay_buffer.close_windows()
-        replay_buffer.to(model.device)
+            sb3_buffers.end_open_episodes(replay_buffer, quiet=True)
         model.replay_buffer = replay_buffer
         if state["exploration_sigmas"] is not None:
             noise = model._make_exploration_noise(n_envs=len(state["exploration_sigmas"]))

@@ -11,6 +11,7 @@ from typing import Any, ClassVar, TypeVar
 
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
@@ -20,6 +21,7 @@ from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedul
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from torch.nn import functional as F
 
+from sb3_fasttd3.common import sb3_buffers
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection, check_support
@@ -143,7 +145,9 @@ class FastTD3(RolloutCollection, Checkpointing):
     :param action_noise: an SB3 ``ActionNoise`` (e.g. ``NormalActionNoise``) added to the actor's actions in the
         [-1, 1] scale and reset for an env when its episode ends, as in SB3's TD3; it replaces the mixed per-env
         noise (``std_min``/``std_max``), which ``None`` keeps
-    :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`)
+    :param replay_buffer_class: replay buffer class (``None``: :class:`DeviceNStepReplayBuffer`); SB3's
+        ``ReplayBuffer``, ``DictReplayBuffer``, ``NStepReplayBuffer`` and ``HerReplayBuffer`` work too, on the host
+        (``HerReplayBuffer`` and the other one-step buffers with ``n_steps=1``)
     :param replay_buffer_kwargs: keyword arguments passed to the replay buffer on creation
     :param optimize_memory_usage: store the next observation only where an episode ends (or an n-step window
         needs it) instead of once per transition: about half the memory for a sample that costs a second gather
@@ -246,7 +250,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         train_freq: int | tuple[int, str] = 1,
         gradient_steps: int = 2,
         action_noise: ActionNoise | None = None,
-        replay_buffer_class: type[DeviceNStepReplayBuffer] | None = None,
+        replay_buffer_class: type[DeviceNStepReplayBuffer] | type[ReplayBuffer] | None = None,
         replay_buffer_kwargs: dict[str, Any] | None = None,
         optimize_memory_usage: bool = False,
         n_steps: int = 1,
@@ -433,7 +437,9 @@ class FastTD3(RolloutCollection, Checkpointing):
             # A model trained in fp16 still loads anywhere, to predict, deploy or train on (in fp16 again on CUDA)
             warnings.warn(f"amp_dtype='fp16' needs a CUDA device: the model loaded on {self.device} runs in fp32")
         warn_if_bf16_is_emulated(self.amp_dtype, self.device)
-        set_by_the_algorithm = sorted({"optimize_memory_usage", "n_envs", "n_steps", "gamma"} & set(self.replay_buffer_kwargs))
+        set_by_the_algorithm = sorted(
+            {"optimize_memory_usage", "n_envs", "n_steps", "gamma", "env"} & set(self.replay_buffer_kwargs)
+        )
         if set_by_the_algorithm:
             raise ValueError(
                 f"replay_buffer_kwargs must not contain {set_by_the_algorithm}: FastTD3 passes these to the buffer from "
@@ -475,8 +481,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             device=self.device,
             n_envs=self.n_envs,
             optimize_memory_usage=self.optimize_memory_usage,
-            n_steps=self.n_steps,
-            gamma=self.gamma,
+            **sb3_buffers.buffer_arguments(self.replay_buffer_class, self.n_steps, self.gamma, self.env),
             **self.replay_buffer_kwargs,
         )
         self._check_one_step_returns()
@@ -606,14 +611,14 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._last_obs_tensor = None
         if reset_num_timesteps or self._last_obs is None:
             # The envs are about to be reset: the next transitions do not follow the stored ones
-            self.replay_buffer.close_windows()
+            sb3_buffers.end_open_episodes(self.replay_buffer, quiet=True)
         if self.action_noise is not None and self.n_envs > 1 and not isinstance(self.action_noise, VectorizedActionNoise):
             self.action_noise = VectorizedActionNoise(self.action_noise, self.n_envs)
         self._transitions_per_step = self.n_envs
         if self._data_parallel is not None:
             callback, progress_bar = self._join_ranks(self._data_parallel, callback, progress_bar)
-        # OffPolicyAlgorithm's step is skipped: it marks the lean buffer's newest row done (a truncated trajectory),
-        # where close_windows has kept that row's next observation
+        # OffPolicyAlgorithm's step is skipped: it marks SB3's lean buffer's newest row done, which
+        # end_open_episodes has done where needed (FastTD3's lean buffer keeps that row's next observation)
         result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         check_finite_reset(self._last_obs)
         noise = self.exploration_noise
@@ -731,21 +736,23 @@ class FastTD3(RolloutCollection, Checkpointing):
 
     def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
         """
-        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device. A buffer
-        saved with another number of envs, or in the other layout (``optimize_memory_usage``), is re-laid for this
-        model (:meth:`~sb3_fasttd3.common.buffers.DeviceNStepReplayBuffer.relaid`): every stored transition is
-        kept, in storage for at least this model's ``buffer_size``, and its windows are closed. The observation and
+        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device. A
+        :class:`DeviceNStepReplayBuffer` saved with another number of envs, or in the other layout
+        (``optimize_memory_usage``), is re-laid for this model
+        (:meth:`~sb3_fasttd3.common.buffers.DeviceNStepReplayBuffer.relaid`): every stored transition is kept, in
+        storage for at least this model's ``buffer_size``, and its windows are closed. SB3's buffers load as in SB3
+        (``HerReplayBuffer`` with this model's env), with this model's number of envs only. The observation and
         action spaces, ``handle_timeout_termination``, ``n_steps`` and ``gamma`` must be the model's; on any error
         the model keeps its current buffer.
 
         :param path: path to the pickled replay buffer
-        :param truncate_last_traj: End the n-step windows of the newest transitions there, as if their
-            episodes were truncated (as SB3 does), so that no window reaches into the transitions collected next.
-            Leave it True unless training resumes from the very env state the buffer was saved with.
+        :param truncate_last_traj: End the episodes (and n-step windows) of the newest transitions there, as if
+            they were truncated (as SB3 does), so that nothing reaches into the transitions collected next. Leave it
+            True unless training resumes from the very env state the buffer was saved with.
         """
         replay_buffer = load_from_pkl(path, self.verbose)
-        if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
-            raise TypeError(f"Expected a DeviceNStepReplayBuffer in {path}, got {type(replay_buffer).__name__}")
+        if not isinstance(replay_buffer, sb3_buffers.AnyReplayBuffer):
+            raise TypeError(f"Expected a replay buffer in {path}, got {type(replay_buffer).__name__}")
         kept = "The model's current buffer was kept."
         handle_timeout = self.replay_buffer_kwargs.get("handle_timeout_termination", True)
         for name, saved, ours in (
@@ -758,19 +765,27 @@ class FastTD3(RolloutCollection, Checkpointing):
                     f"The replay buffer in {path} has {name}={saved} but the model has {name}={ours}: load it into a "
                     f"model with the same {name}. {kept}"
                 )
-        if (replay_buffer.n_steps, replay_buffer.gamma) != (self.n_steps, self.gamma):
+        n_steps, gamma = sb3_buffers.saved_returns(replay_buffer, self.gamma)
+        if (n_steps, gamma) != (self.n_steps, self.gamma):
             raise ValueError(
-                f"The replay buffer in {path} holds returns over n_steps={replay_buffer.n_steps} with "
-                f"gamma={replay_buffer.gamma}, but the model has n_steps={self.n_steps}, gamma={self.gamma}: "
-                f"load it into a model with the same n_steps and gamma. {kept}"
+                f"The replay buffer in {path} holds returns over n_steps={n_steps} with gamma={gamma}, but the model "
+                f"has n_steps={self.n_steps}, gamma={self.gamma}: load it into a model with the same n_steps and gamma. "
+                f"{kept}"
             )
         lean = self.optimize_memory_usage
-        if (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
+        if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
+            if replay_buffer.n_envs != self.n_envs:
+                raise ValueError(
+                    f"The replay buffer in {path} was saved with n_envs={replay_buffer.n_envs}, but the model has "
+                    f"n_envs={self.n_envs}: SB3's {type(replay_buffer).__name__} cannot be re-laid for another number "
+                    f"of envs (a DeviceNStepReplayBuffer can). {kept}"
+                )
+        elif (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
             replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
+        sb3_buffers.attach(replay_buffer, self.env, self.device)
         if truncate_last_traj:
-            replay_buffer.close_windows()
-        replay_buffer.to(self.device)
-        self.replay_buffer = replay_buffer
+            sb3_buffers.end_open_episodes(replay_buffer)
+        self.replay_buffer = replay_buffer  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ updates
     def train(self, gradient_steps: int, batch_size: int = 100) -> None:
@@ -797,9 +812,13 @@ class FastTD3(RolloutCollection, Checkpointing):
     def _sample_batches(self, gradient_steps: int, batch_size: int) -> Iterator[Any]:
         """
         The minibatches of one ``train()`` call, each as the replay buffer returns them, gathered with one
-        ``sample`` per group of updates: one large gather is cheaper than many small ones.
+        ``sample`` per group of updates: one large gather is cheaper than many small ones. SB3's buffers are
+        sampled once per update: ``HerReplayBuffer`` returns its real transitions first and its relabelled ones
+        after, so a split sample would give the updates different shares of each.
         """
         group = max(1, min(gradient_steps, MAX_SAMPLES_PER_GATHER // batch_size))
+        if not isinstance(self.replay_buffer, DeviceNStepReplayBuffer):
+            group = 1
         for start in range(0, gradient_steps, group):
             n_batches = min(group, gradient_steps - start)
             samples = self.replay_buffer.sample(batch_size * n_batches, env=self._vec_normalize_env)

@@ -16,6 +16,7 @@ from stable_baselines3.common.type_aliases import RolloutReturn, TrainFreq, Trai
 from stable_baselines3.common.utils import obs_as_tensor, should_collect_more_steps
 from stable_baselines3.common.vec_env import VecEnv
 
+from sb3_fasttd3.common import sb3_buffers
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributed import DataParallel
 from sb3_fasttd3.common.noise import MixedGaussianNoise
@@ -101,6 +102,11 @@ class RolloutCollection(OffPolicyAlgorithm):
         env = self.env
         if not isinstance(env, TorchVecEnv):
             return
+        if not isinstance(self.replay_buffer, DeviceNStepReplayBuffer):
+            raise ValueError(
+                f"replay_buffer_class={type(self.replay_buffer).__name__} keeps NumPy arrays on the host, and a "
+                "TorchVecEnv keeps its transitions on its device: use the default DeviceNStepReplayBuffer"
+            )
         train_freq = self.train_freq
         assert isinstance(train_freq, TrainFreq)  # converted by _setup_model
         if train_freq.unit == TrainFrequencyUnit.EPISODE:
@@ -324,15 +330,17 @@ class RolloutCollection(OffPolicyAlgorithm):
         next_obs = self._replace_rows(next_obs, final_obs)
         truncated = np.array([info.get("TimeLimit.truncated", False) for info in infos], dtype=bool)
         self._set_return_length()
-        self.replay_buffer.add(stored_obs, next_obs, buffer_actions, rewards, dones, infos, truncated=truncated)  # type: ignore[arg-type]
+        sb3_buffers.add_step(self.replay_buffer, stored_obs, next_obs, buffer_actions, rewards, dones, infos, truncated)
         return new_obs_tensor
 
     def _set_return_length(self) -> None:
         """
         Which transitions stored next keep one-step returns: all while ``num_timesteps`` (counting them) is below
         ``n_step_start``; with ``n_step_max_noise``, uniform warm-up actions and those of the envs whose noise scale
-        is above it (a mask on the device, no host sync).
+        is above it (a mask on the device, no host sync). SB3's buffers have no such switch (both options refuse them).
         """
+        if not isinstance(self.replay_buffer, DeviceNStepReplayBuffer):
+            return
         one_step: bool | th.Tensor = self.num_timesteps < self.n_step_start or (
             self.n_step_max_noise is not None and self._acted_uniformly
         )
