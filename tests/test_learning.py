@@ -44,3 +44,36 @@ def test_playground_cartpole_balance_learns():
     eval_env = NumpyVecEnv(PlaygroundVecEnv("CartpoleBalance", 4, device="cpu", seed=1))
     mean_return, _ = evaluate_policy(model, eval_env, n_eval_episodes=4)
     assert mean_return >= 800
+
+
+def her_success_rate(seed: int, n_bits: int = 8, timesteps: int = 6000, **kwargs) -> float:
+    """FastTD3 with SB3's HerReplayBuffer on BitFlippingEnv (continuous actions): the share of evaluation episodes won."""
+    from stable_baselines3 import HerReplayBuffer
+    from stable_baselines3.common.envs import BitFlippingEnv
+
+    def make_env(seed: int):
+        return make_vec_env(lambda: BitFlippingEnv(n_bits=n_bits, continuous=True), n_envs=4, seed=seed)
+
+    her = dict(replay_buffer_class=HerReplayBuffer, replay_buffer_kwargs=dict(n_sampled_goal=4))
+    model = FastTD3(
+        "MultiInputPolicy",
+        make_env(seed),
+        seed=seed,
+        learning_starts=200,
+        batch_size=128,
+        v_min=-100.0,
+        v_max=0.0,
+        policy_kwargs=dict(net_arch=[64, 64]),
+        **{**her, "tau": 0.005, **kwargs},
+    )
+    model.learn(timesteps)
+    returns, _ = evaluate_policy(model, make_env(seed + 1000), n_eval_episodes=50, return_episode_rewards=True)
+    # -1 per step until the goal: an episode that never reaches it returns -n_bits
+    return sum(episode_return > -n_bits for episode_return in returns) / len(returns)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_her_learns_bit_flipping(seed):
+    # A random policy wins under 5% of the episodes of 8 bits
+    assert her_success_rate(seed) >= 0.9
