@@ -137,6 +137,15 @@ def test_her_model_save_load_predict_and_learn(tmp_path):
     assert loaded.replay_buffer.env is env
 
 
+def test_her_relabels_with_the_env_set_env_gives():
+    model = her_model(learning_starts=8)
+    model.learn(20)
+    env = bit_flipping()
+    model.set_env(env)
+    assert model.replay_buffer.env is env
+    model.learn(20)
+
+
 def test_her_replay_buffer_save_load(tmp_path):
     model = her_model(learning_starts=8)
     model.learn(40)

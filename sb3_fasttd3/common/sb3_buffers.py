@@ -103,8 +103,9 @@ def end_open_episodes(buffer: AnyReplayBuffer, quiet: bool = False) -> None:
 
 def attach(buffer: AnyReplayBuffer, env: VecEnv | None, device: th.device) -> None:
     """
-    Make a loaded buffer the model's: on its device (SB3's buffers keep their arrays on the host and only sample
-    to it) and, for ``HerReplayBuffer``, with its env, which a pickled one does not hold.
+    Make a buffer the model's: on its device (SB3's buffers keep their arrays on the host and only sample to it)
+    and, for ``HerReplayBuffer``, bound to the model's env, which a pickled one does not hold and ``set_env``
+    replaces (HER computes the relabelled rewards with it).
     """
     if isinstance(buffer, DeviceNStepReplayBuffer):
         buffer.to(device)
@@ -112,6 +113,7 @@ def attach(buffer: AnyReplayBuffer, env: VecEnv | None, device: th.device) -> No
     if isinstance(buffer, HerReplayBuffer):
         if env is None:
             raise ValueError(f"A {type(buffer).__name__} needs the env it relabels goals with: load the model with env=...")
+        buffer.env = None  # HER's set_env refuses to replace an env
         buffer.set_env(env)
     buffer.device = device
 

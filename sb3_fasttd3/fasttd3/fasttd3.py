@@ -599,6 +599,9 @@ class FastTD3(RolloutCollection, Checkpointing):
         resolve_normalize_observations(env, self.normalize_observations)
         super().set_env(env, force_reset)
         self._last_obs_tensor = None
+        buffer = getattr(self, "replay_buffer", None)
+        if buffer is not None and not isinstance(buffer, DeviceNStepReplayBuffer):
+            sb3_buffers.attach(buffer, self.env, self.device)
 
     def _setup_learn(
         self,
