@@ -231,3 +231,16 @@ def test_parameters_copied_from_another_model_leave_its_optimizers_independent()
     source.train(gradient_steps=2, batch_size=16)
     for state, before in zip(states, expected, strict=True):
         assert all(th.equal(state["state"][k]["exp_avg"], v) for k, v in before.items())
+
+
+@pytest.mark.parametrize(
+    "optimizer_class, weight_decay, fused",
+    [(th.optim.AdamW, 0.1, True), (th.optim.Adam, 0, True), (th.optim.RMSprop, 0, None)],
+)
+def test_another_optimizer_class_gets_its_own_defaults(optimizer_class, weight_decay, fused):
+    # AdamW's weight decay is FastTD3's default, not the others': TD3's Adam keeps torch's defaults
+    model = make_model(2, policy_kwargs=dict(TINY["policy_kwargs"], optimizer_class=optimizer_class))
+    model.learn(30)
+    for optimizer in (model.actor.optimizer, model.critic.optimizer):
+        assert type(optimizer) is optimizer_class
+        assert (optimizer.defaults["weight_decay"], optimizer.defaults.get("fused")) == (weight_decay, fused)

@@ -83,6 +83,20 @@ def _match_actor_average(module: nn.Module, state_dict: dict[str, Any], prefix: 
             state_dict[average + key[len(actor) :]] = state_dict[key]
 
 
+def default_optimizer_kwargs(optimizer_class: type[th.optim.Optimizer], architecture: str = "mlp") -> dict[str, Any]:
+    """
+    The optimizer arguments when ``optimizer_kwargs`` is not given: the reference's weight decay for AdamW (none
+    for SimbaV2, whose weights are projected back onto the sphere), and for the Adam family one fused kernel for
+    all parameters (about 5x faster than the default on a CPU). Any other optimizer gets its own defaults, as in SB3.
+    """
+    kwargs: dict[str, Any] = {}
+    if issubclass(optimizer_class, th.optim.AdamW):
+        kwargs["weight_decay"] = 0.0 if architecture == "simbav2" else 0.1
+    if issubclass(optimizer_class, th.optim.Adam):  # AdamW included
+        kwargs["fused"] = True
+    return kwargs
+
+
 def critics_are_batched(state_dict: dict[str, Any], prefix: str = "critic.") -> bool | None:
     """
     The critic layout a policy's state dict was saved with: ``True`` for batched MLP critics, ``False`` for one
@@ -350,7 +364,8 @@ class FastTD3Policy(BasePolicy):
     :param epsilon: added to the variance before the square root (to the standard deviation with ``epsilon_on_std``)
     :param epsilon_on_std: normalize by ``std + epsilon`` instead of ``sqrt(var + epsilon)``
     :param optimizer_class: optimizer (AdamW by default)
-    :param optimizer_kwargs: optimizer arguments (default ``weight_decay=0.1, fused=True``)
+    :param optimizer_kwargs: optimizer arguments (default: :func:`default_optimizer_kwargs`, ``weight_decay=0.1,
+        fused=True`` for AdamW)
     """
 
     support: th.Tensor  # the critic's atoms (a buffer derived from v_min, v_max and num_atoms)
@@ -393,8 +408,7 @@ class FastTD3Policy(BasePolicy):
         if architecture == "simbav2" and batched_critics:
             raise ValueError("batched_critics=True applies to architecture='mlp' only, got architecture='simbav2'")
         if optimizer_kwargs is None:
-            # Fused AdamW: one kernel for all parameters (about 5x faster than the default on a CPU)
-            optimizer_kwargs = {"weight_decay": 0.0 if architecture == "simbav2" else 0.1, "fused": True}
+            optimizer_kwargs = default_optimizer_kwargs(optimizer_class, architecture)
         if features_extractor_class is None:
             features_extractor_class = self.default_features_extractor_class
         if features_extractor_class is None:
