@@ -127,7 +127,10 @@ def test_her_model_save_load_predict_and_learn(tmp_path):
     model = her_model(learning_starts=8)
     model.learn(40)
     model.save(tmp_path / "model")
-    with pytest.raises(ValueError, match="relabels goals with the env's compute_reward: pass env"):
+    with pytest.raises(
+        ValueError,
+        match=r"relabels goals with the env's compute_reward: pass env \(to load a model, FastTD3\.load\(path, env=env\)\)",
+    ):
         FastTD3.load(tmp_path / "model")
     env = bit_flipping()
     loaded = FastTD3.load(tmp_path / "model", env=env)

@@ -48,7 +48,7 @@ def buffer_arguments(buffer_class: Any, n_steps: int, gamma: float, env: VecEnv 
         if env is None:
             raise ValueError(
                 f"replay_buffer_class={name} relabels goals with the env's compute_reward: pass env (to load a model, "
-                f"{name}.load(path, env=env))"
+                "FastTD3.load(path, env=env))"
             )
         return dict(env=env)
     return {}
