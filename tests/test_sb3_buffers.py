@@ -11,6 +11,7 @@ from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.save_util import save_to_pkl
 
 from sb3_fasttd3 import FastTD3
+from tests.buffer_data import sample_columns, stored_samples
 from tests.envs import CountingTorchVecEnv
 from tests.test_checkpoints import assert_same_parameters
 from tests.test_fasttd3 import TINY, make_model
@@ -18,13 +19,9 @@ from tests.test_fasttd3 import TINY, make_model
 
 def transitions(samples, gamma: float) -> set[tuple[float, ...]]:
     """The transitions of ``samples`` as tuples (observation keys in order), rounded to float32's precision."""
-    columns = []
-    for value in samples:
-        if value is None:  # a one-step buffer's discount
-            value = th.full_like(samples.rewards, gamma)
-        parts = [value[key] for key in sorted(value)] if isinstance(value, dict) else [value]
-        columns += [part.reshape(len(samples.rewards), -1).double() for part in parts]
-    return {tuple(round(x, 5) for x in row) for row in th.cat(columns, dim=1).tolist()}
+    if samples.discounts is None:  # a one-step buffer's
+        samples = samples._replace(discounts=th.full_like(samples.rewards, gamma))
+    return {tuple(round(x, 5) for x in row) for row in sample_columns(samples).tolist()}
 
 
 def every_transition(model: FastTD3):
@@ -32,8 +29,7 @@ def every_transition(model: FastTD3):
     buffer = model.replay_buffer
     if isinstance(buffer, ReplayBuffer):
         return buffer._get_samples(np.arange(buffer.pos))
-    flat = (buffer._oldest() + th.arange(buffer.n_transitions)) % (buffer.ring_rows * buffer.n_envs)
-    return buffer._samples(flat, [table.index_select(0, flat) for table in buffer._flat_tables()], None)
+    return stored_samples(buffer)
 
 
 def bit_flipping(n_envs: int = 2, seed: int = 0):

@@ -16,6 +16,8 @@ from stable_baselines3.her.her_replay_buffer import HerReplayBuffer
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 
 AnyReplayBuffer = ReplayBuffer | DeviceNStepReplayBuffer
+# The buffers of n-step returns, which take the algorithm's n_steps and gamma
+N_STEP_BUFFERS = (DeviceNStepReplayBuffer, NStepReplayBuffer)
 ACCEPTED_CLASSES = (
     "DeviceNStepReplayBuffer (the default), or SB3's ReplayBuffer, DictReplayBuffer, NStepReplayBuffer or HerReplayBuffer"
 )
@@ -36,7 +38,7 @@ def buffer_arguments(buffer_class: Any, n_steps: int, gamma: float, env: VecEnv 
     """
     if not (isinstance(buffer_class, type) and issubclass(buffer_class, (ReplayBuffer, DeviceNStepReplayBuffer))):
         raise ValueError(f"replay_buffer_class must be {ACCEPTED_CLASSES} (or a subclass), got {buffer_class!r}")
-    if issubclass(buffer_class, (DeviceNStepReplayBuffer, NStepReplayBuffer)):
+    if issubclass(buffer_class, N_STEP_BUFFERS):
         return dict(n_steps=n_steps, gamma=gamma)
     name = buffer_class.__name__
     if n_steps != 1:
@@ -120,6 +122,6 @@ def attach(buffer: AnyReplayBuffer, env: VecEnv | None, device: th.device) -> No
 
 def saved_returns(buffer: AnyReplayBuffer, gamma: float) -> tuple[int, float]:
     """The ``(n_steps, gamma)`` of the returns ``buffer`` samples; a one-step buffer's do not depend on ``gamma``."""
-    if isinstance(buffer, (DeviceNStepReplayBuffer, NStepReplayBuffer)):
+    if isinstance(buffer, N_STEP_BUFFERS):
         return buffer.n_steps, buffer.gamma
     return 1, gamma
