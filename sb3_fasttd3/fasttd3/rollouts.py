@@ -114,8 +114,8 @@ class RolloutCollection(OffPolicyAlgorithm):
                 f"train_freq={tuple(train_freq)} counts episodes, which with a TorchVecEnv would need a host "
                 "sync every step: use a number of steps, e.g. train_freq=1"
             )
-        low = th.as_tensor(self.action_space.low, device=env.device, dtype=th.float32)
-        high = th.as_tensor(self.action_space.high, device=env.device, dtype=th.float32)
+        low = th.as_tensor(self.action_space.low, device=env.device, dtype=th.float32).flatten()
+        high = th.as_tensor(self.action_space.high, device=env.device, dtype=th.float32).flatten()
         self._env_action_low, self._env_action_half_range = low, (high - low) / 2.0
 
     def collect_rollouts(  # type: ignore[override]
@@ -144,7 +144,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             if obs_tensor is None:
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
             buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
-            actions = self.policy.unscale_action(buffer_actions.cpu().numpy())
+            actions = self.policy.unscale_action(buffer_actions.cpu().numpy().reshape(-1, *self.action_space.shape))
 
             new_obs, rewards, dones, infos = self._step_env(env, actions)
             self.num_timesteps += self._transitions_per_step
@@ -218,6 +218,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             obs: TorchObs = self._last_obs  # type: ignore[assignment]
             buffer_actions = self._exploration_actions(self._to_model_device(obs), learning_starts)
             actions = self._env_action_low + (buffer_actions.to(env.device) + 1.0) * self._env_action_half_range
+            actions = actions.reshape(-1, *self.action_space.shape)
 
             new_obs, rewards, dones, infos = self._step_env(env, actions)
             self.num_timesteps += self._transitions_per_step
@@ -288,11 +289,19 @@ class RolloutCollection(OffPolicyAlgorithm):
         if action_noise is None:
             return actions
         noise = th.as_tensor(action_noise(), device=self.device, dtype=th.float32)
-        if noise.shape not in (actions.shape, actions.shape[1:]):
+        n_envs, action_dim = actions.shape
+        shapes = ((action_dim,), tuple(self.action_space.shape))  # per env: flat, or the space's own shape
+        if noise.shape in shapes:
+            noise = noise.reshape(action_dim)
+        elif noise.shape[:1] == (n_envs,) and noise.shape[1:] in shapes:
+            noise = noise.reshape(n_envs, action_dim)
+        else:
+            shape = shapes[-1]
+            size = shape[0] if len(shape) == 1 else shape
             raise ValueError(
-                f"action_noise must return noise of the action shape {tuple(actions.shape[1:])} (or, vectorized, "
-                f"{tuple(actions.shape)}), got {tuple(noise.shape)}: build it from the action space, e.g. "
-                f"NormalActionNoise(mean=np.zeros({actions.shape[1]}), sigma=0.1 * np.ones({actions.shape[1]}))"
+                f"action_noise must return noise of the action shape {shape} (or, vectorized, {(n_envs, *shape)}), "
+                f"got {tuple(noise.shape)}: build it from the action space, e.g. "
+                f"NormalActionNoise(mean=np.zeros({size}), sigma=0.1 * np.ones({size}))"
             )
         return (actions + noise).clamp(-1.0, 1.0)
 
