@@ -153,6 +153,21 @@ def test_the_actor_alone_predicts_as_the_policy_and_survives_save_load(tmp_path,
     assert model.actor.obs_normalizer is model.policy.obs_normalizer is model.actor_target.obs_normalizer
 
 
+def test_q_values_read_as_documented_are_those_the_actor_follows():
+    # docs/guide/sb3_td3.md: the critic returns logits over normalized observations; q_values gives TD3's Q-values
+    model = make_model(2)
+    model.learn(200)
+    obs = model.env.reset()
+    env_actions, _ = model.predict(obs, deterministic=True)
+    obs_tensor, _ = model.policy.obs_to_tensor(obs)
+    actions = th.as_tensor(model.policy.scale_action(env_actions), device=model.device)
+    with th.no_grad():
+        q_values = model.policy.q_values(model.critic, model.policy.critic_input(obs_tensor), actions)
+        actor_loss = model._actor_loss(obs_tensor)
+    assert q_values.shape == (2, 2)
+    assert th.allclose(q_values.min(dim=0).values.mean(), -actor_loss, atol=1e-5)
+
+
 def test_a_policy_state_dict_with_the_normalizer_under_the_policy_only_still_loads():
     model = make_model(2)
     model.learn(60)
