@@ -1,10 +1,8 @@
 """FastTD3: TD3 with parallel environments, large batches and a distributional twin critic."""
 
 import io
-import numbers
 import pathlib
 import types
-import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any, ClassVar, TypeVar
@@ -22,10 +20,10 @@ from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name
 from torch.nn import functional as F
 
 from sb3_fasttd3.common import sb3_buffers
-from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer, check_return_parameters
+from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
-from sb3_fasttd3.common.distributional import categorical_projection, check_support
-from sb3_fasttd3.common.noise import MixedGaussianNoise, check_noise_correlation, check_noise_scales
+from sb3_fasttd3.common.distributional import categorical_projection
+from sb3_fasttd3.common.noise import MixedGaussianNoise
 from sb3_fasttd3.common.simbav2 import hyperspherical_weights, project_weights_
 from sb3_fasttd3.common.update_statistics import UpdateStatistics
 from sb3_fasttd3.fasttd3.checkpointing import Checkpointing
@@ -35,8 +33,8 @@ from sb3_fasttd3.fasttd3.checks import (
     check_finite_reset,
     has_native_bf16,
     resolve_normalize_observations,
-    warn_if_bf16_is_emulated,
 )
+from sb3_fasttd3.fasttd3.hyperparameter_checks import AMP_DTYPES, check_hyperparameters
 from sb3_fasttd3.fasttd3.policies import (
     Actor,
     CnnPolicy,
@@ -63,36 +61,6 @@ def _split_batches(value: Any, batch_size: int, n_batches: int) -> list[Any]:
         parts = {key: _split_batches(part, batch_size, n_batches) for key, part in value.items()}
         return [{key: parts[key][i] for key in value} for i in range(n_batches)]
     return list(value.split(batch_size))
-
-
-# Mixed precision: the name accepted by ``amp_dtype`` and the torch dtype of the autocast regions
-# ("auto" resolves to "bf16" or None per device, see ``_setup_fast_path``)
-AMP_DTYPES = {None: None, "bf16": th.bfloat16, "fp16": th.float16}
-AMP_CHOICES = [*AMP_DTYPES, "auto"]
-# How FastTD3 acts before learning_starts: uniform random actions (SB3), or the initial actor with its noise
-WARMUP_ACTIONS = ["uniform", "actor"]
-# Which critics the actor's loss reads: all of them (the reference), or the first only (SB3's TD3)
-ACTOR_Q = ["all", "q1"]
-# Hyperparameters compared as numbers; checked to be numbers first, so that a string fails with a ValueError naming it
-NUMERIC_HYPERPARAMETERS = (
-    "gamma",
-    "tau",
-    "learning_starts",
-    "target_policy_noise",
-    "target_noise_clip",
-    "std_min",
-    "std_max",
-    "v_min",
-    "v_max",
-    "epsilon",
-)
-# YAML 1.1 (PyYAML, the RL Zoo's files) reads a float written without a dot, such as 1e-3, as a string
-YAML_FLOAT_HINT = " (a string: YAML reads a float without a dot, such as 1e-3, as one; write 1.0e-3 or !!float 1e-3)"
-
-
-def _is_number(value: Any) -> bool:
-    """Whether ``value`` is a real number (Python's or NumPy's), a bool excluded."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _compile_for_this_model(method: Callable, mode: str | None) -> Callable:
@@ -357,96 +325,6 @@ class FastTD3(RolloutCollection, Checkpointing):
         if _init_setup_model:
             self._setup_model()
 
-    # ------------------------------------------------------------------ checks
-    def _check_hyperparameters(self) -> None:
-        """Validate every knob with a message naming it and the accepted values."""
-
-        def require(ok: bool, name: str, accepted: str) -> None:
-            if not ok:
-                value = getattr(self, name)
-                raise ValueError(
-                    f"{name} must be {accepted}, got {value!r}" + (YAML_FLOAT_HINT if isinstance(value, str) else "")
-                )
-
-        for name in NUMERIC_HYPERPARAMETERS:
-            require(_is_number(getattr(self, name)), name, "a number")
-        # The components' own rules, checked before any of them is built
-        check_support(self.v_min, self.v_max, self.num_atoms)
-        check_return_parameters(self.n_steps, self.gamma)
-        check_noise_scales(self.std_min, self.std_max)
-        check_noise_correlation(self.noise_correlation)
-        if self.noise_correlation is not None and self.action_noise is not None:
-            raise ValueError(
-                "noise_correlation shapes the mixed exploration noise, which action_noise replaces: give one of them "
-                "(an SB3 OrnsteinUhlenbeckActionNoise as action_noise is the SB3 way to correlated noise)"
-            )
-        if self.stratified_noise and self.action_noise is not None:
-            raise ValueError(
-                "stratified_noise shapes the mixed exploration noise, which action_noise replaces: give one of them"
-            )
-        require(
-            self.n_step_max_noise is None or (_is_number(self.n_step_max_noise) and self.n_step_max_noise >= 0),
-            "n_step_max_noise",
-            "None or a float >= 0",
-        )
-        if self.n_step_max_noise is not None and self.action_noise is not None:
-            raise ValueError(
-                "n_step_max_noise reads the scales of the mixed exploration noise, which action_noise replaces: give "
-                "one of them"
-            )
-        for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
-            rate = getattr(self, name)
-            # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
-            accepted = "a float >= 0 or a schedule (a callable of the remaining progress)" + (
-                ", or None (learning_rate)" if name != "learning_rate" else ""
-            )
-            require(
-                callable(rate) or (rate is None and name != "learning_rate") or (_is_number(rate) and rate >= 0),
-                name,
-                accepted,
-            )
-        require(0.0 <= self.tau <= 1.0, "tau", "in [0, 1]")
-        average_tau = self.actor_average_tau
-        require(
-            average_tau is None or (_is_number(average_tau) and 0.0 < average_tau <= 1.0),
-            "actor_average_tau",
-            "None or a float in (0, 1]",
-        )
-        require(isinstance(self.batch_size, int) and self.batch_size >= 1, "batch_size", "an integer >= 1")
-        require(isinstance(self.policy_delay, int) and self.policy_delay >= 1, "policy_delay", "an integer >= 1")
-        require(isinstance(self.gradient_steps, int) and self.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
-        require(self.learning_starts >= 0, "learning_starts", "an integer >= 0")
-        require(isinstance(self.n_step_start, int) and self.n_step_start >= 0, "n_step_start", "an integer >= 0")
-        require(self.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
-        require(self.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
-        require(
-            self.max_grad_norm is None or (_is_number(self.max_grad_norm) and self.max_grad_norm > 0),
-            "max_grad_norm",
-            "None or a float > 0",
-        )
-        require(self.clip_obs is None or (_is_number(self.clip_obs) and self.clip_obs > 0), "clip_obs", "None or a float > 0")
-        require(self.epsilon > 0, "epsilon", "a float > 0")
-        require(isinstance(self.epsilon_on_std, bool), "epsilon_on_std", "True or False")
-        require(isinstance(self.stratified_noise, bool), "stratified_noise", "True or False")
-        require(self.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
-        require(self.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
-        require(self.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")
-        if self.amp_dtype == "fp16" and self.device.type != "cuda":
-            if not self._loading:
-                raise ValueError("amp_dtype='fp16' needs a CUDA device; use amp_dtype='bf16' on the CPU")
-            # A model trained in fp16 still loads anywhere, to predict, deploy or train on (in fp16 again on CUDA)
-            warnings.warn(f"amp_dtype='fp16' needs a CUDA device: the model loaded on {self.device} runs in fp32")
-        warn_if_bf16_is_emulated(self.amp_dtype, self.device)
-        set_by_the_algorithm = sorted(
-            {"optimize_memory_usage", "n_envs", "n_steps", "gamma", "env"} & set(self.replay_buffer_kwargs)
-        )
-        if set_by_the_algorithm:
-            raise ValueError(
-                f"replay_buffer_kwargs must not contain {set_by_the_algorithm}: FastTD3 passes these to the buffer from "
-                "its own arguments of the same names"
-            )
-        # buffer_size is checked against n_envs * (n_steps + 1) by the replay buffer, created next
-
     def _check_one_step_returns(self) -> None:
         """``n_step_start`` and ``n_step_max_noise`` need a replay buffer that keeps one-step returns on demand."""
         for name, off in (("n_step_start", 0), ("n_step_max_noise", None)):
@@ -461,7 +339,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         # Here rather than in __init__: a loaded model knows normalize_observations only once its data is restored
         self.normalize_observations = resolve_normalize_observations(self.env, self.normalize_observations)
         self._setup_data_parallel()
-        self._check_hyperparameters()
+        check_hyperparameters(self)
         self._setup_lr_schedule()
         self.actor_lr_schedule = FloatSchedule(
             self.learning_rate if self.actor_learning_rate is None else self.actor_learning_rate
