@@ -47,6 +47,8 @@ def test_predict_acts_with_the_average_and_the_live_actor_explores():
     assert not th.allclose(average, live, atol=1e-4)  # the average lags the live actor
     actions, _ = model.predict(obs, deterministic=True)
     np.testing.assert_allclose(actions, model.policy.unscale_action(average.numpy()), rtol=1e-5, atol=1e-6)
+    # Deployed alone (docs/guide/sb3_td3.md), the average acts as predict() does, normalizer included
+    assert np.array_equal(model.policy.actor_average.predict(obs, deterministic=True)[0], actions)
     # Exploration: the live actor's actions plus the noise (none here)
     model.exploration_noise.sigmas.zero_()
     with th.no_grad():
