@@ -168,6 +168,32 @@ def test_q_values_read_as_documented_are_those_the_actor_follows():
     assert th.allclose(q_values.min(dim=0).values.mean(), -actor_loss, atol=1e-5)
 
 
+class ExportablePolicy(th.nn.Module):
+    """SB3's export recipe: the policy called deterministically."""
+
+    def __init__(self, policy: th.nn.Module):
+        super().__init__()
+        self.policy = policy
+
+    def forward(self, observation: th.Tensor) -> th.Tensor:
+        return self.policy(observation, deterministic=True)
+
+
+def test_the_exported_policy_normalizes_and_acts_with_the_average_as_predict_does():
+    model = make_model(2, actor_average_tau=0.05)
+    model.learn(200)
+    obs = th.as_tensor(model.env.reset())
+    model.policy.set_training_mode(False)
+    exported = th.export.export(ExportablePolicy(model.policy), (obs,)).module()
+    policy = model.policy
+    with th.no_grad():
+        expected = policy.actor_average(policy.obs_normalizer(obs))
+        th.testing.assert_close(exported(obs), expected)
+        assert not th.allclose(policy.actor(obs), expected, atol=1e-3)  # the actor alone: raw input, not averaged
+    actions, _ = model.predict(obs.numpy(), deterministic=True)
+    np.testing.assert_allclose(actions, policy.unscale_action(expected.numpy()), rtol=1e-5, atol=1e-6)
+
+
 def test_a_policy_state_dict_with_the_normalizer_under_the_policy_only_still_loads():
     model = make_model(2)
     model.learn(60)
