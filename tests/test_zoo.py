@@ -4,10 +4,15 @@ import inspect
 import pickle
 import sys
 from argparse import Namespace
+from functools import partial
 
+import gymnasium as gym
 import pytest
 import torch as th
 import yaml
+from stable_baselines3 import HerReplayBuffer
+from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.envs import BitFlippingEnv
 
 pytest.importorskip("rl_zoo3")
 
@@ -155,3 +160,32 @@ def test_zoo_normalize_rewards_only(tmp_path, monkeypatch):
     with open(run / "Pendulum-v1" / "vecnormalize.pkl", "rb") as file:
         vec_normalize = pickle.load(file)
     assert not vec_normalize.norm_obs and vec_normalize.norm_reward and vec_normalize.ret_rms.count > 1
+
+
+def test_zoo_trains_with_her_from_a_yaml_entry(tmp_path, monkeypatch):
+    """A TD3 HER entry of the Zoo (the buffer class and its kwargs as strings) trains FastTD3 on a goal env."""
+    env_id = "FastTD3BitFlipping-v0"
+    if env_id not in gym.registry:
+        gym.register(env_id, entry_point=partial(BitFlippingEnv, n_bits=4, continuous=True, max_steps=4))
+    entry = {
+        "n_timesteps": 300,
+        "policy": "MultiInputPolicy",
+        "n_envs": 2,
+        "learning_starts": 100,
+        "batch_size": 32,
+        "v_min": -100,
+        "v_max": 0,
+        "replay_buffer_class": "HerReplayBuffer",
+        "replay_buffer_kwargs": "dict(goal_selection_strategy='future', n_sampled_goal=2)",
+        "policy_kwargs": "dict(net_arch=[16])",
+    }
+    config = tmp_path / "her.yml"
+    config.write_text(yaml.safe_dump({env_id: entry}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    zoo_main(["train", "--algo", "fasttd3", "--env", env_id, "-f", "logs", "-conf", str(config), "--save-replay-buffer"])
+    run = tmp_path / "logs" / "fasttd3" / f"{env_id}_1"
+    model = FastTD3.load(run / f"{env_id}.zip", env=make_vec_env(env_id, n_envs=2))
+    model.load_replay_buffer(run / "replay_buffer.pkl")
+    assert model.num_timesteps == 300 and isinstance(model.replay_buffer, HerReplayBuffer)
+    assert model.replay_buffer.n_sampled_goal == 2 and model.replay_buffer.size() == 150
