@@ -142,7 +142,9 @@ def test_sb3_td3_tests_pass_with_fasttd3(sb3_tests):
     failed = {test: outcome for test, outcome in outcomes.items() if outcome in ("failure", "error")}
     unexpected = sorted(set(failed) - set(ALLOWED_FAILURES))
     assert not unexpected, f"SB3 tests failing with FastTD3 as TD3: {unexpected}"
-    stale = sorted(test for test, why in ALLOWED_FAILURES.items() if outcomes.get(test) == "passed" and why != CUDA)
+    stale = sorted(
+        test for test, difference in ALLOWED_FAILURES.items() if outcomes.get(test) == "passed" and difference != CUDA
+    )
     assert not stale, f"SB3 tests listed as failing pass now: drop them from ALLOWED_FAILURES: {stale}"
     assert sum(outcome == "passed" for outcome in outcomes.values()) >= 30
 
