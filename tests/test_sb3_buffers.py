@@ -59,6 +59,16 @@ def test_sb3s_buffers_sample_the_transitions_fasttd3s_own_buffer_samples(buffer_
     assert len(expected) == 95 and transitions(every_transition(sb3), sb3.gamma) == expected
 
 
+def test_sb3s_n_step_windows_end_where_learn_resets_the_envs():
+    # learn() twice: the second call resets the envs inside the second episode (of 10 steps), so the windows of the
+    # newest rows stored before it must stop at the last of them, as FastTD3's own buffer's do
+    kwargs = dict(n_steps=3, learning_starts=1000, seed=1)
+    own = make_model(1, **kwargs).learn(14).learn(6)
+    sb3 = make_model(1, replay_buffer_class=NStepReplayBuffer, **kwargs).learn(14).learn(6)
+    expected = transitions(every_transition(own), own.gamma)
+    assert len(expected) == 20 and transitions(every_transition(sb3), sb3.gamma) == expected
+
+
 def test_sb3s_buffers_train():
     model = make_model(2, replay_buffer_class=ReplayBuffer, learning_starts=20)
     before = th.cat([parameter.detach().flatten() for parameter in model.critic.parameters()])

@@ -86,14 +86,19 @@ def end_open_episodes(buffer: AnyReplayBuffer, quiet: bool = False) -> None:
     """
     End the episodes the newest stored transitions belong to, as truncated: the envs are reset (or were, since the
     buffer was saved), so the transitions stored next do not follow them. FastTD3's buffer closes its n-step
-    windows; ``HerReplayBuffer`` ends its episodes, so that no relabelled goal comes from another one; SB3's
-    memory-lean ``ReplayBuffer`` marks its newest row done, as SB3 does, since its next observation will be
-    overwritten by a reset one.
+    windows; SB3's ``NStepReplayBuffer`` marks its newest unfinished rows truncated, so that their windows stop
+    there and bootstrap from their own next observation (as it does while sampling); ``HerReplayBuffer`` ends its
+    episodes, so that no relabelled goal comes from another one; SB3's memory-lean ``ReplayBuffer`` marks its
+    newest row done, as SB3 does, since its next observation will be overwritten by a reset one.
 
     :param quiet: silence ``HerReplayBuffer``'s warning, written for a buffer loaded while its episode goes on
     """
     if isinstance(buffer, DeviceNStepReplayBuffer):
         buffer.close_windows()
+    elif isinstance(buffer, NStepReplayBuffer):
+        if buffer.full or buffer.pos > 0:
+            newest = (buffer.pos - 1) % buffer.buffer_size
+            buffer.timeouts[newest] = np.logical_or(buffer.timeouts[newest], np.logical_not(buffer.dones[newest]))
     elif isinstance(buffer, HerReplayBuffer):
         with warnings.catch_warnings():
             if quiet:
