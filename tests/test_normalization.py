@@ -19,6 +19,16 @@ def test_statistics_equal_numpy_over_everything_seen():
     np.testing.assert_allclose(normalizer.var.numpy(), everything.var(axis=0), rtol=1e-4)
 
 
+def test_an_empty_batch_changes_nothing():
+    fresh, updated = EmpiricalNormalization((2,)), EmpiricalNormalization((2,))
+    updated.update(th.tensor([[0.0, 10.0], [2.0, 30.0]]))
+    for normalizer in (fresh, updated):
+        state = {key: value.clone() for key, value in normalizer.state_dict().items()}
+        normalizer.update(th.zeros(0, 2))
+        for key, value in normalizer.state_dict().items():
+            assert th.equal(value, state[key]), key
+
+
 def test_forward_normalizes_clips_and_never_updates():
     normalizer = EmpiricalNormalization((2,), epsilon=1e-8, clip_obs=3.0)
     normalizer.update(th.tensor([[0.0, 10.0], [2.0, 30.0]]))  # mean (1, 20), var (1, 100)

@@ -26,8 +26,8 @@ def combine_moments(
     :return: the combined count, mean (``mean``'s dtype) and variance
     """
     total = count + other_count
-    # Fraction of the combined sample that comes from the other one (1 when the first is empty)
-    weight = other_count / total.to(mean.dtype)
+    # Fraction of the combined sample that comes from the other one (1 when the first is empty, 0 when both are)
+    weight = other_count / total.clamp(min=1).to(mean.dtype)
     delta = other_mean - mean
     return total, mean + delta * weight, var * (1 - weight) + other_var * weight + delta.square() * weight * (1 - weight)
 
@@ -89,8 +89,9 @@ class EmpiricalNormalization(nn.Module):
         """
         batch = batch.reshape(-1, *self.shape).to(self.mean.dtype)
         batch_count: int | th.Tensor = batch.shape[0]
-        batch_mean = batch.mean(dim=0)
-        batch_var = batch.var(dim=0, unbiased=False)
+        # An empty batch has no moments (NaN): zeros, which its zero weight then leaves out
+        batch_mean = batch.mean(dim=0) if batch_count else th.zeros_like(self.mean)
+        batch_var = batch.var(dim=0, unbiased=False) if batch_count else th.zeros_like(self.var)
         if merge_moments is not None:
             local_count = th.tensor(batch_count, dtype=self.count.dtype, device=batch.device)
             batch_count, batch_mean, batch_var = merge_moments(local_count, batch_mean, batch_var)
