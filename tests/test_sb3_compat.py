@@ -72,6 +72,19 @@ def test_action_noise_of_one_env_is_reset_without_indices():
     assert model.action_noise.resets >= episodes_per_env(model)[0] > 0
 
 
+@pytest.mark.parametrize("new_n_envs", [1, 3])
+def test_action_noise_of_a_model_loaded_with_another_number_of_envs(tmp_path, new_n_envs):
+    model = make_model(2, action_noise=ConstantNoise(3.0), learning_starts=0)
+    model.learn(20)
+    model.save(tmp_path / "model")
+    loaded = FastTD3.load(tmp_path / "model", env=counting_env(new_n_envs))
+    loaded.learn(20, reset_num_timesteps=False)
+    noise = loaded.action_noise
+    assert (noise.n_envs if isinstance(noise, VectorizedActionNoise) else 1) == new_n_envs
+    stored = loaded.replay_buffer.actions[:, : loaded.replay_buffer.size()]
+    assert stored.numel() > 0 and th.all(stored == 1.0)  # the noise, added to every action, clipped to the bound
+
+
 @pytest.mark.parametrize("norm_obs", [False, True])
 def test_vec_normalize_stores_the_original_observations_and_rewards(norm_obs):
     env = VecNormalize(counting_env(2), norm_obs=norm_obs, norm_reward=True)

@@ -493,8 +493,12 @@ class FastTD3(RolloutCollection, Checkpointing):
         if reset_num_timesteps or self._last_obs is None:
             # The envs are about to be reset: the next transitions do not follow the stored ones
             sb3_buffers.end_open_episodes(self.replay_buffer, quiet=True)
-        if self.action_noise is not None and self.n_envs > 1 and not isinstance(self.action_noise, VectorizedActionNoise):
-            self.action_noise = VectorizedActionNoise(self.action_noise, self.n_envs)
+        noise = self.action_noise
+        if isinstance(noise, VectorizedActionNoise) and noise.n_envs != self.n_envs:
+            noise = noise.base_noise  # vectorized for another number of envs (a model loaded with another env)
+        if noise is not None and self.n_envs > 1 and not isinstance(noise, VectorizedActionNoise):
+            noise = VectorizedActionNoise(noise, self.n_envs)
+        self.action_noise = noise
         self._transitions_per_step = self.n_envs
         if self._data_parallel is not None:
             callback, progress_bar = self._join_ranks(self._data_parallel, callback, progress_bar)
