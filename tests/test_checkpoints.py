@@ -220,6 +220,20 @@ def test_keep_last_keeps_exactly_the_newest(tmp_path):
     assert FastTD3.load_checkpoint(tmp_path / "ckpt_200_steps.zip").num_timesteps == 200
 
 
+@pytest.mark.parametrize("keep_last", [1, 2])
+def test_keep_last_keeps_a_new_runs_checkpoints_over_an_earlier_runs(tmp_path, keep_last):
+    # An earlier run left checkpoints at higher steps in the same folder; a new run from step 0 writes its own
+    def callback():
+        return FastTD3CheckpointCallback(save_freq=10, save_path=str(tmp_path), name_prefix="ckpt", keep_last=keep_last)
+
+    make_model().learn(100, callback=callback())
+    time.sleep(0.01)  # distinct modification times on file systems that keep coarse ones
+    make_model(seed=1).learn(40, callback=callback())
+    expected = ["ckpt_20_steps.zip", "ckpt_40_steps.zip"][-keep_last:]
+    assert [path.name for path in callback().checkpoints()] == expected
+    assert FastTD3.load_checkpoint(tmp_path / expected[-1]).seed == 1
+
+
 @pytest.mark.parametrize("keep_last", [0, -1, 1.5])
 def test_keep_last_rejects_non_positive(tmp_path, keep_last):
     with pytest.raises(ValueError, match="keep_last"):

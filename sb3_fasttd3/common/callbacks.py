@@ -68,25 +68,33 @@ class FastTD3CheckpointCallback(CheckpointCallback):
         if not self._due:
             return
         self._due = False
-        path = self._checkpoint_path(extension="zip")
-        self.model.save_checkpoint(path)  # type: ignore[attr-defined]
+        checkpoint = self._checkpoint_path(extension="zip")
+        self.model.save_checkpoint(checkpoint)  # type: ignore[attr-defined]
         if self.verbose >= 2:
-            print(f"Saving checkpoint to {path}")
+            print(f"Saving checkpoint to {checkpoint}")
         vec_normalize = self.model.get_vec_normalize_env()
         if self.save_vecnormalize and vec_normalize is not None:
             path = self._checkpoint_path("vecnormalize_", extension="pkl")
             atomic_write(path, lambda file: pickle.dump(vec_normalize, file))
         if self.keep_last is not None:
-            self._remove_older_checkpoints(self.keep_last)
+            self._remove_older_checkpoints(self.keep_last, newest=Path(checkpoint))
 
     def checkpoints(self) -> list[Path]:
-        """This callback's checkpoint files (its prefix in its folder), oldest first."""
+        """
+        This callback's checkpoint files (its prefix in its folder), oldest first: in the order they were written
+        (then of their steps), so that a new run's checkpoints come after those an earlier run left at higher steps.
+        """
         pattern = re.compile(rf"{re.escape(self.name_prefix)}_(\d+)_steps\.zip")
-        found = [(int(m.group(1)), path) for path in Path(self.save_path).iterdir() if (m := pattern.fullmatch(path.name))]
-        return [path for _, path in sorted(found)]
+        found = [
+            (path.stat().st_mtime_ns, int(m.group(1)), path)
+            for path in Path(self.save_path).iterdir()
+            if (m := pattern.fullmatch(path.name))
+        ]
+        return [path for *_, path in sorted(found)]
 
-    def _remove_older_checkpoints(self, keep: int) -> None:
-        for path in self.checkpoints()[:-keep]:
+    def _remove_older_checkpoints(self, keep: int, newest: Path) -> None:
+        older = [path for path in self.checkpoints() if path != newest]
+        for path in older[: max(0, len(older) - (keep - 1))]:
             os.remove(path)
             vec_normalize = path.with_name(path.name.replace(f"{self.name_prefix}_", f"{self.name_prefix}_vecnormalize_", 1))
             vec_normalize.with_suffix(".pkl").unlink(missing_ok=True)
