@@ -21,6 +21,7 @@ from stable_baselines3.common.vec_env import VecEnv
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.callbacks import FastTD3CheckpointCallback
 from sb3_fasttd3.common.checkpoints import CheckpointError, atomic_write, make_generator
+from tests.buffer_data import sample_columns, stored_samples
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN = Path(__file__).with_name("checkpoint_run.py")
@@ -133,6 +134,24 @@ def test_resume_after_kill_9_is_bit_exact(tmp_path):
     actual = th.load(tmp_path / "resumed.pt", weights_only=True)
     assert (actual["num_timesteps"], actual["n_updates"]) == (expected["num_timesteps"], expected["n_updates"])
     assert_same_parameters(expected["params"], actual["params"])
+
+
+def test_a_checkpoint_resumes_with_another_number_of_envs(checkpoint):
+    saved = FastTD3.load_checkpoint(checkpoint, device="cpu").replay_buffer
+    saved.close_windows()  # as the re-laid buffer's: the envs are reset
+    resumed = FastTD3.load_checkpoint(checkpoint, env=make_vec_env("Pendulum-v1", n_envs=4, seed=1), device="cpu")
+    assert resumed.replay_buffer.n_envs == 4 and resumed._last_obs is None
+    rows = sorted(sample_columns(stored_samples(resumed.replay_buffer)).tolist())
+    assert len(rows) == 150 and rows == sorted(sample_columns(stored_samples(saved)).tolist())
+    resumed.learn(40, reset_num_timesteps=False)
+    assert resumed.num_timesteps == 190
+
+
+@pytest.mark.parametrize("changed", [dict(gamma=0.9), dict(n_steps=1)])
+def test_a_checkpoint_refuses_to_load_with_other_returns(checkpoint, changed):
+    name, value = next(iter(changed.items()))
+    with pytest.raises(ValueError, match=rf"checkpoint .*{checkpoint.name} holds .* model has .*{name}={value}"):
+        FastTD3.load_checkpoint(checkpoint, device="cpu", **changed)
 
 
 @pytest.mark.parametrize("keep", [0, 1, 10, 0.5, -22, -1])

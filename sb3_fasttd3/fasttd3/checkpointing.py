@@ -34,6 +34,7 @@ class Checkpointing(OffPolicyAlgorithm):
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     exploration_noise: MixedGaussianNoise | None
     _make_exploration_noise: Callable[..., MixedGaussianNoise]
+    _adopt_replay_buffer: Callable[..., None]
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """
@@ -85,11 +86,14 @@ class Checkpointing(OffPolicyAlgorithm):
         training resumes (the newest n-step windows are closed, as after ``load_replay_buffer``).
 
         :param path: the checkpoint file
-        :param env: the env to train on (same spaces and number of envs as the checkpoint's)
+        :param env: the env to train on, with the checkpoint's spaces; with another number of envs, the replay
+            buffer is re-laid for it (as by :meth:`load_replay_buffer`) and the envs are reset
         :param device: device of the model
-        :param kwargs: passed to :meth:`load`
+        :param kwargs: passed to :meth:`load`; they may not change what the replay buffer holds (``n_steps``,
+            ``gamma``, ``handle_timeout_termination``)
         :return: the model, its replay buffer, exploration noise, RNGs and envs restored
         :raises CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted or not a checkpoint
+        :raises ValueError: ``env`` or ``kwargs`` disagree with the checkpoint's replay buffer
         """
         _, members = ckpt.read_checkpoint(path)
         try:
@@ -101,12 +105,13 @@ class Checkpointing(OffPolicyAlgorithm):
             replay_buffer = pickle.loads(members[ckpt.BUFFER])
         except Exception as error:
             raise ckpt.CheckpointError(f"Cannot load the checkpoint {path}: {type(error).__name__}: {error}") from error
+        # Checked (and re-laid for another number of envs) before anything of the given env is replaced
+        source, kept = f"The replay buffer of the checkpoint {path}", "The checkpoint was not loaded."
+        model._adopt_replay_buffer(replay_buffer, source, end_episodes=False, kept=kept)
         exact = model.env is not None and ckpt.restore_envs(model.env, envs_bytes, state["env_rngs"])
-        sb3_buffers.attach(replay_buffer, model.env, model.device)
         if not exact:
             model._last_obs = None  # type: ignore[assignment]  # learn() resets the envs
-            sb3_buffers.end_open_episodes(replay_buffer, quiet=True)
-        model.replay_buffer = replay_buffer
+            sb3_buffers.end_open_episodes(model.replay_buffer, quiet=True)
         if state["exploration_sigmas"] is not None:
             noise = model._make_exploration_noise(n_envs=len(state["exploration_sigmas"]))
             noise.sigmas.copy_(state["exploration_sigmas"])

@@ -638,7 +638,27 @@ class FastTD3(RolloutCollection, Checkpointing):
         replay_buffer = load_from_pkl(path, self.verbose)
         if not isinstance(replay_buffer, sb3_buffers.AnyReplayBuffer):
             raise TypeError(f"Expected a replay buffer in {path}, got {type(replay_buffer).__name__}")
-        kept = "The model's current buffer was kept."
+        self._adopt_replay_buffer(replay_buffer, f"The replay buffer in {path}", truncate_last_traj)
+
+    def _adopt_replay_buffer(
+        self,
+        replay_buffer: Any,
+        source: str,
+        end_episodes: bool,
+        quiet: bool = False,
+        kept: str = "The model's current buffer was kept.",
+    ) -> None:
+        """
+        Make a saved replay buffer this model's: check that it holds what the model learns from, re-lay it for the
+        model's number of envs and layout where it can be, move it to the model's device.
+
+        :param replay_buffer: the unpickled buffer
+        :param source: where it comes from, for the errors (e.g. ``"The replay buffer in path"``)
+        :param end_episodes: end the episodes of its newest transitions (the envs do not go on from them)
+        :param quiet: silence ``HerReplayBuffer``'s warning when its episodes are ended
+        :param kept: what the errors say was left as it was
+        :raises ValueError: a buffer of other spaces, timeout handling, returns, or (SB3's) number of envs
+        """
         handle_timeout = self.replay_buffer_kwargs.get("handle_timeout_termination", True)
         for name, saved, ours in (
             ("observation_space", replay_buffer.observation_space, self.observation_space),
@@ -647,13 +667,13 @@ class FastTD3(RolloutCollection, Checkpointing):
         ):
             if saved != ours:
                 raise ValueError(
-                    f"The replay buffer in {path} has {name}={saved} but the model has {name}={ours}: load it into a "
+                    f"{source} has {name}={saved} but the model has {name}={ours}: load it into a "
                     f"model with the same {name}. {kept}"
                 )
         n_steps, gamma = sb3_buffers.saved_returns(replay_buffer, self.gamma)
         if (n_steps, gamma) != (self.n_steps, self.gamma):
             raise ValueError(
-                f"The replay buffer in {path} holds returns over n_steps={n_steps} with gamma={gamma}, but the model "
+                f"{source} holds returns over n_steps={n_steps} with gamma={gamma}, but the model "
                 f"has n_steps={self.n_steps}, gamma={self.gamma}: load it into a model with the same n_steps and gamma. "
                 f"{kept}"
             )
@@ -661,15 +681,15 @@ class FastTD3(RolloutCollection, Checkpointing):
         if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
             if replay_buffer.n_envs != self.n_envs:
                 raise ValueError(
-                    f"The replay buffer in {path} was saved with n_envs={replay_buffer.n_envs}, but the model has "
+                    f"{source} was saved with n_envs={replay_buffer.n_envs}, but the model has "
                     f"n_envs={self.n_envs}: SB3's {type(replay_buffer).__name__} cannot be re-laid for another number "
                     f"of envs (a DeviceNStepReplayBuffer can). {kept}"
                 )
         elif (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
             replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
         sb3_buffers.attach(replay_buffer, self.env, self.device)
-        if truncate_last_traj:
-            sb3_buffers.end_open_episodes(replay_buffer)
+        if end_episodes:
+            sb3_buffers.end_open_episodes(replay_buffer, quiet)
         self.replay_buffer = replay_buffer  # type: ignore[assignment]
 
     # ------------------------------------------------------------------ updates
