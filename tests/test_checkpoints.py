@@ -16,7 +16,7 @@ import pytest
 import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import OrnsteinUhlenbeckActionNoise
-from stable_baselines3.common.vec_env import VecEnv
+from stable_baselines3.common.vec_env import VecCheckNan, VecEnv, VecFrameStack, VecNormalize
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.callbacks import FastTD3CheckpointCallback
@@ -83,6 +83,42 @@ def test_save_then_load_checkpoint_continues_exactly(tmp_path, action_noise):
         assert (model.exploration_noise.unit is None) == (correlation is None)
         if correlation is not None:
             assert th.equal(model.exploration_noise.unit, resumed.exploration_noise.unit)
+
+
+def frame_stack(seed: int = 0) -> VecEnv:
+    return VecFrameStack(make_vec_env("Pendulum-v1", n_envs=2, seed=seed), n_stack=2)
+
+
+def normalized(seed: int = 0) -> VecEnv:
+    return VecNormalize(make_vec_env("Pendulum-v1", n_envs=2, seed=seed))
+
+
+@pytest.mark.parametrize("make_env", [frame_stack, normalized])
+@pytest.mark.parametrize("at", [0, 150])
+def test_vec_env_wrappers_and_queued_seeds_resume_exactly(tmp_path, make_env, at):
+    # The wrappers' state (stacked frames, normalization statistics) and, before the first learn(), the seeds
+    # queued for the first reset come back with the envs
+    model = FastTD3("MlpPolicy", make_env(), seed=0, **TINY)
+    model.learn(at) if at else None
+    path = model.save_checkpoint(tmp_path / "checkpoint.zip")
+    model.learn(100, reset_num_timesteps=not at)
+    resumed = FastTD3.load_checkpoint(path, env=make_env(seed=123), device="cpu")
+    resumed.learn(100, reset_num_timesteps=not at)
+    assert (resumed.num_timesteps, resumed._n_updates) == (model.num_timesteps, model._n_updates)
+    assert_same_parameters(model.policy.state_dict(), resumed.policy.state_dict())
+
+
+def test_envs_under_other_wrappers_are_reset_from_their_own_seeds(tmp_path):
+    model = FastTD3("MlpPolicy", frame_stack(), **TINY)  # no seed: loading it seeds nothing
+    model.learn(100)
+    path = model.save_checkpoint(tmp_path / "checkpoint.zip")
+    with pytest.warns(UserWarning, match="envs are not restored but reset"):
+        resumed = FastTD3.load_checkpoint(path, env=VecCheckNan(frame_stack(seed=5)), device="cpu")
+    assert resumed._last_obs is None
+    resumed.learn(2, reset_num_timesteps=False)
+    buffer = resumed.replay_buffer
+    first = buffer.observations[:, (buffer.pos - 1) % buffer.ring_rows]
+    assert np.array_equal(first.numpy(), frame_stack(seed=5).reset())
 
 
 def test_resume_after_kill_9_is_bit_exact(tmp_path):

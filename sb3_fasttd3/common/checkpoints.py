@@ -9,7 +9,8 @@ A checkpoint is a stored (uncompressed) zip with these members:
 - ``state.pt``: tensors and plain values only (loaded with ``torch.load(weights_only=True)``): every RNG state
   (torch CPU and CUDA, NumPy's global, Python's ``random``, the action space's, the envs' ``np_random``) and
   the mixed exploration noise's scales
-- ``envs.pkl`` (when the envs allow it): the in-process envs of a ``DummyVecEnv``, pickled whole
+- ``envs.pkl`` (when the envs allow it): the in-process envs of a ``DummyVecEnv``, pickled whole, with the state of
+  the VecEnv wrappers around it and the seeds and options queued for its next reset
 - ``manifest.json``: format version, what the checkpoint holds, and the SHA-256 of every other member
 
 The manifest is checked before anything is unpickled, so that a truncated or corrupted file raises
@@ -145,10 +146,34 @@ def dummy_vec_env(env: VecEnv | None) -> DummyVecEnv | None:
     return env if isinstance(env, DummyVecEnv) else None
 
 
+def vec_env_wrappers(env: VecEnv) -> list[VecEnvWrapper]:
+    """``env``'s VecEnv wrappers, outermost first."""
+    wrappers = []
+    while isinstance(env, VecEnvWrapper):
+        wrappers.append(env)
+        env = env.venv
+    return wrappers
+
+
+def _wrapper_name(wrapper: VecEnvWrapper) -> str:
+    return f"{type(wrapper).__module__}.{type(wrapper).__qualname__}"
+
+
+def _wrapper_state(wrapper: VecEnvWrapper) -> dict[str, Any]:
+    """What a VecEnv wrapper holds beyond the envs it wraps (e.g. ``VecFrameStack``'s frames, ``VecNormalize``'s
+    statistics), which a resumed env must get back to go on exactly."""
+    return {
+        name: value
+        for name, value in vars(wrapper).items()
+        if name != "class_attributes" and not isinstance(value, VecEnv)  # the class's, and the wrapped chain
+    }
+
+
 def capture_envs(env: VecEnv | None) -> tuple[bytes | None, list[dict[str, Any]] | None]:
     """
-    What can be captured of the envs: the pickled envs of a ``DummyVecEnv`` when they pickle (their simulator
-    state, wrappers' counters and RNGs: an exact resume), and otherwise each env's ``np_random`` state when the
+    What can be captured of the envs: when they run in a ``DummyVecEnv`` and pickle, the envs themselves (their
+    simulator state, wrappers' counters and RNGs) with the state of the VecEnv wrappers around them and the seeds
+    and options queued for their next reset: an exact resume. Otherwise each env's ``np_random`` state when the
     VecEnv exposes it (the envs' physical state is then lost: they are reset on resume).
 
     :param env: the model's VecEnv
@@ -158,8 +183,14 @@ def capture_envs(env: VecEnv | None) -> tuple[bytes | None, list[dict[str, Any]]
         return None, None
     dummy = dummy_vec_env(env)
     if dummy is not None:
+        saved = {
+            "envs": dummy.envs,
+            "wrappers": [(_wrapper_name(wrapper), _wrapper_state(wrapper)) for wrapper in vec_env_wrappers(env)],
+            "seeds": dummy._seeds,
+            "options": dummy._options,
+        }
         try:
-            return cloudpickle.dumps(dummy.envs), None
+            return cloudpickle.dumps(saved), None
         except Exception as error:  # an env holding a renderer, a file or a simulator handle
             warnings.warn(f"The envs cannot be pickled ({error}): only their np_random states are checkpointed")
     try:
@@ -168,26 +199,47 @@ def capture_envs(env: VecEnv | None) -> tuple[bytes | None, list[dict[str, Any]]
         return None, None
 
 
+def load_envs(envs_bytes: bytes) -> dict[str, Any]:
+    """What :func:`capture_envs` pickled (of checkpoints that hold only the envs: those, without wrapper states)."""
+    saved = pickle.loads(envs_bytes)
+    return saved if isinstance(saved, dict) else {"envs": saved, "wrappers": None}
+
+
 def restore_envs(env: VecEnv, envs_bytes: bytes | None, rng_states: list[dict[str, Any]] | None) -> bool:
     """
-    Put the captured envs (or their RNG states) into ``env``.
+    Put the captured envs (or their RNG states) into ``env``. The envs are restored only into a ``DummyVecEnv`` of
+    as many envs, under VecEnv wrappers of the same types as the saved ones; otherwise the envs are reset on resume.
 
     :return: whether the envs' full state was restored (else they must be reset before training)
     """
-    innermost = env
-    while isinstance(innermost, VecEnvWrapper):
-        innermost = innermost.venv
-    if hasattr(innermost, "_reset_seeds"):
-        innermost._reset_seeds()  # seeds queued by make_vec_env(seed=...) would override the restored RNGs at reset
     dummy = dummy_vec_env(env)
     if envs_bytes is not None and dummy is not None:
-        envs = pickle.loads(envs_bytes)
-        if len(envs) == len(dummy.envs):
-            dummy.envs[:] = envs
+        saved = load_envs(envs_bytes)
+        wrappers = vec_env_wrappers(env)
+        names = [_wrapper_name(wrapper) for wrapper in wrappers]
+        saved_wrappers = saved["wrappers"] or []  # None: not recorded, taken as none
+        same_wrappers = names == [name for name, _ in saved_wrappers]
+        if same_wrappers and len(saved["envs"]) == len(dummy.envs):
+            dummy.envs[:] = saved["envs"]
+            for wrapper, (_, state) in zip(wrappers, saved_wrappers, strict=True):
+                vars(wrapper).update(state)
+            # Instead of the seeds queued by make_vec_env(seed=...), which would override the restored RNGs
+            dummy._seeds = saved.get("seeds", [None] * dummy.num_envs)
+            dummy._options = saved.get("options", dummy._options)
             return True
+        if not same_wrappers:
+            warnings.warn(
+                f"The checkpoint's envs were wrapped in {[name for name, _ in saved_wrappers]} and env in {names}: "
+                "the envs are not restored but reset when training resumes"
+            )
     if rng_states is not None and len(rng_states) == env.num_envs:
         for index, state in enumerate(rng_states):
             env.set_attr("np_random", make_generator(state), indices=[index])
+        innermost = env
+        while isinstance(innermost, VecEnvWrapper):
+            innermost = innermost.venv
+        if hasattr(innermost, "_reset_seeds"):
+            innermost._reset_seeds()  # seeds queued by make_vec_env(seed=...) would override the restored RNGs
     return False
 
 

@@ -100,7 +100,7 @@ class Checkpointing(OffPolicyAlgorithm):
             state = ckpt.tensors_from_bytes(members[ckpt.STATE])
             envs_bytes = members.get(ckpt.ENVS)
             if env is None and envs_bytes is not None:
-                env = DummyVecEnv([partial(_identity, saved) for saved in pickle.loads(envs_bytes)])
+                env = DummyVecEnv([partial(_identity, saved) for saved in ckpt.load_envs(envs_bytes)["envs"]])
             model = cls.load(io.BytesIO(members[ckpt.MODEL]), env=env, device=device, force_reset=False, **kwargs)
             replay_buffer = pickle.loads(members[ckpt.BUFFER])
         except Exception as error:
