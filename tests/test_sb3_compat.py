@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch as th
 from stable_baselines3 import TD3
-from stable_baselines3.common.callbacks import StopTrainingOnMaxEpisodes
+from stable_baselines3.common.callbacks import BaseCallback, StopTrainingOnMaxEpisodes
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.preprocessing import get_flattened_obs_dim
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
@@ -118,6 +118,35 @@ def test_a_callback_that_stops_training_keeps_the_last_step_and_resumes_in_the_n
     th.testing.assert_close(buffer.discounts[0, end - 3 : end], th.tensor([gamma**3, gamma**2, gamma]))
     # The first transition of the resumed run starts episode 1 (observation [t=0, episode=1, x])
     assert buffer.observations[0, end, :2].tolist() == [0.0, 1.0]
+
+
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_stop_training_on_max_episodes_counts_the_episodes_of_every_env(torch_env):
+    # SB3's callback sums the step's dones with NumPy: on the device loop too, where they are tensors
+    env = CountingTorchVecEnv(3, bound=1e9) if torch_env else counting_env(3)
+    model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 1000})
+    callback = StopTrainingOnMaxEpisodes(max_episodes=2)
+    model.learn(1000, callback=callback)
+    # Episodes of 10 steps in each of 3 envs: the sixth episode ends on the 20th vector step
+    assert callback.n_episodes == 6 and model.num_timesteps == 60
+
+
+def test_the_device_loops_callback_locals_read_as_numpy_and_keep_their_tensors():
+    seen = {}
+
+    class Record(BaseCallback):
+        def _on_step(self) -> bool:
+            dones, rewards = self.locals["dones"], self.locals["rewards"]
+            seen.setdefault("sums", []).append(np.sum(dones).item())
+            seen["rewards"] = (np.asarray(rewards), rewards.tensor, rewards.shape, len(dones), dones[0])
+            return True
+
+    model = FastTD3("MlpPolicy", CountingTorchVecEnv(2, bound=1e9), **{**TINY, "learning_starts": 1000})
+    model.learn(20, callback=Record())
+    assert seen["sums"] == [0] * 9 + [2]  # both envs truncated at the 10th step
+    array, tensor, shape, length, first = seen["rewards"]
+    assert isinstance(array, np.ndarray) and isinstance(tensor, th.Tensor) and np.array_equal(array, tensor.numpy())
+    assert shape == (2,) and length == 2 and first == True  # noqa: E712 (a NumPy bool)
 
 
 def test_tau_zero_freezes_the_targets():

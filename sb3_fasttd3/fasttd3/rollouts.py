@@ -31,6 +31,44 @@ if TYPE_CHECKING:
 DEVICE_SYNC_STEPS = 100
 
 
+class HostView:
+    """
+    A device tensor as SB3's callbacks read the ``locals`` of a rollout step: NumPy's functions and an ndarray's
+    methods see it as an array (``np.sum(self.locals["dones"])``), copied to the host only when read, so that the
+    on-device loop pays no host sync for callbacks that do not read it. ``tensor`` is the device tensor.
+
+    :param tensor: the tensor to show
+    """
+
+    __slots__ = ("tensor",)
+
+    def __init__(self, tensor: th.Tensor):
+        self.tensor = tensor
+
+    def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
+        array = self.tensor.detach().cpu().numpy()
+        return array if dtype is None else array.astype(dtype, copy=False)
+
+    def __getattr__(self, name: str) -> Any:
+        # NumPy's protocols (``__array_interface__``...) are looked up while making the array, and ``tensor`` is
+        # missing only while the object is copied: neither is the array's
+        if name == "tensor" or name.startswith("__"):
+            raise AttributeError(name)
+        return getattr(np.asarray(self), name)
+
+    def __len__(self) -> int:
+        return len(self.tensor)
+
+    def __getitem__(self, index: Any) -> Any:
+        return np.asarray(self)[index]
+
+    def __iter__(self) -> Any:
+        return iter(np.asarray(self))
+
+    def __repr__(self) -> str:
+        return f"HostView({self.tensor!r})"
+
+
 class EnvStepError(RuntimeError):
     """An environment failed during ``step``; the original exception is its ``__cause__``."""
 
@@ -239,7 +277,8 @@ class RolloutCollection(OffPolicyAlgorithm):
             if (self.num_timesteps // self._transitions_per_step) % DEVICE_SYNC_STEPS == 0:
                 self._read_device_episodes(log_interval)
 
-            callback.update_locals(locals())
+            # SB3's callbacks read the step's dones and rewards with NumPy; infos stay the env's batched dict
+            callback.update_locals({**locals(), "dones": HostView(dones), "rewards": HostView(rewards)})
             if not self._all_continue(callback.on_step()):
                 return RolloutReturn(num_collected_steps * env.num_envs, 0, continue_training=False)
         callback.on_rollout_end()
