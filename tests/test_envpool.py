@@ -182,6 +182,20 @@ def test_spaces_and_dict_observations():
         EnvpoolVecEnv("HalfCheetah-v99", max_episode_steps=5)
 
 
+def test_scalar_features_of_a_dict_observation_are_vectors_of_one():
+    from sb3_fasttd3 import FastTD3
+
+    env = EnvpoolVecEnv("WalkerWalk-v1", num_envs=2, seed=0, flatten_obs=False, max_episode_steps=10)
+    assert env.observation_space["height"] == spaces.Box(-np.inf, np.inf, (1,), np.float32)
+    raw_obs, _ = raw_pool("WalkerWalk-v1", 2, seed=0, max_episode_steps=1001).reset()
+    obs = env.reset()
+    assert all(obs[key].shape == (2, *space.shape) for key, space in env.observation_space.spaces.items())
+    th.testing.assert_close(obs["height"], f32(raw_obs["height"])[:, None])
+    model = FastTD3("MultiInputPolicy", env, learning_starts=8, batch_size=8, num_atoms=11, policy_kwargs=dict(net_arch=[8]))
+    model.learn(24)
+    assert model.replay_buffer.size() == 12  # rows of 2 envs
+
+
 def test_fasttd3_on_envpool_bootstraps_from_final_observations():
     from sb3_fasttd3 import FastTD3
 

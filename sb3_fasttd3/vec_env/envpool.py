@@ -27,6 +27,12 @@ def _box(shape: tuple[int, ...]) -> spaces.Box:
     return spaces.Box(-np.inf, np.inf, shape, np.float32)
 
 
+def _float32_rows(array: np.ndarray) -> np.ndarray:
+    """One env's observation per row, as float32: a scalar feature (one value per env) becomes a column."""
+    array = array.astype(np.float32, copy=False)
+    return array[:, None] if array.ndim == 1 else array
+
+
 def _observation_space(space: spaces.Space, flatten: bool) -> spaces.Space:
     """float32 version of envpool's observation space (a ``Dict`` flattened to one ``Box`` if ``flatten``)."""
     if isinstance(space, spaces.Box):
@@ -35,7 +41,8 @@ def _observation_space(space: spaces.Space, flatten: bool) -> spaces.Space:
         raise TypeError(f"EnvpoolVecEnv supports Box or Dict-of-Box observation spaces, got {space}")
     if flatten:
         return _box((sum(int(np.prod(s.shape or ())) for s in space.spaces.values()),))
-    return spaces.Dict({key: _box(s.shape or ()) for key, s in space.spaces.items()})
+    # A scalar feature (DM Control's height, ...) as a vector of one, as policies and replay buffers take it
+    return spaces.Dict({key: _box(s.shape or (1,)) for key, s in space.spaces.items()})
 
 
 class _DirectStep:
@@ -198,7 +205,7 @@ class EnvpoolVecEnv(TorchVecEnv):
         assert self._keys is not None
         if self.flatten_obs:
             return np.concatenate([obs[key].reshape(len(obs[key]), -1) for key in self._keys], axis=1, dtype=np.float32)
-        return {key: obs[key].astype(np.float32, copy=False) for key in self._keys}
+        return {key: _float32_rows(obs[key]) for key in self._keys}
 
     def _tensor(self, array: np.ndarray) -> th.Tensor:
         """``array`` as a tensor on the device (on the CPU, ``th.from_numpy`` itself takes this method's place)."""
