@@ -1,5 +1,7 @@
 """Bad input is refused early, with the parameter's name and the accepted values."""
 
+from functools import partial
+
 import gymnasium as gym
 import numpy as np
 import pytest
@@ -9,7 +11,7 @@ from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise
-from stable_baselines3.common.vec_env import VecEnvWrapper, VecNormalize
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor, VecNormalize
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.hyperparams import parse_schedule
@@ -51,6 +53,23 @@ def test_unsupported_observation_space():
     obs_space = spaces.Dict({"a": spaces.Tuple([spaces.Discrete(3), spaces.Discrete(2)])})
     with pytest.raises(TypeError, match="observation spaces Box, Discrete, MultiDiscrete, MultiBinary"):
         FastTD3("MultiInputPolicy", SpaceEnv(spaces.Box(-1, 1, (1,)), obs_space))
+
+
+@pytest.mark.parametrize("dict_obs", [False, True])
+def test_a_box_observation_of_shape_nothing_is_refused(dict_obs):
+    scalar = spaces.Box(-1, 1, (), np.float32)
+    obs_space = spaces.Dict({"scalar": scalar, "vector": spaces.Box(-1, 1, (2,), np.float32)}) if dict_obs else scalar
+    with pytest.raises(ValueError, match=r"Box observations of at least one dimension, got a Box of shape \(\)"):
+        FastTD3("MultiInputPolicy" if dict_obs else "MlpPolicy", SpaceEnv(spaces.Box(-1, 1, (1,)), obs_space))
+
+
+@pytest.mark.parametrize("wrap", [VecMonitor, partial(VecNormalize, norm_obs=False)])
+def test_a_torch_vec_env_inside_sb3s_wrappers_is_refused(wrap):
+    with pytest.raises(TypeError, match=r"env is a CountingTorchVecEnv inside Vec(Monitor|Normalize): .*NumpyVecEnv\(env\)"):
+        FastTD3("MlpPolicy", wrap(CountingTorchVecEnv(2)), **TINY)
+    model = make_model()
+    with pytest.raises(TypeError, match="CountingTorchVecEnv inside"):
+        model.set_env(wrap(CountingTorchVecEnv(1)))
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.vec_env import VecEnv, unwrap_vec_normalize
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, unwrap_vec_normalize
 
 from sb3_fasttd3.common.buffers import STORABLE_SPACES
+from sb3_fasttd3.vec_env.base import TorchVecEnv
 
 
 def _named_parts(name: str, obs: Any) -> dict[str, Any]:
@@ -53,6 +54,11 @@ def check_spaces(observation_space: spaces.Space, action_space: spaces.Space) ->
         raise TypeError(
             f"FastTD3 supports observation spaces {accepted} and Dict spaces of those (not nested), got {observation_space}"
         )
+    if any(isinstance(space, spaces.Box) and space.shape == () for space in subspaces):
+        raise ValueError(
+            f"FastTD3 needs Box observations of at least one dimension, got a Box of shape () in {observation_space}: "
+            "give it shape (1,) (e.g. gymnasium.wrappers.ReshapeObservation(env, (1,)) around a gymnasium env)"
+        )
 
 
 def check_env_spaces(env: GymEnv | str | None) -> None:
@@ -62,7 +68,26 @@ def check_env_spaces(env: GymEnv | str | None) -> None:
     :param env: the environment given to FastTD3
     """
     if env is not None and not isinstance(env, str):
+        _check_torch_vec_env_unwrapped(env)
         check_spaces(env.observation_space, env.action_space)
+
+
+def _check_torch_vec_env_unwrapped(env: GymEnv) -> None:
+    """Refuse a ``TorchVecEnv`` inside SB3's VecEnv wrappers, which work on NumPy arrays and fail on its tensors."""
+    wrappers, inner = [], env
+    while isinstance(inner, VecEnvWrapper):
+        wrappers.append(type(inner).__name__)
+        inner = inner.venv
+    if wrappers and isinstance(inner, TorchVecEnv):
+        hint = " (SB3 adds VecTransposeImage to channel-last images: give channel-first ones)" * (
+            "VecTransposeImage" in wrappers
+        )
+        raise TypeError(
+            f"env is a {type(inner).__name__} inside {', '.join(wrappers)}: SB3's VecEnv wrappers work on NumPy "
+            "arrays, not on its tensors. Pass the TorchVecEnv itself (FastTD3 tracks its episodes on the device and "
+            "normalizes observations with normalize_observations), or NumpyVecEnv(env) to make it a NumPy VecEnv"
+            f"{hint}"
+        )
 
 
 def _normalizes_observations(env: GymEnv | str | None) -> bool:
