@@ -19,6 +19,7 @@ import torch.distributed as dist
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.logger import configure
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 
 from sb3_fasttd3 import FastTD3
 from tests.test_fasttd3 import TINY
@@ -41,6 +42,17 @@ class CheckedFastTD3(FastTD3):
     def _exploration_actions(self, obs, learning_starts):
         self.seen_observations = [*getattr(self, "seen_observations", []), obs.clone()]
         return super()._exploration_actions(obs, learning_starts)
+
+
+class BatchNormExtractor(BaseFeaturesExtractor):
+    """Features through a BatchNorm layer, whose running statistics each rank updates from its own batches."""
+
+    def __init__(self, observation_space: gym.spaces.Box):
+        super().__init__(observation_space, features_dim=8)
+        self.net = th.nn.Sequential(th.nn.Linear(observation_space.shape[0], 8), th.nn.BatchNorm1d(8), th.nn.ReLU())
+
+    def forward(self, observations: th.Tensor) -> th.Tensor:
+        return self.net(observations)
 
 
 class StopAt(BaseCallback):
@@ -92,6 +104,11 @@ def train(out: Path) -> None:
         out / "single.zip", env=make_vec_env("Pendulum-v1", n_envs=N_ENVS), device="cpu", amp_dtype="bf16"
     )
     resumed.learn(80, reset_num_timesteps=False)
+    batch_norm_kwargs = dict(net_arch=[8], features_extractor_class=BatchNormExtractor)
+    batch_norm = CheckedFastTD3(
+        "MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), **{**KWARGS, "policy_kwargs": batch_norm_kwargs}
+    )
+    batch_norm.learn(120)
     results = dict(
         first_timesteps=first_timesteps,
         stopped_timesteps=stopped_timesteps,
@@ -105,6 +122,8 @@ def train(out: Path) -> None:
         resumed_checks=resumed.update_checks,
         resumed_difference=float(resumed.max_rank_difference),
         halves=halves_update(out),
+        batch_norm_checks=batch_norm.update_checks,
+        batch_norm_difference=float(batch_norm.max_rank_difference),
     )
     th.save(results, out / f"rank{rank}.pt")
 

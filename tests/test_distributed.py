@@ -11,7 +11,10 @@ import numpy as np
 import pytest
 import torch as th
 import torch.distributed as dist
+from stable_baselines3.common import callbacks as sb3_callbacks
+from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
+from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.distributed import DataParallel, _GroupTeardown
@@ -57,6 +60,14 @@ def test_ranks_hold_identical_parameters_after_every_update(two_ranks):
         assert rank["update_checks"] > 20
         assert rank["max_rank_difference"] == 0.0
         assert rank["resumed_checks"] > 0 and rank["resumed_difference"] == 0.0
+        # BatchNorm's running statistics too (the parameters and buffers of the whole policy are compared)
+        assert rank["batch_norm_checks"] > 20 and rank["batch_norm_difference"] == 0.0
+
+
+def test_the_ranks_envs_are_seeded_as_one_vec_env_of_all_of_them(two_ranks):
+    _, _, ranks = two_ranks
+    first = np.concatenate([rank["observations"][:N_ENVS] for rank in ranks])
+    np.testing.assert_array_equal(first, make_vec_env("Pendulum-v1", n_envs=2 * N_ENVS, seed=KWARGS["seed"]).reset())
 
 
 def test_timesteps_count_every_rank_and_a_stop_on_rank_0_stops_both(two_ranks):
@@ -194,6 +205,83 @@ def test_learn_refuses_what_would_desynchronize_the_ranks(tmp_path):
     assert not (tmp_path / "model.zip").exists()
 
 
+class MirrorRanks:
+    """A DataParallel stand-in: rank 0 of two ranks, the other of which does exactly what this one does."""
+
+    rank, world_size, device = 0, 2, th.device("cpu")
+
+    def __init__(self):
+        self.failed = False
+
+    def all_equal(self, value: int) -> bool:
+        return True
+
+    def all_true(self, flag: bool) -> bool:
+        return flag
+
+    def broadcast_(self, tensors) -> None:
+        pass
+
+    def average_gradients_(self, params) -> None:
+        pass
+
+    def merge_moments(self, count: th.Tensor, mean: th.Tensor, var: th.Tensor):
+        return 2 * count, mean, var
+
+    def fail(self) -> None:
+        self.failed = True
+
+
+def mirrored_model(env=None, **kwargs) -> FastTD3:
+    model = FastTD3("MlpPolicy", env or make_vec_env("Pendulum-v1", n_envs=N_ENVS), **{**KWARGS, **kwargs})
+    model._data_parallel = MirrorRanks()
+    return model
+
+
+def test_the_progress_bar_counts_every_ranks_transitions(monkeypatch):
+    bars = []
+
+    class RecordingBar:
+        """Stands in for tqdm: its total and how far it got."""
+
+        def __init__(self, total: int):
+            self.total, self.n = total, 0
+            bars.append(self)
+
+        def update(self, n: int) -> None:
+            self.n += n
+
+        def refresh(self) -> None:
+            pass
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(sb3_callbacks, "tqdm", RecordingBar)
+    model = mirrored_model()
+    model.learn(40, progress_bar=True)
+    model.learn(24, progress_bar=True, reset_num_timesteps=False)
+    assert model.num_timesteps == 64 and [(bar.total, bar.n) for bar in bars] == [(40, 40), (24, 24)]
+
+
+def test_a_vec_normalize_updating_its_statistics_is_refused():
+    with pytest.raises(ValueError, match=r"A VecNormalize that updates its statistics \(training=True\)"):
+        mirrored_model(VecNormalize(make_vec_env("Pendulum-v1", n_envs=N_ENVS))).learn(8)
+    frozen = VecNormalize(make_vec_env("Pendulum-v1", n_envs=N_ENVS), training=False)
+    assert mirrored_model(frozen).learn(8).num_timesteps == 8
+
+
+def test_a_rank_leaving_learn_on_sys_exit_does_not_wait_for_the_others_at_exit():
+    class Exit(BaseCallback):
+        def _on_step(self) -> bool:
+            sys.exit(1)
+
+    model = mirrored_model()
+    with pytest.raises(SystemExit):
+        model.learn(40, callback=Exit())
+    assert model._data_parallel.failed
+
+
 def test_exit_waits_for_the_other_ranks_unless_this_one_failed(monkeypatch):
     """A rank ending normally meets the others before closing its group; one ending on an exception does not."""
     calls = []
@@ -210,3 +298,9 @@ def test_exit_waits_for_the_other_ranks_unless_this_one_failed(monkeypatch):
     sys.excepthook(ValueError, ValueError("env failed"), None)
     teardown.close()
     assert calls == ["previous hook", "destroy"]
+    # A rank whose learn() ended on an error (sys.exit included, which no excepthook sees)
+    calls.clear()
+    teardown = _GroupTeardown()
+    DataParallel.fail()
+    teardown.close()
+    assert calls == ["registered", "destroy"]

@@ -1,11 +1,11 @@
-"""Callbacks: crash-safe checkpoints that keep the newest few."""
+"""Callbacks: crash-safe checkpoints that keep the newest few, and a progress bar of the model's timesteps."""
 
 import os
 import pickle
 import re
 from pathlib import Path
 
-from stable_baselines3.common.callbacks import CheckpointCallback
+from stable_baselines3.common.callbacks import CheckpointCallback, ProgressBarCallback
 
 from sb3_fasttd3.common.checkpoints import atomic_write
 
@@ -98,3 +98,18 @@ class FastTD3CheckpointCallback(CheckpointCallback):
             os.remove(path)
             vec_normalize = path.with_name(path.name.replace(f"{self.name_prefix}_", f"{self.name_prefix}_vecnormalize_", 1))
             vec_normalize.with_suffix(".pkl").unlink(missing_ok=True)
+
+
+class TimestepsProgressBar(ProgressBarCallback):
+    """
+    SB3's progress bar (``learn(progress_bar=True)``), advanced to the model's ``num_timesteps``: in data-parallel
+    training those count every rank's transitions, whereas SB3's bar adds this process's envs only.
+    """
+
+    def _on_training_start(self) -> None:
+        super()._on_training_start()
+        self._start = self.model.num_timesteps
+
+    def _on_step(self) -> bool:
+        self.pbar.update(self.model.num_timesteps - self._start - self.pbar.n)
+        return True

@@ -35,12 +35,17 @@ class _GroupTeardown:
     """
     Closes a process group FastTD3 initialized, at interpreter exit. A rank that ends normally first waits for the
     others (a rank closing its group while another still works, e.g. rank 0 saving, can abort in gloo's teardown);
-    a rank ending on an uncaught exception closes at once, since the others may be stuck in a collective (torchrun
-    then stops them).
+    a rank ending on an uncaught exception, or on anything that ended its ``learn()`` (``sys.exit`` in a callback,
+    which no excepthook sees), closes at once, since the others may be stuck in a collective (torchrun then stops
+    them).
     """
+
+    # The teardown of the group this process initialized, if any
+    current: "_GroupTeardown | None" = None
 
     def __init__(self):
         self.failed = False
+        _GroupTeardown.current = self
         previous_hook = sys.excepthook
 
         def excepthook(*args: object) -> None:
@@ -111,6 +116,12 @@ class DataParallel:
                 "(e.g. torchrun --nproc_per_node=2 train.py) or initialize a process group of several ranks first"
             )
         return None
+
+    @staticmethod
+    def fail() -> None:
+        """This rank is ending on an error: at exit, close the process group without waiting for the other ranks."""
+        if _GroupTeardown.current is not None:
+            _GroupTeardown.current.failed = True
 
     def broadcast_(self, tensors: Sequence[th.Tensor]) -> None:
         """Overwrite ``tensors`` in place with rank 0's, flattened into one broadcast per dtype."""

@@ -10,7 +10,7 @@ from typing import Any, ClassVar, TypeVar
 import torch as th
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
-from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from sb3_fasttd3.common import sb3_buffers
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
+from sb3_fasttd3.common.callbacks import TimestepsProgressBar
 from sb3_fasttd3.common.distributed import DataParallel, local_rank
 from sb3_fasttd3.common.distributional import categorical_projection
 from sb3_fasttd3.common.noise import MixedGaussianNoise
@@ -388,10 +389,13 @@ class FastTD3(RolloutCollection, Checkpointing):
             self._data_parallel.device = self.device
 
     def set_random_seed(self, seed: int | None = None) -> None:
-        """Seed the RNGs, the action space and the envs; in data-parallel training each rank with ``seed + rank``."""
+        """
+        Seed the RNGs, the action space and the envs; in data-parallel training each rank with
+        ``seed + rank * n_envs``, so that the ranks' envs are seeded as one VecEnv of all of them would be.
+        """
         data_parallel = getattr(self, "_data_parallel", None)
         if seed is not None and data_parallel is not None:
-            seed += data_parallel.rank
+            seed += data_parallel.rank * self.n_envs
         super().set_random_seed(seed)
 
     def _algorithm_policy_kwargs(self) -> dict[str, Any]:
@@ -446,6 +450,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         average = self.policy.actor_average
         self._actor_average_params: list[th.Tensor] = [] if average is None else list(average.parameters())
         self._actor_average_batch_norm_stats = [] if average is None else get_parameters_by_name(average, ["running_"])
+        self._batch_norm_buffers = get_parameters_by_name(self.policy, ["running_", "num_batches_tracked"])
         self._update_statistics = UpdateStatistics(self.device)
 
     def _setup_fast_path(self) -> None:
@@ -514,6 +519,13 @@ class FastTD3(RolloutCollection, Checkpointing):
         self._setup_device_rollouts()
         return result
 
+    def _init_callback(self, callback: MaybeCallback, progress_bar: bool = False) -> BaseCallback:
+        callback = super()._init_callback(callback)
+        if progress_bar:  # SB3's bar counts this process's envs, not every rank's
+            callback = CallbackList([callback, TimestepsProgressBar()])
+            callback.init_callback(self)
+        return callback
+
     def _join_ranks(
         self, data_parallel: DataParallel, callback: MaybeCallback, progress_bar: bool
     ) -> tuple[MaybeCallback, bool]:
@@ -531,6 +543,16 @@ class FastTD3(RolloutCollection, Checkpointing):
             raise ValueError(
                 f"Every rank must step the same number of envs (this rank, {data_parallel.rank}, has n_envs="
                 f"{self.n_envs}): the ranks update together, once per vector step"
+            )
+        vec_normalize = self.get_vec_normalize_env()
+        updating = (
+            vec_normalize is not None and vec_normalize.training and (vec_normalize.norm_obs or vec_normalize.norm_reward)
+        )
+        if not data_parallel.all_true(not updating):
+            raise ValueError(
+                "A VecNormalize that updates its statistics (training=True) would normalize differently on each rank, "
+                "each from its own envs: remove it (normalize_observations=True merges every rank's observations) or "
+                "freeze the same statistics on every rank (VecNormalize.load(...), then training=False)"
             )
         self._transitions_per_step = self.n_envs * data_parallel.world_size
         states = [state for optimizer in (self.actor.optimizer, self.critic.optimizer) for state in optimizer.state.values()]
@@ -578,6 +600,7 @@ class FastTD3(RolloutCollection, Checkpointing):
             "_actor_target_batch_norm_stats",
             "_actor_average_params",
             "_actor_average_batch_norm_stats",
+            "_batch_norm_buffers",
             "exploration_noise",
             "_last_obs_tensor",
             "_acted_uniformly",
@@ -752,6 +775,9 @@ class FastTD3(RolloutCollection, Checkpointing):
                 self._copy_stats(self._actor_average_batch_norm_stats, self._actor_batch_norm_stats)
         self._soft_update(self._critic_target_params, self._critic_polyak_params)
         self._copy_stats(self._critic_target_batch_norm_stats, self._critic_batch_norm_stats)
+        if self._data_parallel is not None and self._batch_norm_buffers:
+            # Each rank's BatchNorm layers saw its own batch: rank 0's statistics everywhere, as DDP does
+            self._data_parallel.broadcast_(self._batch_norm_buffers)
 
     def _begin_compiled_step(self) -> None:
         """
@@ -864,13 +890,18 @@ class FastTD3(RolloutCollection, Checkpointing):
         reset_num_timesteps: bool = True,
         progress_bar: bool = False,
     ) -> SelfFastTD3:
-        super().learn(
-            total_timesteps=total_timesteps,
-            callback=callback,
-            log_interval=log_interval,
-            tb_log_name=tb_log_name,
-            reset_num_timesteps=reset_num_timesteps,
-            progress_bar=progress_bar,
-        )
+        try:
+            super().learn(
+                total_timesteps=total_timesteps,
+                callback=callback,
+                log_interval=log_interval,
+                tb_log_name=tb_log_name,
+                reset_num_timesteps=reset_num_timesteps,
+                progress_bar=progress_bar,
+            )
+        except BaseException:
+            if self._data_parallel is not None:
+                self._data_parallel.fail()  # the other ranks may be waiting in a collective: do not wait for them
+            raise
         self._read_device_episodes()  # ep_info_buffer up to date when learn() returns
         return self
