@@ -6,6 +6,7 @@ from typing import Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from gymnasium.vector import VectorEnv
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, unwrap_vec_normalize
 
@@ -67,7 +68,9 @@ def check_env_spaces(env: GymEnv | str | None) -> None:
 
     :param env: the environment given to FastTD3
     """
-    if env is not None and not isinstance(env, str):
+    if isinstance(env, VectorEnv):  # wrapped in a GymnasiumVecEnv by FastTD3
+        check_spaces(env.single_observation_space, env.single_action_space)
+    elif env is not None and not isinstance(env, str):
         _check_torch_vec_env_unwrapped(env)
         check_spaces(env.observation_space, env.action_space)
 

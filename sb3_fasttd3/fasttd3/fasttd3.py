@@ -8,15 +8,18 @@ from functools import partial
 from typing import Any, ClassVar, TypeVar
 
 import torch as th
+from gymnasium.vector import VectorEnv
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback, CallbackList
 from stable_baselines3.common.logger import Logger
+from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_pkl, load_from_zip_file
 from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TrainFreq, TrainFrequencyUnit
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
+from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from torch.nn import functional as F
 
 from sb3_fasttd3.common import sb3_buffers
@@ -46,6 +49,7 @@ from sb3_fasttd3.fasttd3.policies import (
     critics_are_batched,
 )
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
+from sb3_fasttd3.vec_env.gymnasium_vector import GymnasiumVecEnv
 
 SelfFastTD3 = TypeVar("SelfFastTD3", bound="FastTD3")
 
@@ -475,6 +479,15 @@ class FastTD3(RolloutCollection, Checkpointing):
             # (benchmarks/results/actor_loss_compile.md).
             if self.device.type != "cpu":
                 self._actor_loss_fn = _compile_for_this_model(self._actor_loss, mode)
+
+    @staticmethod
+    def _wrap_env(env: GymEnv, verbose: int = 0, monitor_wrapper: bool = True) -> VecEnv:
+        """SB3's, and a gymnasium ``VectorEnv`` as an SB3 VecEnv (with a ``VecMonitor``, as SB3 adds a ``Monitor``)."""
+        if isinstance(env, VectorEnv):
+            env = GymnasiumVecEnv(env)
+            if monitor_wrapper and not any(env.env_is_wrapped(Monitor)):
+                env = VecMonitor(env)
+        return BaseAlgorithm._wrap_env(env, verbose, monitor_wrapper)
 
     def set_env(self, env: GymEnv, force_reset: bool = True) -> None:
         # Before the model lets go of its current env

@@ -1,10 +1,19 @@
-"""Vector environments that keep their data on a device, their backends, and a NumPy adapter."""
+"""Vector environments that keep their data on a device, their backends, a NumPy adapter, and gymnasium's."""
 
 from sb3_fasttd3.vec_env.base import EpisodeTracker, TorchStep, TorchVecEnv
+from sb3_fasttd3.vec_env.gymnasium_vector import GymnasiumVecEnv
 from sb3_fasttd3.vec_env.isaaclab import IsaacLabVecEnv
 from sb3_fasttd3.vec_env.numpy_adapter import NumpyVecEnv
 
-__all__ = ["EnvpoolVecEnv", "EpisodeTracker", "IsaacLabVecEnv", "NumpyVecEnv", "TorchStep", "TorchVecEnv"]
+__all__ = [
+    "EnvpoolVecEnv",
+    "EpisodeTracker",
+    "GymnasiumVecEnv",
+    "IsaacLabVecEnv",
+    "NumpyVecEnv",
+    "TorchStep",
+    "TorchVecEnv",
+]
 
 
 def __getattr__(name: str):
