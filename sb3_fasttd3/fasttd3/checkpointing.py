@@ -9,6 +9,7 @@ from typing import Any, TypeVar
 
 import torch as th
 from stable_baselines3.common.off_policy_algorithm import OffPolicyAlgorithm
+from stable_baselines3.common.save_util import load_from_pkl
 from stable_baselines3.common.type_aliases import GymEnv
 from stable_baselines3.common.vec_env import DummyVecEnv
 
@@ -27,14 +28,14 @@ def _identity(env: Any) -> Any:
 class Checkpointing(OffPolicyAlgorithm):
     """
     Save and load everything a run needs to go on exactly: the model, the replay buffer, the exploration noise,
-    every RNG and, where they pickle, the envs (the file format is :mod:`sb3_fasttd3.common.checkpoints`').
+    every RNG and, where they pickle, the envs (the file format is :mod:`sb3_fasttd3.common.checkpoints`'); and
+    load a replay buffer saved alone, checked and re-laid for the model.
     """
 
     # The state a checkpoint holds beyond SB3's, set up by the algorithm
     replay_buffer: DeviceNStepReplayBuffer  # type: ignore[assignment]
     exploration_noise: MixedGaussianNoise | None
     _make_exploration_noise: Callable[..., MixedGaussianNoise]
-    _adopt_replay_buffer: Callable[..., None]
 
     def save_checkpoint(self, path: str | os.PathLike) -> str:
         """
@@ -122,3 +123,76 @@ class Checkpointing(OffPolicyAlgorithm):
         # Last: building the model above draws from the global RNGs
         ckpt.restore_global_rngs(state["rngs"])
         return model
+
+    def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
+        """
+        Load a replay buffer saved with :meth:`save_replay_buffer`, moving it to this model's device. A
+        :class:`DeviceNStepReplayBuffer` saved with another number of envs, or in the other layout
+        (``optimize_memory_usage``), is re-laid for this model
+        (:meth:`~sb3_fasttd3.common.buffers.DeviceNStepReplayBuffer.relaid`): every stored transition is kept, in
+        storage for at least this model's ``buffer_size``, and its windows are closed. SB3's buffers load as in SB3
+        (``HerReplayBuffer`` with this model's env), with this model's number of envs only. The observation and
+        action spaces, ``handle_timeout_termination``, ``n_steps`` and ``gamma`` must be the model's; on any error
+        the model keeps its current buffer.
+
+        :param path: path to the pickled replay buffer
+        :param truncate_last_traj: End the episodes (and n-step windows) of the newest transitions there, as if
+            they were truncated (as SB3 does), so that nothing reaches into the transitions collected next. Leave it
+            True unless training resumes from the very env state the buffer was saved with.
+        """
+        replay_buffer = load_from_pkl(path, self.verbose)
+        if not isinstance(replay_buffer, sb3_buffers.AnyReplayBuffer):
+            raise TypeError(f"Expected a replay buffer in {path}, got {type(replay_buffer).__name__}")
+        self._adopt_replay_buffer(replay_buffer, f"The replay buffer in {path}", truncate_last_traj)
+
+    def _adopt_replay_buffer(
+        self,
+        replay_buffer: Any,
+        source: str,
+        end_episodes: bool,
+        quiet: bool = False,
+        kept: str = "The model's current buffer was kept.",
+    ) -> None:
+        """
+        Make a saved replay buffer this model's: check that it holds what the model learns from, re-lay it for the
+        model's number of envs and layout where it can be, move it to the model's device.
+
+        :param replay_buffer: the unpickled buffer
+        :param source: where it comes from, for the errors (e.g. ``"The replay buffer in path"``)
+        :param end_episodes: end the episodes of its newest transitions (the envs do not go on from them)
+        :param quiet: silence ``HerReplayBuffer``'s warning when its episodes are ended
+        :param kept: what the errors say was left as it was
+        :raises ValueError: a buffer of other spaces, timeout handling, returns, or (SB3's) number of envs
+        """
+        handle_timeout = self.replay_buffer_kwargs.get("handle_timeout_termination", True)
+        for name, saved, ours in (
+            ("observation_space", replay_buffer.observation_space, self.observation_space),
+            ("action_space", replay_buffer.action_space, self.action_space),
+            ("handle_timeout_termination", replay_buffer.handle_timeout_termination, handle_timeout),
+        ):
+            if saved != ours:
+                raise ValueError(
+                    f"{source} has {name}={saved} but the model has {name}={ours}: load it into a "
+                    f"model with the same {name}. {kept}"
+                )
+        n_steps, gamma = sb3_buffers.saved_returns(replay_buffer, self.gamma)
+        if (n_steps, gamma) != (self.n_steps, self.gamma):
+            raise ValueError(
+                f"{source} holds returns over n_steps={n_steps} with gamma={gamma}, but the model "
+                f"has n_steps={self.n_steps}, gamma={self.gamma}: load it into a model with the same n_steps and gamma. "
+                f"{kept}"
+            )
+        lean = self.optimize_memory_usage
+        if not isinstance(replay_buffer, DeviceNStepReplayBuffer):
+            if replay_buffer.n_envs != self.n_envs:
+                raise ValueError(
+                    f"{source} was saved with n_envs={replay_buffer.n_envs}, but the model has "
+                    f"n_envs={self.n_envs}: SB3's {type(replay_buffer).__name__} cannot be re-laid for another number "
+                    f"of envs (a DeviceNStepReplayBuffer can). {kept}"
+                )
+        elif (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
+            replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
+        sb3_buffers.attach(replay_buffer, self.env, self.device)
+        if end_episodes:
+            sb3_buffers.end_open_episodes(replay_buffer, quiet)
+        self.replay_buffer = replay_buffer  # type: ignore[assignment]

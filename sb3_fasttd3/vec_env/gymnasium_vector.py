@@ -63,7 +63,9 @@ class GymnasiumVecEnv(VecEnv):
                 "gym.make_vec(env_id, num_envs, vector_kwargs=dict(autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)), "
                 "or use stable_baselines3.common.env_util.make_vec_env"
             )
-        self.env, self.autoreset_mode = env, mode
+        # Any: get_attr, set_attr and call belong to SyncVectorEnv and AsyncVectorEnv, not to the VectorEnv base
+        self.env: Any = env
+        self.autoreset_mode = mode
         self.render_mode = env.render_mode
         super().__init__(env.num_envs, env.single_observation_space, env.single_action_space)
         self._actions: np.ndarray | None = None
@@ -101,7 +103,7 @@ class GymnasiumVecEnv(VecEnv):
                 obs, reset_infos = self.env.reset(options={"reset_mask": dones})
                 reset_per_env = unbatch_infos(reset_infos, self.num_envs)
                 for index in finished:
-                    infos[index]["terminal_observation"] = _rows(final_obs, index)
+                    infos[index]["terminal_observation"] = _rows(final_obs, int(index))
                     self.reset_infos[index] = reset_per_env[index]
             for index in finished:
                 infos[index]["TimeLimit.truncated"] = bool(truncated[index] and not terminated[index])
@@ -111,8 +113,8 @@ class GymnasiumVecEnv(VecEnv):
         self.env.close()
 
     def get_images(self) -> Sequence[np.ndarray | None]:
-        frames = self.env.render()
-        return list(frames) if frames is not None else [None] * self.num_envs
+        frames = self.env.render()  # one frame per env, in rgb_array mode
+        return list(frames) if frames is not None else [None for _ in range(self.num_envs)]
 
     def _select(self, values: Sequence[Any], indices: VecEnvIndices) -> list[Any]:
         return [values[index] for index in self._get_indices(indices)]
