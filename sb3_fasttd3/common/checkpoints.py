@@ -235,11 +235,7 @@ def restore_envs(env: VecEnv, envs_bytes: bytes | None, rng_states: list[dict[st
     if rng_states is not None and len(rng_states) == env.num_envs:
         for index, state in enumerate(rng_states):
             env.set_attr("np_random", make_generator(state), indices=[index])
-        innermost = env
-        while isinstance(innermost, VecEnvWrapper):
-            innermost = innermost.venv
-        if hasattr(innermost, "_reset_seeds"):
-            innermost._reset_seeds()  # seeds queued by make_vec_env(seed=...) would override the restored RNGs
+        env.unwrapped._reset_seeds()  # seeds queued by make_vec_env(seed=...) would override the restored RNGs
     return False
 
 

@@ -150,7 +150,6 @@ class Checkpointing(OffPolicyAlgorithm):
         replay_buffer: Any,
         source: str,
         end_episodes: bool,
-        quiet: bool = False,
         kept: str = "The model's current buffer was kept.",
     ) -> None:
         """
@@ -160,7 +159,6 @@ class Checkpointing(OffPolicyAlgorithm):
         :param replay_buffer: the unpickled buffer
         :param source: where it comes from, for the errors (e.g. ``"The replay buffer in path"``)
         :param end_episodes: end the episodes of its newest transitions (the envs do not go on from them)
-        :param quiet: silence ``HerReplayBuffer``'s warning when its episodes are ended
         :param kept: what the errors say was left as it was
         :raises ValueError: a buffer of other spaces, timeout handling, returns, or (SB3's) number of envs
         """
@@ -194,5 +192,5 @@ class Checkpointing(OffPolicyAlgorithm):
             replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
         sb3_buffers.attach(replay_buffer, self.env, self.device)
         if end_episodes:
-            sb3_buffers.end_open_episodes(replay_buffer, quiet)
+            sb3_buffers.end_open_episodes(replay_buffer)
         self.replay_buffer = replay_buffer  # type: ignore[assignment]
