@@ -145,6 +145,21 @@ def test_mlp_critics_are_batched_unless_told_otherwise():
     assert simba.policy.batched_critics is False
 
 
+@pytest.mark.parametrize("activation_fn", [nn.ReLU, nn.PReLU])
+def test_a_step_on_one_critics_loss_leaves_the_other_critic_unchanged(activation_fn):
+    # One batched activation module with parameters (PReLU) would serve every critic and tie them together
+    model = make_model(1, policy_kwargs=tiny(activation_fn=activation_fn))
+    assert model.policy.batched_critics is (activation_fn is nn.ReLU)
+    obs, actions = th.randn(8, 3), th.rand(8, 1) * 2 - 1
+    q0_before, q1_before = model.critic(obs, actions).detach().clone()
+    sgd = th.optim.SGD(model.critic.parameters(), lr=0.1)  # no weight decay: only gradients move parameters
+    model.critic(obs, actions)[0].sum().backward()
+    sgd.step()
+    q0_after, q1_after = model.critic(obs, actions).detach()
+    assert not th.allclose(q0_after, q0_before)
+    th.testing.assert_close(q1_after, q1_before, rtol=0, atol=0)
+
+
 def older_model(tmp_path) -> tuple[FastTD3, str]:
     """A model with one module per Q-network, saved as before batched critics (no key in its policy_kwargs)."""
     older = make_model(2, policy_kwargs=tiny(batched_critics=False))

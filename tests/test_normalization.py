@@ -1,6 +1,7 @@
 """Tests of the empirical observation normalizer."""
 
 import numpy as np
+import pytest
 import torch as th
 from gymnasium import spaces
 
@@ -51,6 +52,14 @@ def test_epsilon_on_the_standard_deviation_without_clipping():
     th.testing.assert_close(reference(obs), th.tensor([[1.0 / 1.01, 1000.0 / 10.01, 0.5 / 0.01]]))
     # sqrt(var + 1e-8) blows the constant feature's first move up to the clip
     th.testing.assert_close(ours(obs), th.tensor([[1.0, 10.0, 10.0]]))
+
+
+@pytest.mark.parametrize("dtype", [th.bool, th.uint8, th.int64])
+def test_integer_and_bool_observations_are_normalized_as_floats(dtype):
+    normalizer = EmpiricalNormalization((3,))
+    batch = th.tensor([[0, 1, 1], [1, 1, 0]], dtype=dtype)
+    normalizer.update(batch)
+    th.testing.assert_close(normalizer(batch), normalizer(batch.float()))
 
 
 def test_identity_before_any_update():

@@ -45,3 +45,17 @@ def test_dict_space_per_key():
         th.testing.assert_close(actual[key], expected[key], rtol=0, atol=0)
     with pytest.raises(NotImplementedError, match="Tuple"):
         make_preprocessor(spaces.Tuple([SPACES["vector"]]))
+
+
+@pytest.mark.parametrize(
+    ("space", "counted_from_zero"),
+    [
+        (spaces.Discrete(4, start=5), spaces.Discrete(4)),
+        (spaces.MultiDiscrete([3, 4], start=[2, -1]), spaces.MultiDiscrete([3, 4])),
+    ],
+)
+def test_discrete_values_are_counted_from_the_spaces_start(space, counted_from_zero):
+    # SB3's preprocess_obs refuses such values; their one-hot code is that of the values counted from 0
+    obs = batch(space)
+    shifted = obs - th.as_tensor(space.start)
+    th.testing.assert_close(make_preprocessor(space)(obs), preprocess_obs(shifted, counted_from_zero), rtol=0, atol=0)

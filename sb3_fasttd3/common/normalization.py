@@ -105,6 +105,7 @@ class EmpiricalNormalization(nn.Module):
         :param obs: raw observations, shape ``(..., *shape)``
         :return: normalized and clipped observations
         """
+        obs = obs.to(self.mean.dtype)  # integer and bool Box observations too, as update() reads them
         if self.epsilon_on_std:
             normalized = (obs - self.mean) / (th.sqrt(self.var) + self.epsilon)
         else:

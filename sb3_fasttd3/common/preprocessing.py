@@ -19,13 +19,13 @@ def _scale_image(obs: th.Tensor) -> th.Tensor:
     return obs.float() / 255.0
 
 
-def _one_hot(obs: th.Tensor, num_classes: int) -> th.Tensor:
-    # Equal to F.one_hot(obs.long(), num_classes).float() on valid values, without its data-dependent range check
-    return (obs.long().unsqueeze(-1) == th.arange(num_classes, device=obs.device)).float()
+def _one_hot(obs: th.Tensor, num_classes: int, start: int = 0) -> th.Tensor:
+    # Equal to F.one_hot(obs.long() - start, num_classes).float() on valid values, without its data-dependent check
+    return ((obs.long() - start).unsqueeze(-1) == th.arange(num_classes, device=obs.device)).float()
 
 
-def _multi_one_hot(obs: th.Tensor, nvec: tuple[int, ...]) -> th.Tensor:
-    return th.cat([_one_hot(obs[:, i], n) for i, n in enumerate(nvec)], dim=-1)
+def _multi_one_hot(obs: th.Tensor, nvec: tuple[int, ...], starts: tuple[int, ...]) -> th.Tensor:
+    return th.cat([_one_hot(obs[:, i], n, start) for i, (n, start) in enumerate(zip(nvec, starts, strict=True))], dim=-1)
 
 
 def _each_key(obs: dict[str, th.Tensor], preprocessors: dict[str, Preprocessor]) -> dict[str, th.Tensor]:
@@ -36,11 +36,12 @@ def make_preprocessor(observation_space: spaces.Space, normalize_images: bool = 
     """
     The function SB3's ``preprocess_obs`` applies to observations of ``observation_space``: images divided by 255
     (when ``normalize_images``), other ``Box`` and ``MultiBinary`` values as floats, ``Discrete`` and
-    ``MultiDiscrete`` values one-hot encoded; a ``Dict`` per key.
+    ``MultiDiscrete`` values one-hot encoded (counted from the space's ``start``, which SB3 refuses unless 0); a
+    ``Dict`` per key.
 
     :param observation_space: the observation space
     :param normalize_images: divide images (SB3's ``is_image_space``) by 255
-    :return: the preprocessing function (same results as ``preprocess_obs`` on valid observations)
+    :return: the preprocessing function (same results as ``preprocess_obs`` on the observations it accepts)
     """
     if isinstance(observation_space, spaces.Dict):
         preprocessors = {key: make_preprocessor(space, normalize_images) for key, space in observation_space.spaces.items()}
@@ -48,9 +49,10 @@ def make_preprocessor(observation_space: spaces.Space, normalize_images: bool = 
     if isinstance(observation_space, spaces.Box):
         return _scale_image if normalize_images and is_image_space(observation_space) else _to_float  # type: ignore[return-value]
     if isinstance(observation_space, spaces.Discrete):
-        return partial(_one_hot, num_classes=int(observation_space.n))  # type: ignore[return-value]
+        return partial(_one_hot, num_classes=int(observation_space.n), start=int(observation_space.start))  # type: ignore[return-value]
     if isinstance(observation_space, spaces.MultiDiscrete):
-        return partial(_multi_one_hot, nvec=tuple(int(n) for n in observation_space.nvec))  # type: ignore[return-value]
+        nvec, starts = (tuple(int(n) for n in values) for values in (observation_space.nvec, observation_space.start))
+        return partial(_multi_one_hot, nvec=nvec, starts=starts)  # type: ignore[return-value]
     if isinstance(observation_space, spaces.MultiBinary):
         return _to_float  # type: ignore[return-value]
     raise NotImplementedError(f"No preprocessing for observation space {observation_space}")

@@ -346,7 +346,7 @@ class FastTD3Policy(BasePolicy):
     :param batched_critics: evaluate the Q-networks (``architecture="mlp"``) together, one batched matrix product
         per layer (:class:`~sb3_fasttd3.common.batched_mlp.BatchedMLP`): the same function with fewer, larger
         operators; ``False``: one SB3 MLP per Q-network (``critic.q_networks[i]``); ``None``: batched with MLP
-        critics
+        critics whose ``activation_fn`` has no parameters (such as ``nn.PReLU``'s, which each network keeps its own of)
     :param architecture: the actor's and the critic's networks: ``"mlp"``, or ``"simbav2"`` (SimbaV2's
         hyperspherical residual blocks; ``net_arch`` then lists blocks of one width, and the default optimizer has
         no weight decay since the weights are kept on the unit sphere)
@@ -407,6 +407,17 @@ class FastTD3Policy(BasePolicy):
             raise ValueError("layer_norm=True applies to architecture='mlp' only: SimbaV2 normalizes every block itself")
         if architecture == "simbav2" and batched_critics:
             raise ValueError("batched_critics=True applies to architecture='mlp' only, got architecture='simbav2'")
+        # Batched critics apply one activation module to every network: one with parameters would tie them
+        activation_has_parameters = any(True for _ in activation_fn().parameters())
+        if batched_critics and activation_has_parameters:
+            raise ValueError(
+                f"batched_critics=True needs an activation_fn without parameters (its one module serves every critic), "
+                f"got {activation_fn.__name__}: give batched_critics=False"
+            )
+        if isinstance(n_critics, bool) or not isinstance(n_critics, int) or n_critics < 1:
+            raise ValueError(f"n_critics must be an integer >= 1, got {n_critics!r}")
+        if isinstance(net_arch, dict) and not {"pi", "qf"} <= set(net_arch):
+            raise ValueError(f"net_arch as a dict must have the keys 'pi' (actor) and 'qf' (critics), got {net_arch}")
         if optimizer_kwargs is None:
             optimizer_kwargs = default_optimizer_kwargs(optimizer_class, architecture)
         if features_extractor_class is None:
@@ -432,7 +443,9 @@ class FastTD3Policy(BasePolicy):
         self.activation_fn = activation_fn
         self.share_features_extractor = share_features_extractor
         self.layer_norm = layer_norm
-        self.batched_critics = architecture == "mlp" if batched_critics is None else batched_critics
+        if batched_critics is None:
+            batched_critics = architecture == "mlp" and not activation_has_parameters
+        self.batched_critics = batched_critics
         self.architecture = architecture
         self.num_atoms = num_atoms
         self.v_min = v_min
