@@ -7,12 +7,16 @@ from argparse import Namespace
 from functools import partial
 
 import gymnasium as gym
+import numpy as np
 import pytest
 import torch as th
 import yaml
 from stable_baselines3 import HerReplayBuffer
+from stable_baselines3.common.buffers import NStepReplayBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import BitFlippingEnv
+from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.type_aliases import TrainFrequencyUnit
 
 pytest.importorskip("rl_zoo3")
 
@@ -69,13 +73,15 @@ def test_default_config(tmp_path, algo, config, expected):
     assert manager.config.endswith(expected)
 
 
-def test_packaged_config_has_every_task():
+def test_packaged_config_has_every_task_and_each_entry_makes_its_env():
+    entries = yaml.safe_load(HYPERPARAMS_FILE.read_text())
     for task in MUJOCO_TASKS:
-        for version in ("v4", "v5"):
-            entry = zoo_entry(f"{task}-{version}")
-            assert entry is not zoo_entry("default") and entry["v_min"] < entry["v_max"], task
-            assert entry == zoo_entry(f"{task}-v5"), f"{task}-{version} should share the v5 entry"
+        entry = entries[f"{task}-v5"]
+        assert entry != entries["default"] and entry["v_min"] < entry["v_max"], task
+        assert entries.get(f"{task}-v4", entry) == entry, f"{task}-v4 should share the v5 entry"
     assert zoo_entry("Pendulum-v1")["num_atoms"] == 51
+    for env_id in set(entries) - {"default"}:  # an entry the installed gymnasium and mujoco cannot run is dead
+        gym.make(env_id).close()
 
 
 @pytest.mark.parametrize("seed", range(4))
@@ -95,6 +101,38 @@ def test_sampler_builds_a_model(seed, monkeypatch):
     assert model.num_atoms == kwargs["num_atoms"] and model.std_max == kwargs["std_max"]
     assert model.gamma == kwargs["gamma"] and model.noise_correlation == kwargs["noise_correlation"]
     assert model.policy.layer_norm is trial.params["critic_layer_norm"]
+
+
+def test_sampled_values_replace_the_entrys_rates_and_action_noise():
+    # Hopper-v5's entry sets the actor's and the critic's rates, which would override the sampled learning_rate
+    entry, _ = load_hyperparams("Hopper-v5")
+    noise = dict(action_noise=NormalActionNoise(np.zeros(1), 0.1 * np.ones(1)))  # as the Zoo makes of noise_type
+    for seed in range(6):  # some trials sample noise_correlation, which an action_noise would refuse
+        trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=seed)).ask()
+        kwargs = {**entry, **noise, **sample_fasttd3_params(trial, n_actions=1, n_envs=4, additional_args={})}
+        kwargs.update(compile=False, amp_dtype=None, learning_starts=0)
+        model = FastTD3(env="Pendulum-v1", **kwargs)
+        assert model._current_learning_rates() == (trial.params["learning_rate"],) * 2
+        assert model.action_noise is None
+
+
+def test_sampler_with_her_searches_hers_arguments_and_one_step_returns():
+    her_kwargs = dict(goal_selection_strategy="future", n_sampled_goal=4, copy_info_dict=True)
+    trial = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0)).ask()
+    args = dict(using_her_replay_buffer=True, her_kwargs=her_kwargs)
+    kwargs = sample_fasttd3_params(trial, n_actions=1, n_envs=1, additional_args=args)
+    assert "n_steps" not in trial.params and kwargs["n_steps"] == 1
+    buffer_kwargs = kwargs["replay_buffer_kwargs"]
+    assert buffer_kwargs["copy_info_dict"] is True  # the entry's other HER arguments are kept
+    assert buffer_kwargs["n_sampled_goal"] == trial.params["n_sampled_goal"]
+    # The converter (--trial-id) gives the searched ones
+    converted = convert_fasttd3_params(trial.params)
+    assert converted["n_steps"] == 1 and converted["replay_buffer_kwargs"]["n_sampled_goal"] == trial.params["n_sampled_goal"]
+    env = BitFlippingEnv(n_bits=4, continuous=True, max_steps=4)
+    kwargs.update(compile=False, amp_dtype=None, learning_starts=16, buffer_size=1000)
+    model = FastTD3("MultiInputPolicy", env, replay_buffer_class=HerReplayBuffer, **kwargs)
+    model.learn(40)
+    assert model.replay_buffer.n_sampled_goal == trial.params["n_sampled_goal"]
 
 
 def test_sampler_searches_noise_correlation_and_layer_norm():
@@ -123,6 +161,31 @@ def test_fallback_cli_trains(tmp_path, monkeypatch):
     model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
     assert model.num_timesteps == 400 and model.batch_size == zoo_entry("Pendulum-v1")["batch_size"]
     assert model.policy.obs_normalizer.count.item() > 0
+
+
+def test_load_hyperparams_reads_an_entry_as_the_zoo_does(tmp_path):
+    zoo_keys = {
+        "env_kwargs": {"g": 9.81},
+        "vec_env_wrapper": "stable_baselines3.common.vec_env.VecFrameStack",
+        "monitor_kwargs": "dict(info_keywords=())",
+        "train_freq": [2, "step"],
+        "replay_buffer_class": "NStepReplayBuffer",
+        "replay_buffer_kwargs": "dict()",
+    }
+    config = tmp_path / "fasttd3.yml"
+    config.write_text(yaml.safe_dump({"Pendulum-v1": {**zoo_entry("Pendulum-v1"), **zoo_keys}}))
+    hyperparams, _ = load_hyperparams("Pendulum-v1", config)
+    assert not {"env_kwargs", "vec_env_wrapper", "monitor_kwargs"} & set(hyperparams)  # the envs' keys
+    model = FastTD3(env="Pendulum-v1", **hyperparams)
+    assert model.train_freq == (2, TrainFrequencyUnit.STEP) and isinstance(model.replay_buffer, NStepReplayBuffer)
+
+    for extra, match in [
+        ({"noise_type": "normal", "noise_std": 0.1}, "noise_type and noise_std .* make an SB3 action_noise"),
+        ({"replay_buffer_class": "PrioritizedBuffer"}, r"replay_buffer_class must be one of \['DeviceNStepReplayBuffer'"),
+    ]:
+        config.write_text(yaml.safe_dump({"Pendulum-v1": {**zoo_entry("Pendulum-v1"), **extra}}))
+        with pytest.raises(ValueError, match=match):
+            load_hyperparams("Pendulum-v1", config)
 
 
 def test_entries_write_learning_rate_schedules(tmp_path, monkeypatch):
