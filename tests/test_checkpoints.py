@@ -14,6 +14,7 @@ import gymnasium as gym
 import numpy as np
 import pytest
 import torch as th
+from stable_baselines3.common.callbacks import EveryNTimesteps
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import OrnsteinUhlenbeckActionNoise
 from stable_baselines3.common.vec_env import VecCheckNan, VecEnv, VecFrameStack, VecNormalize
@@ -287,6 +288,14 @@ def test_keep_last_keeps_a_new_runs_checkpoints_over_an_earlier_runs(tmp_path, k
     expected = ["ckpt_20_steps.zip", "ckpt_40_steps.zip"][-keep_last:]
     assert [path.name for path in callback().checkpoints()] == expected
     assert FastTD3.load_checkpoint(tmp_path / expected[-1]).seed == 1
+
+
+def test_checkpoints_triggered_by_an_event_callback_are_written(tmp_path):
+    # SB3's EveryNTimesteps passes on on_step only: the checkpoint cannot wait for the next rollout's start
+    callback = FastTD3CheckpointCallback(save_freq=1, save_path=str(tmp_path), name_prefix="ckpt", keep_last=np.int64(2))
+    make_model().learn(60, callback=EveryNTimesteps(n_steps=20, callback=callback))
+    assert [path.name for path in callback.checkpoints()] == ["ckpt_40_steps.zip", "ckpt_60_steps.zip"]
+    assert FastTD3.load_checkpoint(tmp_path / "ckpt_60_steps.zip").num_timesteps == 60
 
 
 @pytest.mark.parametrize("keep_last", [0, -1, 1.5])

@@ -112,6 +112,21 @@ def test_a_torch_vec_env_inside_sb3s_wrappers_is_refused(wrap):
         (dict(epsilon_on_std="yes"), "epsilon_on_std must be True or False"),
         (dict(actor_q="q2"), r"actor_q must be one of \['all', 'q1'\], got 'q2'"),
         (dict(warmup_actions="random"), r"warmup_actions must be one of \['uniform', 'actor'\], got 'random'"),
+        (dict(train_freq=0), r"train_freq must be an integer >= 1 or a tuple \(n >= 1, 'step' \| 'episode'\), got 0"),
+        (dict(train_freq=(-1, "step")), r"train_freq must be an integer >= 1 .*got \(-1, 'step'\)"),
+        (dict(policy_delay=True), "policy_delay must be an integer >= 1, got True"),
+        (dict(use_cdq="no"), "use_cdq must be True or False, got 'no'"),
+        (dict(use_target_actor="False"), "use_target_actor must be True or False"),
+        (dict(compile="no"), "compile must be True or False"),
+        (dict(std_max=float("inf")), "std_max must be a finite float, got inf"),
+        (dict(action_noise="normal"), r"action_noise must be None .* or an SB3 ActionNoise, e.g. NormalActionNoise"),
+        (dict(action_noise=NormalActionNoise), r"action_noise must be None .* or an SB3 ActionNoise"),
+        (dict(policy_kwargs=dict(n_critics=0)), "n_critics must be an integer >= 1, got 0"),
+        (dict(policy_kwargs=dict(net_arch=dict(pi=[8]))), "net_arch as a dict must have the keys 'pi' .* and 'qf'"),
+        (
+            dict(policy_kwargs=dict(activation_fn=th.nn.PReLU, batched_critics=True)),
+            "batched_critics=True needs an activation_fn without parameters .* got PReLU",
+        ),
     ],
 )
 def test_bad_hyperparameters(kwargs, match):
@@ -235,6 +250,13 @@ def test_numpy_scalars_are_numbers():
     assert model.num_timesteps >= 30
 
 
+def test_numpy_integers_are_integers():
+    integers = dict(batch_size=np.int64(8), policy_delay=np.int32(2), gradient_steps=np.int64(2), n_step_start=np.int64(0))
+    model = make_model(**integers, n_steps=np.int64(3))
+    model.learn(40)
+    assert model._n_updates == 2 * (40 - TINY["learning_starts"])  # two updates per step after warm-up
+
+
 @pytest.mark.parametrize("name", ["learning_rate", "actor_learning_rate", "critic_learning_rate"])
 def test_learning_rates_must_be_non_negative_or_schedules(name):
     with pytest.raises(ValueError, match=rf"{name} must be a float >= 0 or a schedule"):
@@ -282,6 +304,34 @@ def test_stratified_noise_with_action_noise_is_refused():
 def test_n_step_max_noise_with_action_noise_is_refused():
     with pytest.raises(ValueError, match="n_step_max_noise reads the scales of the mixed exploration noise"):
         make_model(n_step_max_noise=0.2, action_noise=NormalActionNoise(np.zeros(1), np.ones(1)))
+
+
+@pytest.mark.parametrize(
+    ("setting", "match"),
+    [
+        (dict(noise_correlation=20.0), "noise_correlation shapes the mixed exploration noise"),
+        (dict(stratified_noise=True), "stratified_noise shapes the mixed exploration noise"),
+        (dict(n_steps=3, n_step_max_noise=0.2), "n_step_max_noise reads the scales of the mixed exploration noise"),
+    ],
+)
+def test_action_noise_set_after_construction_gets_the_same_refusals(setting, match):
+    # SB3 lets model.action_noise be set on a built model: learn() checks it again, before anything is collected
+    model = make_model(**setting)
+    model.action_noise = NormalActionNoise(np.zeros(1), 0.1 * np.ones(1))
+    with pytest.raises(ValueError, match=match):
+        model.learn(30)
+    assert model.num_timesteps == 0
+
+
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_a_diverged_actor_is_named_and_not_the_env(torch_env):
+    env = CountingTorchVecEnv(2) if torch_env else counting_env(2)
+    model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 0})
+    with th.no_grad():
+        model.actor.mu[0].weight.fill_(float("nan"))
+    with pytest.raises(ValueError, match=r"The action for env 0 at timestep 2 is non-finite .* the actor's weights"):
+        model.learn(10)
+    assert model.replay_buffer.size() == 0
 
 
 def test_a_bad_device_string_is_refused_at_construction():

@@ -247,6 +247,19 @@ def test_std_range_reaches_the_noise_and_sigmas_are_not_saved():
     assert not any("sigma" in key for key in model.policy.state_dict())
 
 
+def test_a_std_range_changed_between_learn_calls_reaches_the_noise():
+    model = make_model(4, std_min=0.3, std_max=0.4)
+    model.learn(16)
+    model.std_min, model.std_max = 0.0, 0.01
+    model.learn(16, reset_num_timesteps=False)
+    noise = model.exploration_noise
+    assert (noise.std_min, noise.std_max) == (0.0, 0.01) and (noise.sigmas <= 0.01).all()
+    model.std_min = 0.5  # above std_max: refused before anything is collected
+    with pytest.raises(ValueError, match="std_min must be <= std_max"):
+        model.learn(16, reset_num_timesteps=False)
+    assert model.num_timesteps == 32
+
+
 def test_stratified_noise_reaches_the_noise_and_is_saved(tmp_path):
     model = make_model(4, std_min=0.0, std_max=0.4, stratified_noise=True)
     model.learn(16)
@@ -413,6 +426,7 @@ def test_callbacks_progress_bar_and_logs(tmp_path):
     header = (tmp_path / "progress.csv").read_text().splitlines()[0].split(",")
     for key in ("train/critic_loss", "train/actor_loss", "train/q_mean", "train/n_updates", "time/fps", "rollout/ep_rew_mean"):
         assert key in header
+    assert "train/learning_rate" in header  # SB3's key, which TD3 dashboards read
 
 
 def test_stop_training_on_reward_threshold():

@@ -66,10 +66,13 @@ def test_action_noise_replaces_the_mixed_noise_and_is_reset_per_env(value, torch
     np.testing.assert_array_equal(resets - resets.min() + episodes.min(), episodes)
 
 
-def test_action_noise_of_one_env_is_reset_without_indices():
-    model = make_model(1, action_noise=ConstantNoise(0.1), learning_starts=0)
+@pytest.mark.parametrize("torch_env", [False, True])
+def test_action_noise_of_one_env_is_reset_without_indices_once_per_episode(torch_env):
+    env = CountingTorchVecEnv(1) if torch_env else counting_env(1)
+    model = FastTD3("MlpPolicy", env, action_noise=ConstantNoise(0.1), seed=0, **{**TINY, "learning_starts": 0})
     model.learn(40)
-    assert model.action_noise.resets >= episodes_per_env(model)[0] > 0
+    assert episodes_per_env(model)[0] > 0
+    assert model.action_noise.resets == 1 + episodes_per_env(model)[0]  # at the start of learn(), then per episode
 
 
 @pytest.mark.parametrize("new_n_envs", [1, 3])

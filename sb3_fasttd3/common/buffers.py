@@ -31,6 +31,7 @@ from sb3_fasttd3.common.replay_layout import (
 )
 from sb3_fasttd3.common.replay_relay import Relay
 from sb3_fasttd3.common.row_sampling import gather_references, gather_tables, sample_tables
+from sb3_fasttd3.common.utils import is_integer
 
 # Observation spaces (and Dict sub-spaces) the buffer stores; integer observations are stored as exact float32 values
 STORABLE_SPACES = (spaces.Box, spaces.Discrete, spaces.MultiDiscrete, spaces.MultiBinary)
@@ -44,7 +45,7 @@ def check_return_parameters(n_steps: int, gamma: float) -> None:
     :param n_steps: length of the n-step returns
     :param gamma: the discount factor
     """
-    if not (isinstance(n_steps, int) and n_steps >= 1):
+    if not (is_integer(n_steps) and n_steps >= 1):
         raise ValueError(f"n_steps must be an integer >= 1, got {n_steps!r}")
     if not 0.0 < gamma <= 1.0:
         raise ValueError(f"gamma must be in (0, 1], got {gamma!r}")

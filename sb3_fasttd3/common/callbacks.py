@@ -8,6 +8,7 @@ from pathlib import Path
 from stable_baselines3.common.callbacks import CheckpointCallback, ProgressBarCallback
 
 from sb3_fasttd3.common.checkpoints import atomic_write
+from sb3_fasttd3.common.utils import is_integer
 
 
 class FastTD3CheckpointCallback(CheckpointCallback):
@@ -18,7 +19,9 @@ class FastTD3CheckpointCallback(CheckpointCallback):
     training exactly.
 
     A checkpoint due at a step is written when that step's training is done (at the start of the next rollout,
-    or when training ends), so that the resumed run starts where the saved one would have gone on.
+    or when training ends), so that the resumed run starts where the saved one would have gone on. Inside an
+    ``EventCallback`` (``EveryNTimesteps``, ``EvalCallback``'s ``callback_on_new_best``), which passes on ``on_step``
+    only, it is written at once: the resumed run then goes on without the updates of that step.
 
     :param save_freq: Save a checkpoint every ``save_freq`` calls of the callback (vector steps)
     :param save_path: Folder of the checkpoints
@@ -39,9 +42,9 @@ class FastTD3CheckpointCallback(CheckpointCallback):
         verbose: int = 0,
         keep_last: int | None = None,
     ):
-        if keep_last is not None and (not isinstance(keep_last, int) or keep_last < 1):
+        if keep_last is not None and not (is_integer(keep_last) and keep_last >= 1):
             raise ValueError(f"keep_last must be None (keep all) or an int >= 1, got {keep_last!r}")
-        if not isinstance(save_freq, int) or save_freq < 1:
+        if not (is_integer(save_freq) and save_freq >= 1):
             raise ValueError(f"save_freq must be an int >= 1, got {save_freq!r}")
         super().__init__(save_freq, save_path, name_prefix, save_replay_buffer, save_vecnormalize, verbose)
         self.keep_last = keep_last
@@ -56,6 +59,8 @@ class FastTD3CheckpointCallback(CheckpointCallback):
     def _on_step(self) -> bool:
         if self.n_calls % self.save_freq == 0:
             self._due = True
+            if self.parent is not None:  # an EventCallback never passes on the rollout and training-end hooks
+                self._save_if_due()
         return True
 
     def _on_rollout_start(self) -> None:

@@ -1,14 +1,15 @@
 """Mixed per-environment exploration noise (as in Parallel Q-Learning), white or correlated in time."""
 
 import math
-import numbers
 
 import torch as th
+
+from sb3_fasttd3.common.utils import is_number
 
 
 def check_noise_scales(std_min: float, std_max: float) -> None:
     """
-    Raise a ``ValueError`` naming the parameter unless ``0 <= std_min <= std_max``.
+    Raise a ``ValueError`` naming the parameter unless ``0 <= std_min <= std_max < inf``.
 
     :param std_min: smallest noise scale
     :param std_max: largest noise scale
@@ -17,6 +18,8 @@ def check_noise_scales(std_min: float, std_max: float) -> None:
         raise ValueError(f"std_min must be a float >= 0, got {std_min!r}")
     if not std_min <= std_max:
         raise ValueError(f"std_min must be <= std_max, got std_min={std_min}, std_max={std_max}")
+    if not math.isfinite(std_max):
+        raise ValueError(f"std_max must be a finite float, got {std_max!r}")
 
 
 def check_noise_correlation(correlation: float | None) -> None:
@@ -25,7 +28,7 @@ def check_noise_correlation(correlation: float | None) -> None:
 
     :param correlation: steps over which the exploration noise's correlation decays to 1/e
     """
-    is_steps = isinstance(correlation, numbers.Real) and not isinstance(correlation, bool) and correlation > 0
+    is_steps = is_number(correlation) and correlation > 0
     if correlation is not None and not is_steps:
         raise ValueError(f"noise_correlation must be None (white noise) or a number of steps > 0, got {correlation!r}")
 
@@ -118,6 +121,16 @@ class MixedGaussianNoise:
         """
         unit = th.randn_like(actions) if self.unit is None else self.unit
         return (actions + unit * self.sigmas).clamp(-1.0, 1.0)
+
+    def has_settings(self, n_envs: int, std_min: float, std_max: float, correlation: float | None, stratified: bool) -> bool:
+        """Whether this noise was made with these arguments (else the model's settings changed since)."""
+        return (self.n_envs, self.std_min, self.std_max, self.correlation, self.stratified) == (
+            n_envs,
+            std_min,
+            std_max,
+            correlation,
+            stratified,
+        )
 
     def __repr__(self) -> str:
         correlation = "" if self.correlation is None else f", correlation={self.correlation}"

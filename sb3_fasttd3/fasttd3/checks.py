@@ -194,21 +194,51 @@ def _raise_non_finite(name: str, env_idx: int, timestep: int) -> None:
     )
 
 
-def check_finite_on_device(new_obs: Any, rewards: Any, final_obs: Any, timestep: int) -> None:
+def check_finite_actions(actions: np.ndarray, timestep: int) -> None:
     """
-    :func:`check_finite` for tensors: one scalar read from the device when everything is finite.
+    Refuse NaN or inf in the actions about to be sent to the envs (a diverged actor), before the envs step.
 
+    :param actions: the actions, leading dimension n_envs
+    :param timestep: the model's timestep, for the message
+    """
+    bad = ~np.isfinite(actions.reshape(len(actions), -1)).all(axis=1)
+    if bad.any():
+        _raise_non_finite_action(int(np.flatnonzero(bad)[0]), timestep)
+
+
+def _raise_non_finite_action(env_idx: int, timestep: int) -> None:
+    raise ValueError(
+        f"The action for env {env_idx} at timestep {timestep} is non-finite (NaN or inf): the actor's weights (or "
+        "action_noise) diverged, not the environment. Nothing of this step was stored. Lower the learning rates, "
+        "set max_grad_norm, or check that v_min/v_max cover the task's discounted returns."
+    )
+
+
+def check_finite_on_device(actions: Any, new_obs: Any, rewards: Any, final_obs: Any, timestep: int) -> None:
+    """
+    :func:`check_finite` and :func:`check_finite_actions` for tensors: one scalar read from the device when
+    everything is finite.
+
+    :param actions: the actions the envs were given (leading dimension n_envs)
     :param new_obs: observations (tensor or dict of tensors, leading dimension n_envs)
     :param rewards: rewards, shape (n_envs,)
     :param final_obs: the observations the step reached before any reset, like ``new_obs``
     :param timestep: the model's timestep, for the message
     """
-    parts = {"reward": rewards, **_named_parts("observation", new_obs), **_named_parts("terminal_observation", final_obs)}
+    parts = {
+        "action": actions,
+        "reward": rewards,
+        **_named_parts("observation", new_obs),
+        **_named_parts("terminal_observation", final_obs),
+    }
     rows_finite = {name: th.isfinite(value.reshape(value.shape[0], -1)).all(dim=1) for name, value in parts.items()}
     if th.stack([finite.all() for finite in rows_finite.values()]).all().item():
         return
     name, finite = next((name, finite) for name, finite in rows_finite.items() if not finite.all())
-    _raise_non_finite(name, int(th.nonzero(~finite)[0, 0]), timestep)
+    env_idx = int(th.nonzero(~finite)[0, 0])
+    if name == "action":  # checked first: NaN actions make the envs' outputs NaN too
+        _raise_non_finite_action(env_idx, timestep)
+    _raise_non_finite(name, env_idx, timestep)
 
 
 def cpu_has_native_bf16() -> bool | None:

@@ -38,7 +38,12 @@ from sb3_fasttd3.fasttd3.checks import (
     has_native_bf16,
     resolve_normalize_observations,
 )
-from sb3_fasttd3.fasttd3.hyperparameter_checks import AMP_DTYPES, check_hyperparameters
+from sb3_fasttd3.fasttd3.hyperparameter_checks import (
+    AMP_DTYPES,
+    INTEGER_HYPERPARAMETERS,
+    check_action_noise,
+    check_hyperparameters,
+)
 from sb3_fasttd3.fasttd3.policies import (
     Actor,
     CnnPolicy,
@@ -345,6 +350,8 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.normalize_observations = resolve_normalize_observations(self.env, self.normalize_observations)
         self._setup_data_parallel()
         check_hyperparameters(self)
+        for name in INTEGER_HYPERPARAMETERS:  # NumPy integers too, which torch's shape arguments refuse
+            setattr(self, name, int(getattr(self, name)))
         self._setup_lr_schedule()
         self.actor_lr_schedule = FloatSchedule(
             self.learning_rate if self.actor_learning_rate is None else self.actor_learning_rate
@@ -524,10 +531,12 @@ class FastTD3(RolloutCollection, Checkpointing):
         # end_open_episodes has done where needed (FastTD3's lean buffer keeps that row's next observation)
         result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
         check_finite_reset(self._last_obs)
+        check_action_noise(self)  # SB3 lets model.action_noise be set after construction
         noise = self.exploration_noise
+        settings = (self.n_envs, self.std_min, self.std_max, self.noise_correlation, self.stratified_noise)
         if self.action_noise is not None:
             self.exploration_noise = None  # SB3's action noise replaces the mixed noise
-        elif noise is None or reset_num_timesteps or noise.n_envs != self.n_envs:
+        elif noise is None or reset_num_timesteps or not noise.has_settings(*settings):
             self.exploration_noise = self._make_exploration_noise()
         self._setup_device_rollouts()
         return result
@@ -817,6 +826,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         for name, mean in self._update_statistics.means().items():
             self.logger.record(f"train/{name}", mean)
         actor_lr, critic_lr = self._current_learning_rates()
+        self.logger.record("train/learning_rate", self.lr_schedule(self._current_progress_remaining))  # SB3's key
         self.logger.record("train/actor_learning_rate", actor_lr)
         self.logger.record("train/critic_learning_rate", critic_lr)
         super().dump_logs()

@@ -1,14 +1,15 @@
 """The checks of FastTD3's hyperparameters, run before any component is built: each error names the parameter."""
 
-import numbers
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch as th
+from stable_baselines3.common.noise import ActionNoise
 
 from sb3_fasttd3.common.buffers import check_return_parameters
 from sb3_fasttd3.common.distributional import check_support
 from sb3_fasttd3.common.noise import check_noise_correlation, check_noise_scales
+from sb3_fasttd3.common.utils import is_integer, is_number
 from sb3_fasttd3.fasttd3.checks import warn_if_bf16_is_emulated
 
 if TYPE_CHECKING:
@@ -35,13 +36,39 @@ NUMERIC_HYPERPARAMETERS = (
     "v_max",
     "epsilon",
 )
+# Hyperparameters that must be integers (NumPy's accepted, made Python ints for torch's shape arguments)
+INTEGER_HYPERPARAMETERS = ("batch_size", "policy_delay", "gradient_steps", "n_step_start", "n_steps")
 # YAML 1.1 (PyYAML, the RL Zoo's files) reads a float written without a dot, such as 1e-3, as a string
 YAML_FLOAT_HINT = " (a string: YAML reads a float without a dot, such as 1e-3, as one; write 1.0e-3 or !!float 1e-3)"
 
 
-def is_number(value: Any) -> bool:
-    """Whether ``value`` is a real number (Python's or NumPy's), a bool excluded."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+def check_action_noise(model: "FastTD3") -> None:
+    """
+    Raise a ``ValueError`` unless ``model.action_noise`` is None or an SB3 ``ActionNoise`` that no setting of the
+    mixed exploration noise (which it replaces) is given beside; run again by ``learn()``, as SB3 lets the
+    attribute be set after construction.
+
+    :param model: a FastTD3 model
+    """
+    action_noise = model.action_noise
+    if action_noise is None:
+        return
+    if not isinstance(action_noise, ActionNoise):
+        raise ValueError(
+            f"action_noise must be None (FastTD3's mixed noise) or an SB3 ActionNoise, e.g. "
+            f"NormalActionNoise(mean=np.zeros(n), sigma=0.1 * np.ones(n)), got {action_noise!r}"
+        )
+    if model.noise_correlation is not None:
+        raise ValueError(
+            "noise_correlation shapes the mixed exploration noise, which action_noise replaces: give one of them "
+            "(an SB3 OrnsteinUhlenbeckActionNoise as action_noise is the SB3 way to correlated noise)"
+        )
+    if model.stratified_noise:
+        raise ValueError("stratified_noise shapes the mixed exploration noise, which action_noise replaces: give one of them")
+    if model.n_step_max_noise is not None:
+        raise ValueError(
+            "n_step_max_noise reads the scales of the mixed exploration noise, which action_noise replaces: give one of them"
+        )
 
 
 def check_hyperparameters(model: "FastTD3") -> None:
@@ -63,22 +90,12 @@ def check_hyperparameters(model: "FastTD3") -> None:
     check_return_parameters(model.n_steps, model.gamma)
     check_noise_scales(model.std_min, model.std_max)
     check_noise_correlation(model.noise_correlation)
-    if model.noise_correlation is not None and model.action_noise is not None:
-        raise ValueError(
-            "noise_correlation shapes the mixed exploration noise, which action_noise replaces: give one of them "
-            "(an SB3 OrnsteinUhlenbeckActionNoise as action_noise is the SB3 way to correlated noise)"
-        )
-    if model.stratified_noise and model.action_noise is not None:
-        raise ValueError("stratified_noise shapes the mixed exploration noise, which action_noise replaces: give one of them")
     require(
         model.n_step_max_noise is None or (is_number(model.n_step_max_noise) and model.n_step_max_noise >= 0),
         "n_step_max_noise",
         "None or a float >= 0",
     )
-    if model.n_step_max_noise is not None and model.action_noise is not None:
-        raise ValueError(
-            "n_step_max_noise reads the scales of the mixed exploration noise, which action_noise replaces: give one of them"
-        )
+    check_action_noise(model)
     for name in ("learning_rate", "actor_learning_rate", "critic_learning_rate"):
         rate = getattr(model, name)
         # 0 is accepted, as SB3 does: the RL Zoo's enjoy loads models with learning_rate=0.0
@@ -97,11 +114,13 @@ def check_hyperparameters(model: "FastTD3") -> None:
         "actor_average_tau",
         "None or a float in (0, 1]",
     )
-    require(isinstance(model.batch_size, int) and model.batch_size >= 1, "batch_size", "an integer >= 1")
-    require(isinstance(model.policy_delay, int) and model.policy_delay >= 1, "policy_delay", "an integer >= 1")
-    require(isinstance(model.gradient_steps, int) and model.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
+    require(is_integer(model.batch_size) and model.batch_size >= 1, "batch_size", "an integer >= 1")
+    require(is_integer(model.policy_delay) and model.policy_delay >= 1, "policy_delay", "an integer >= 1")
+    require(is_integer(model.gradient_steps) and model.gradient_steps >= -1, "gradient_steps", "an integer >= -1")
+    frequency = model.train_freq[0] if isinstance(model.train_freq, tuple) else model.train_freq
+    require(is_integer(frequency) and frequency >= 1, "train_freq", "an integer >= 1 or a tuple (n >= 1, 'step' | 'episode')")
     require(model.learning_starts >= 0, "learning_starts", "an integer >= 0")
-    require(isinstance(model.n_step_start, int) and model.n_step_start >= 0, "n_step_start", "an integer >= 0")
+    require(is_integer(model.n_step_start) and model.n_step_start >= 0, "n_step_start", "an integer >= 0")
     require(model.target_policy_noise >= 0.0, "target_policy_noise", "a float >= 0")
     require(model.target_noise_clip >= 0.0, "target_noise_clip", "a float >= 0")
     require(
@@ -111,8 +130,8 @@ def check_hyperparameters(model: "FastTD3") -> None:
     )
     require(model.clip_obs is None or (is_number(model.clip_obs) and model.clip_obs > 0), "clip_obs", "None or a float > 0")
     require(model.epsilon > 0, "epsilon", "a float > 0")
-    require(isinstance(model.epsilon_on_std, bool), "epsilon_on_std", "True or False")
-    require(isinstance(model.stratified_noise, bool), "stratified_noise", "True or False")
+    for name in ("use_cdq", "use_target_actor", "compile", "epsilon_on_std", "stratified_noise"):
+        require(isinstance(getattr(model, name), bool), name, "True or False")
     require(model.actor_q in ACTOR_Q, "actor_q", f"one of {ACTOR_Q}")
     require(model.warmup_actions in WARMUP_ACTIONS, "warmup_actions", f"one of {WARMUP_ACTIONS}")
     require(model.amp_dtype in AMP_CHOICES, "amp_dtype", f"one of {AMP_CHOICES}")

@@ -20,7 +20,7 @@ from sb3_fasttd3.common import sb3_buffers
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.distributed import DataParallel
 from sb3_fasttd3.common.noise import MixedGaussianNoise
-from sb3_fasttd3.fasttd3.checks import check_final_observations, check_finite, check_finite_on_device
+from sb3_fasttd3.fasttd3.checks import check_final_observations, check_finite, check_finite_actions, check_finite_on_device
 from sb3_fasttd3.vec_env.base import TorchObs, TorchVecEnv
 
 if TYPE_CHECKING:
@@ -182,7 +182,9 @@ class RolloutCollection(OffPolicyAlgorithm):
             if obs_tensor is None:
                 obs_tensor = obs_as_tensor(self._last_obs, self.device)  # type: ignore[arg-type]
             buffer_actions = self._exploration_actions(obs_tensor, learning_starts)
-            actions = self.policy.unscale_action(buffer_actions.cpu().numpy().reshape(-1, *self.action_space.shape))
+            host_actions = buffer_actions.cpu().numpy()
+            check_finite_actions(host_actions, self.num_timesteps + self._transitions_per_step)
+            actions = self.policy.unscale_action(host_actions.reshape(-1, *self.action_space.shape))
 
             new_obs, rewards, dones, infos = self._step_env(env, actions)
             self.num_timesteps += self._transitions_per_step
@@ -237,6 +239,8 @@ class RolloutCollection(OffPolicyAlgorithm):
         (as SB3's off-policy algorithms do), the mixed noise draws new scales from the done mask on the device.
         """
         if self.action_noise is not None:
+            if len(done_indices) == 0:
+                return
             kwargs = dict(indices=done_indices.tolist()) if self.n_envs > 1 else {}
             self.action_noise.reset(**kwargs)
         elif self.exploration_noise is not None:
@@ -263,7 +267,7 @@ class RolloutCollection(OffPolicyAlgorithm):
             num_collected_steps += 1
 
             final_obs = infos["final_observation"]
-            check_finite_on_device(new_obs, rewards, final_obs, self.num_timesteps)
+            check_finite_on_device(actions, new_obs, rewards, final_obs, self.num_timesteps)
             self._set_return_length()
             self.replay_buffer.add(obs, final_obs, buffer_actions, rewards, dones, [], truncated=infos["truncated"])  # type: ignore[arg-type]
             if self.action_noise is not None:
