@@ -122,15 +122,10 @@ class MixedGaussianNoise:
         unit = th.randn_like(actions) if self.unit is None else self.unit
         return (actions + unit * self.sigmas).clamp(-1.0, 1.0)
 
-    def has_settings(self, n_envs: int, std_min: float, std_max: float, correlation: float | None, stratified: bool) -> bool:
-        """Whether this noise was made with these arguments (else the model's settings changed since)."""
-        return (self.n_envs, self.std_min, self.std_max, self.correlation, self.stratified) == (
-            n_envs,
-            std_min,
-            std_max,
-            correlation,
-            stratified,
-        )
+    @property
+    def settings(self) -> tuple[int, float, float, float | None, bool]:
+        """The arguments this noise was made with: ``n_envs``, ``std_min``, ``std_max``, ``correlation``, ``stratified``."""
+        return self.n_envs, self.std_min, self.std_max, self.correlation, self.stratified
 
     def __repr__(self) -> str:
         correlation = "" if self.correlation is None else f", correlation={self.correlation}"

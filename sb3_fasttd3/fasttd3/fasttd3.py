@@ -536,7 +536,7 @@ class FastTD3(RolloutCollection, Checkpointing):
         settings = (self.n_envs, self.std_min, self.std_max, self.noise_correlation, self.stratified_noise)
         if self.action_noise is not None:
             self.exploration_noise = None  # SB3's action noise replaces the mixed noise
-        elif noise is None or reset_num_timesteps or not noise.has_settings(*settings):
+        elif noise is None or reset_num_timesteps or noise.settings != settings:  # the model's settings changed
             self.exploration_noise = self._make_exploration_noise()
         self._setup_device_rollouts()
         return result
