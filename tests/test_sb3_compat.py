@@ -330,3 +330,10 @@ def test_another_optimizer_class_gets_its_own_defaults(optimizer_class, weight_d
     for optimizer in (model.actor.optimizer, model.critic.optimizer):
         assert type(optimizer) is optimizer_class
         assert (optimizer.defaults["weight_decay"], optimizer.defaults.get("fused")) == (weight_decay, fused)
+
+
+@pytest.mark.parametrize("layout", [{}, dict(batched_critics=False), dict(architecture="simbav2", net_arch=[16])])
+def test_the_critic_counts_its_q_networks_as_td3s_does(layout):
+    model = make_model(1, policy_kwargs={**TINY["policy_kwargs"], **layout, "n_critics": 3})
+    logits = model.critic(th.zeros(4, 3), th.zeros(4, 1))
+    assert model.critic.n_critics == model.critic_target.n_critics == len(logits) == 3

@@ -286,6 +286,7 @@ class DistributionalCritic(FeaturesNetwork):
     ):
         super().__init__(observation_space, action_space, features_extractor, normalize_images)
         self.share_features_extractor = share_features_extractor
+        self.n_critics = n_critics  # as SB3's ContinuousCritic
         input_dim = features_extractor.features_dim + spaces.flatdim(action_space)
         self.q_networks: nn.ModuleList | BatchedMLP
         if batched:
