@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
@@ -18,6 +20,19 @@ def run_example(name: str, *args: str, cwd: Path) -> str:
 def test_quickstart(tmp_path):
     output = run_example("quickstart.py", "--timesteps", "1200", cwd=tmp_path)
     assert "evaluation return" in output and (tmp_path / "fasttd3_quickstart.zip").is_file()
+
+
+def test_train(tmp_path):
+    # The script of `make train`, on a task whose entry trains in seconds
+    output = run_example("train.py", "--env", "Pendulum-v1", "--timesteps", "400", "--eval-episodes", "1", cwd=tmp_path)
+    assert "evaluation return" in output and (tmp_path / "fasttd3_pendulum.zip").is_file()
+
+
+def test_playground(tmp_path):
+    pytest.importorskip("mujoco_playground")
+    args = ["--task", "CartpoleBalance", "--timesteps", "256", "--n-envs", "4", "--eval-episodes", "1"]
+    output = run_example("playground_cheetah_run.py", *args, cwd=tmp_path)
+    assert "evaluation return" in output and (tmp_path / "fasttd3_playground_cartpolebalance.zip").is_file()
 
 
 def test_callbacks_stop_at_threshold_then_resume(tmp_path):
