@@ -25,6 +25,7 @@ from sb3_fasttd3.common.distributional import expected_value, make_support
 from sb3_fasttd3.common.normalization import DictNormalization, EmpiricalNormalization, MergeMoments, make_normalizer
 from sb3_fasttd3.common.preprocessing import make_preprocessor
 from sb3_fasttd3.common.simbav2 import SimbaV2Network
+from sb3_fasttd3.common.utils import is_integer
 
 # The networks behind the actor and each Q-network: SB3's MLP, or SimbaV2's hyperspherical residual blocks
 ARCHITECTURES = ("mlp", "simbav2")
@@ -415,7 +416,7 @@ class FastTD3Policy(BasePolicy):
                 f"batched_critics=True needs an activation_fn without parameters (its one module serves every critic), "
                 f"got {activation_fn.__name__}: give batched_critics=False"
             )
-        if isinstance(n_critics, bool) or not isinstance(n_critics, int) or n_critics < 1:
+        if not (is_integer(n_critics) and n_critics >= 1):
             raise ValueError(f"n_critics must be an integer >= 1, got {n_critics!r}")
         if isinstance(net_arch, dict) and not {"pi", "qf"} <= set(net_arch):
             raise ValueError(f"net_arch as a dict must have the keys 'pi' (actor) and 'qf' (critics), got {net_arch}")
@@ -451,7 +452,7 @@ class FastTD3Policy(BasePolicy):
         self.num_atoms = num_atoms
         self.v_min = v_min
         self.v_max = v_max
-        self.n_critics = n_critics
+        self.n_critics = int(n_critics)
         self.use_target_actor = use_target_actor
         self.average_actor = average_actor
         self.normalize_observations = normalize_observations
