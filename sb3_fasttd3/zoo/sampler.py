@@ -13,7 +13,7 @@ NET_ARCHS = {
     "medium": dict(pi=[256, 256], qf=[256, 256]),
     "large": dict(pi=[512, 256, 128], qf=[1024, 512, 256]),
 }
-# The discounts searched: the values of the Zoo's TD3 and SAC entries, and two shorter horizons
+# The discounts searched, from short horizons (0.9) to very long ones (0.9999)
 GAMMAS = [0.9, 0.95, 0.98, 0.99, 0.995, 0.999, 0.9999]
 # Steps over which the exploration noise is correlated (None: white noise, drawn anew at every step)
 NOISE_CORRELATIONS = [None, 5.0, 20.0, 50.0]
