@@ -53,11 +53,18 @@ class IsaacLabStandIn(gym.Env):
     :param cfg: its configuration
     """
 
-    metadata: ClassVar[dict[str, Any]] = {"render_modes": [None], "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP}
+    metadata: ClassVar[dict[str, Any]] = {
+        "render_modes": [None, "human", "rgb_array"],
+        "render_fps": 50,
+        "autoreset_mode": gym.vector.AutoresetMode.SAME_STEP,
+    }
     is_vector_env = True
+    render_height, render_width = 16, 24
 
-    def __init__(self, cfg: StandInEnvCfg):
+    def __init__(self, cfg: StandInEnvCfg, render_mode: str | None = None):
         self.cfg = cfg
+        self.render_mode = render_mode
+        self.human_renders = 0
         self.num_envs, self.device = cfg.num_envs, th.device(cfg.device)
         box = {"policy": spaces.Box(-np.inf, np.inf, shape=(2,), dtype=np.float32)}
         if cfg.critic_obs:
@@ -106,6 +113,16 @@ class IsaacLabStandIn(gym.Env):
 
     def close(self) -> None:
         self.closed = True
+
+    def render(self) -> np.ndarray | None:
+        """One viewport image for every env, as Isaac Lab: its red channel is the sum of the positions ``x``."""
+        if self.render_mode == "human":
+            self.human_renders += 1
+        if self.render_mode != "rgb_array":
+            return None
+        image = np.zeros((self.render_height, self.render_width, 3), dtype=np.uint8)
+        image[..., 0] = int(self.x.sum().item()) % 256
+        return image
 
     def _reset_where(self, mask: th.Tensor) -> None:
         self.t.masked_fill_(mask, 0)

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch as th
 from gymnasium import spaces
+from stable_baselines3.common.vec_env import VecVideoRecorder
 
-from sb3_fasttd3.vec_env import TorchVecEnv
+from sb3_fasttd3.vec_env import NumpyVecEnv, TorchVecEnv
 from sb3_fasttd3.vec_env.isaaclab import IsaacLabVecEnv
 from tests.isaaclab_standin import IsaacLabStandIn, StandInEnvCfg
 
@@ -17,9 +18,9 @@ from tests.isaaclab_standin import IsaacLabStandIn, StandInEnvCfg
 ACTIONS = th.tensor([[0.0], [1.0], [-2.0], [0.5], [0.75]])
 
 
-def make_env(clip_actions: float | None = 10.0, **cfg_kwargs) -> IsaacLabVecEnv:
+def make_env(clip_actions: float | None = 10.0, render_mode: str | None = None, **cfg_kwargs) -> IsaacLabVecEnv:
     # gym.make() wraps Isaac Lab environments: attributes are read through .unwrapped
-    standin = gym.wrappers.OrderEnforcing(IsaacLabStandIn(StandInEnvCfg(**cfg_kwargs)))
+    standin = gym.wrappers.OrderEnforcing(IsaacLabStandIn(StandInEnvCfg(**cfg_kwargs), render_mode=render_mode))
     return IsaacLabVecEnv(standin, clip_actions=clip_actions)
 
 
@@ -160,3 +161,31 @@ def test_seed_reaches_the_environment_and_close_closes_it():
     assert standin.seeds == [7]
     env.close()
     assert standin.closed
+
+
+def test_rgb_array_render_is_the_viewport_image():
+    env = make_env(render_mode="rgb_array")
+    env.reset()
+    env.step(th.ones(env.num_envs, 1))
+    image = env.render()
+    assert image.shape == (IsaacLabStandIn.render_height, IsaacLabStandIn.render_width, 3)
+    assert (image[..., 0] == env.num_envs).all()  # the stand-in's image of positions summing to num_envs
+    assert env.render_mode == "rgb_array" and env.metadata["render_fps"] == IsaacLabStandIn.metadata["render_fps"]
+
+
+def test_video_recorder_records_through_numpy_vec_env(tmp_path):
+    env = VecVideoRecorder(
+        NumpyVecEnv(make_env(render_mode="rgb_array")), str(tmp_path), lambda step: step == 0, video_length=4
+    )
+    env.reset()
+    for _ in range(6):
+        env.step(np.ones((env.num_envs, 1), dtype=np.float32))
+    env.close()
+    assert len(list(tmp_path.glob("*.mp4"))) == 1
+
+
+def test_human_render_draws_once_without_recursion():
+    env = make_env(render_mode="human")
+    env.reset()
+    assert env.render() is None
+    assert env.env.unwrapped.human_renders == 1

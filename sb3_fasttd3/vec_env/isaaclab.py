@@ -36,6 +36,10 @@ class IsaacLabVecEnv(TorchVecEnv):
     for finite-horizon tasks (``env_cfg.is_finite_horizon``). The returned tensors are copies: Isaac Lab
     reuses its buffers from one step to the next.
 
+    Rendering follows the environment's ``render_mode`` (``gym.make(task, cfg=env_cfg, render_mode="rgb_array")``,
+    with ``--enable_cameras`` when headless): Isaac Lab renders every env into one scene, so :meth:`get_images`
+    returns one image, the viewport's.
+
     :param env: an Isaac Lab RL environment, possibly inside gymnasium wrappers, created with
         ``env_cfg.compute_final_obs = True``
     :param clip_actions: actions are clamped to ``[-clip_actions, clip_actions]``, which becomes the action space
@@ -53,7 +57,10 @@ class IsaacLabVecEnv(TorchVecEnv):
         group_spaces = {group: unwrapped.single_observation_space[group] for group in self.groups}
         observation_space = spaces.Dict(group_spaces) if len(self.groups) > 1 else group_spaces["policy"]
         action_space = _action_space(unwrapped.single_action_space, clip_actions)
+        self.render_mode = env.render_mode  # read by SB3's VecEnv.__init__
         super().__init__(unwrapped.num_envs, observation_space, action_space, unwrapped.device)
+        if "render_fps" in unwrapped.metadata:  # the frame rate of videos (VecVideoRecorder)
+            self.metadata["render_fps"] = unwrapped.metadata["render_fps"]
         self.finite_horizon = bool(getattr(getattr(unwrapped, "cfg", None), "is_finite_horizon", False))
         self._action_low = th.as_tensor(action_space.low, device=self.device)
         self._action_high = th.as_tensor(action_space.high, device=self.device)
@@ -74,6 +81,17 @@ class IsaacLabVecEnv(TorchVecEnv):
 
     def close(self) -> None:
         self.env.close()
+
+    def render(self, mode: str | None = None) -> np.ndarray | None:
+        if self.render_mode == "human" and mode in (None, "human"):
+            # Isaac Lab draws its own window; SB3's VecEnv.render would call env_method("render"), i.e. this method
+            self.env.render()
+            return None
+        return super().render(mode)
+
+    def get_images(self) -> list[np.ndarray | None]:
+        """One image, the viewport's (all envs in one scene), in ``rgb_array`` mode."""
+        return [self.env.render()]
 
     def _select(self, obs: dict[str, th.Tensor]) -> TorchObs:
         """Copies of the observation groups we use (a tensor for ``policy`` alone)."""
