@@ -182,6 +182,13 @@ def test_spaces_and_dict_observations():
         EnvpoolVecEnv("HalfCheetah-v99", max_episode_steps=5)
 
 
+@pytest.mark.parametrize("max_episode_steps", [0, -5, 2.5, True])
+def test_max_episode_steps_below_one_or_not_an_integer_is_refused(max_episode_steps):
+    with pytest.raises(ValueError, match=r"max_episode_steps must be an integer >= 1 or None, got"):
+        EnvpoolVecEnv("Hopper-v5", max_episode_steps=max_episode_steps)
+    assert EnvpoolVecEnv("Hopper-v5", max_episode_steps=np.int64(3)).max_episode_steps == 3
+
+
 def test_scalar_features_of_a_dict_observation_are_vectors_of_one():
     from sb3_fasttd3 import FastTD3
 

@@ -7,6 +7,7 @@ import numpy as np
 import torch as th
 from gymnasium import spaces
 
+from sb3_fasttd3.common.utils import is_integer
 from sb3_fasttd3.vec_env.base import TorchObs, TorchStep, TorchVecEnv
 
 NumpyObs = np.ndarray | dict[str, np.ndarray]
@@ -151,8 +152,10 @@ class EnvpoolVecEnv(TorchVecEnv):
                 raise ValueError("max_episode_steps and envpool.make arguments need a task id, not a pool")
             self.max_episode_steps = int(env.config["max_episode_steps"])  # type: ignore[union-attr]
         else:
+            if max_episode_steps is not None and not (is_integer(max_episode_steps) and max_episode_steps >= 1):
+                raise ValueError(f"max_episode_steps must be an integer >= 1 or None, got {max_episode_steps!r}")
             default_max_episode_steps = self._default_max_episode_steps()
-            self.max_episode_steps = max_episode_steps or default_max_episode_steps
+            self.max_episode_steps = default_max_episode_steps if max_episode_steps is None else int(max_episode_steps)
             env = self._make(seed)
         assert not isinstance(env, str)
         self._check_pool(env)
