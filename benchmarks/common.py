@@ -21,6 +21,8 @@ from stable_baselines3.common.vec_env import VecEnv
 
 # Where results are written and read; BENCHMARK_RESULTS_DIR moves them (the smoke tests write to a temporary folder)
 RESULTS_DIR = Path(os.environ.get("BENCHMARK_RESULTS_DIR") or Path(__file__).resolve().parent / "results")
+# The profiler's matrix-product operators: the batched critics multiply with the batched (b*) ones
+MATRIX_PRODUCTS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm")
 
 
 class RandomBoxEnv(gym.Env):
@@ -113,12 +115,30 @@ class CpuSteal:
 
 
 def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
-    """Write ``results/<name>.json`` and ``results/<name>.md`` (the Markdown ends with the machine facts)."""
+    """
+    Write ``results/<name>.json`` and ``results/<name>.md`` (the Markdown ends with the machine facts), each through
+    a temporary file renamed over the record, so that a run killed while writing leaves the record whole.
+    """
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    (RESULTS_DIR / f"{name}.json").write_text(json.dumps(results, indent=2) + "\n")
     machine = "\n".join(f"- {key}: {value}" for key, value in results["machine"].items())
-    (RESULTS_DIR / f"{name}.md").write_text(markdown + "\n## Machine\n\n" + machine + "\n")
+    texts = {"json": json.dumps(results, indent=2) + "\n", "md": markdown + "\n## Machine\n\n" + machine + "\n"}
+    for suffix, text in texts.items():
+        partial = RESULTS_DIR / f"{name}.{suffix}.tmp"
+        partial.write_text(text)
+        os.replace(partial, RESULTS_DIR / f"{name}.{suffix}")
     print(f"wrote {RESULTS_DIR / name}.json and .md")
+
+
+def promote_results(partial_name: str, name: str) -> None:
+    """Rename the record ``results/<partial_name>.{json,md}`` of a finished run to ``results/<name>.{json,md}``."""
+    for suffix in ("json", "md"):
+        os.replace(RESULTS_DIR / f"{partial_name}.{suffix}", RESULTS_DIR / f"{name}.{suffix}")
+    print(f"wrote {RESULTS_DIR / name}.json and .md")
+
+
+def matrix_product_share(operator_times: dict[str, float]) -> float:
+    """The share of :data:`MATRIX_PRODUCTS` in the CPU time of profiled operators (``{operator: time}``)."""
+    return sum(t for key, t in operator_times.items() if key in MATRIX_PRODUCTS) / sum(operator_times.values())
 
 
 def legend_labels(names: list[str]) -> list[str | None]:

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.common import CpuSteal, machine_info, parse_overrides, write_results
+from benchmarks.common import MATRIX_PRODUCTS, CpuSteal, machine_info, parse_overrides, write_results
 from benchmarks.time_to_return import make_model
 from sb3_fasttd3 import FastTD3
 
 # Where an update's time goes: groups of profiler events (self CPU time); the rest is autograd, dispatch,
 # eager element-wise operators and sampling
 UPDATE_TIME_GROUPS: dict[str, Callable[[str], bool]] = {
-    "matrix products": lambda key: key in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"),
+    "matrix products": lambda key: key in MATRIX_PRODUCTS,
     "compiled graphs (inductor's kernels and wrappers)": lambda key: key.startswith("## Call CompiledFxGraph"),
     "dtype casts": lambda key: key in ("aten::copy_", "aten::_to_copy"),
     "optimizer": lambda key: key.startswith("Optimizer.") or "adam" in key.lower(),

@@ -22,7 +22,8 @@ Sections:
    kernels, the optimizer, copies, the rest; the ten longest kernels) and how busy the device is over the
    update's wall time. It has not completed on a GPU yet: run it there on its own first, with a short timeout.
 
-Writes ``benchmarks/results/gpu_check.{json,md}``.
+Writes ``benchmarks/results/gpu_check.{json,md}`` when it finishes; until then (and where it was stopped) the
+sections done so far are in ``gpu_check.partial.{json,md}``, and the last complete record is kept.
 """
 
 import argparse
@@ -47,7 +48,7 @@ from stable_baselines3.common.utils import set_random_seed
 from torch._inductor import config as inductor_config
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import BoxEnv, machine_info, synchronize, write_results
+from benchmarks.common import BoxEnv, machine_info, promote_results, synchronize, write_results
 from benchmarks.kernel_profile import profile_lines, profile_update
 from benchmarks.replay_memory import MODEL_RESERVE_GB, REFERENCE_ENVS, REFERENCE_ROWS
 from sb3_fasttd3 import FastTD3
@@ -64,6 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "compiled fp16": dict(compile=True, amp_dtype="fp16"),
 }
 GEMM_DTYPES = {"fp32": th.float32, "bf16": th.bfloat16, "fp16": th.float16}
+PARTIAL_NAME = "gpu_check.partial"  # the record of a run in progress or stopped
 SKIPPED_TESTS = {"passed": [], "failed": [], "skipped": ["all: --skip-tests"]}
 SIZES = {  # batch, critic widths, actor widths, buffer envs and rows
     "paper": dict(batch=32768, critic=[1024, 512, 256], actor=[512, 256, 128], envs=REFERENCE_ENVS, rows=REFERENCE_ROWS),
@@ -391,7 +393,7 @@ def main() -> None:
     def save(name: str, value: Any) -> None:
         results[name] = value
         results["seconds"] = time.perf_counter() - start
-        write_results("gpu_check", results, markdown(results))
+        write_results(PARTIAL_NAME, results, markdown(results))
 
     sections: dict[str, Callable[[], Any]] = {
         "tests": lambda: SKIPPED_TESTS if args.skip_tests else run_device_tests(device),
@@ -408,6 +410,7 @@ def main() -> None:
         except Exception as error:  # a failing section is a result (kept beside what it reported); the others run
             value = {**results.get(name, {}), **failure(error)}
         save(name, value)  # after every section, so that a run stopped at a time limit keeps what it measured
+    promote_results(PARTIAL_NAME, "gpu_check")
 
 
 if __name__ == "__main__":

@@ -123,14 +123,21 @@ def start_job(
     return subprocess.Popen(["taskset", "-c", str(core), *command], env=env)
 
 
-def run_jobs(args: argparse.Namespace) -> None:
-    """Every (task, algorithm, seed) job of the command line, one per free core at a time."""
+def plan_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every (task, algorithm, seed) job of the command line; ``--label`` and ``--set`` make FastTD3's a variant."""
     jobs = []
     for env_id in args.envs:
         for algo in args.algos:
-            label = args.label if algo == "fasttd3" and args.label else algo
-            for seed in args.seeds if algo == "fasttd3" else args.peer_seeds:
-                jobs.append({"env": env_id, "algo": algo, "label": label, "seed": seed, "set": args.set})
+            variant = algo == "fasttd3"
+            label = args.label if variant and args.label else algo
+            for seed in args.seeds if variant else args.peer_seeds:
+                jobs.append({"env": env_id, "algo": algo, "label": label, "seed": seed, "set": args.set if variant else []})
+    return jobs
+
+
+def run_jobs(args: argparse.Namespace) -> None:
+    """Every job of :func:`plan_jobs`, one per free core at a time."""
+    jobs = plan_jobs(args)
     outputs: dict[int, tuple[str, CpuSteal]] = {}  # per core: the running job's output file and CPU steal
 
     stop = () if args.stop_at is None else ("--stop-at", str(args.stop_at))

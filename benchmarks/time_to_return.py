@@ -4,10 +4,10 @@ entry) and its peers with their RL Zoo hyperparameters: SB3 TD3, SB3 SAC, sb3-co
 (JAX on the same device).
 
     python -m benchmarks.time_to_return --budget 600                 # every algorithm, one after another
-    python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1
-    python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --join-invocation 2   # the rest, later
-    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --seed 1 --stop-at 5000 --join-invocation 3
-    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --stop-at 5000 --set n_steps=2 --join-invocation 3
+    python -m benchmarks.time_to_return --algos fasttd3 sbx_td3 --budget 900 --seed 1   # comparison N of the record
+    python -m benchmarks.time_to_return --algos td3 sac tqc --budget 900 --seed 1 --join-invocation N  # the rest, later
+    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --seed 2 --join-invocation N   # another seed
+    python -m benchmarks.time_to_return --algos fasttd3 --budget 900 --set n_steps=2 --join-invocation N
     python -m benchmarks.time_to_return --rewrite-markdown         # the summary again, from the JSON results
 
 Each algorithm trains in its own process (JAX and torch never share one) for ``--budget`` seconds of
@@ -16,7 +16,8 @@ training; evaluation time is not counted. Results append to the task's record,
 and the Markdown summary and PNG plot are rebuilt from every run in that file, so a long comparison can
 be built over several invocations: ``--join-invocation N`` adds the runs to comparison N (same task and budget
 required, and the same seed unless only FastTD3 joins: its other seeds are compared with the same peer runs).
-``--stop-at R`` ends each run at its first evaluation returning at least R. ``--set KEY=VALUE`` runs a variant
+``--stop-at R`` ends each run at its first evaluation returning at least R. ``--thresholds`` are kept in the record
+and used by later invocations on it that do not give their own. ``--set KEY=VALUE`` runs a variant
 of FastTD3's entry, named in the results; a learning rate may be a schedule (see ``mujoco_suite``). Peers need
 ``pip install -e ".[benchmarks]"``.
 """
@@ -58,6 +59,7 @@ SHARED_MUJOCO_ENTRY = {"td3": "Hopper-v4", "sac": "Hopper-v4", "tqc": "Hopper-v4
 MUJOCO_V4_IDS = ("InvertedDoublePendulum-v4", "InvertedPendulum-v4", "Reacher-v4", "Pusher-v4")
 # The issue's target on HalfCheetah-v5: FastTD3 reaches a return in at most 1/5 of the fastest peer's wall-clock
 TARGET_RATIO = 0.2
+DEFAULT_THRESHOLDS = [3000.0, 5000.0]
 # learn()'s total_timesteps where the budget, not a number of transitions, ends a run
 OPEN_ENDED = 10**9
 
@@ -367,10 +369,11 @@ def join_invocation(runs: list[dict[str, Any]], args: argparse.Namespace) -> int
     if not joined:
         raise SystemExit(f"--join-invocation {args.join_invocation}: no such comparison in the results file")
     wanted = {"env": args.env, "budget": args.budget}
-    if set(args.algos) != {"fasttd3"}:
-        wanted["seed"] = args.seed
+    # The seed is the peers' runs' (FastTD3's other seeds may have joined), or that of the first run without peers
+    seeded = [run for run in joined if run["algo"] != "fasttd3"] or joined[:1]
     for run in joined:
-        expected = {**wanted, **{key: value for key, value in evaluation_settings(args).items() if key in run}}
+        seed = {"seed": args.seed} if set(args.algos) != {"fasttd3"} and any(run is other for other in seeded) else {}
+        expected = {**wanted, **seed, **{key: value for key, value in evaluation_settings(args).items() if key in run}}
         found = {key: run[key] for key in expected}
         if found != expected:
             raise SystemExit(
@@ -413,7 +416,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eval-every", type=int, default=5000, help="environment steps between evaluations")
     parser.add_argument("--eval-episodes", type=int, default=3)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[3000.0, 5000.0])
+    parser.add_argument(
+        "--thresholds", type=float, nargs="+", help="returns to time (kept in the record; default: the record's, or 3000 5000)"
+    )
     parser.add_argument("--stop-at", type=float, help="end each run at its first evaluation returning at least this")
     parser.add_argument(
         "--join-invocation",
@@ -436,7 +441,12 @@ def main() -> None:
 
     results_file = RESULTS_DIR / f"{results_name(args.env)}.json"
     results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+    if args.thresholds is not None:
+        results["thresholds"] = args.thresholds
+    args.thresholds = results.get("thresholds", DEFAULT_THRESHOLDS)
     if args.rewrite_markdown:
+        if not results["runs"]:
+            raise SystemExit(f"--rewrite-markdown: no runs on {args.env} in {results_file}")
         write_summary(results, args)
         return
     invocation = 1 + max((run["invocation"] for run in results["runs"]), default=0)
@@ -450,11 +460,11 @@ def main() -> None:
             options += ["--eval-every", str(args.eval_every), "--eval-episodes", str(args.eval_episodes)]
             options += [] if args.stop_at is None else ["--stop-at", str(args.stop_at)]
             options += ["--set", *args.set] if args.set else []
-            steal = CpuSteal()
+            steal, machine = CpuSteal(), machine_info()  # the commit the run starts on
             subprocess.run(worker + options, check=True)
             run = json.loads(Path(output.name).read_text())
         run["cpu_steal_percent"] = steal.percent()
-        results["runs"].append({**run, "invocation": invocation, "machine": machine_info()})
+        results["runs"].append({**run, "invocation": invocation, "machine": machine})
         # Save after every algorithm: a long comparison interrupted halfway keeps what it measured
         results["machine"] = machine_info()
         write_summary(results, args)

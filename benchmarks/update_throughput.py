@@ -26,7 +26,7 @@ from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import RESULTS_DIR, BoxEnv, CpuSteal, machine_info, write_results
+from benchmarks.common import RESULTS_DIR, BoxEnv, CpuSteal, machine_info, matrix_product_share, write_results
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.common.buffers import DeviceNStepReplayBuffer
 from sb3_fasttd3.common.row_sampling import numpy_indices, sample_rows
@@ -93,9 +93,7 @@ def matmul_time_share(model: FastTD3, batch_size: int) -> float:
     """
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         model.train(gradient_steps=model.policy_delay, batch_size=batch_size)
-    events = prof.key_averages()
-    matmul = sum(event.self_cpu_time_total for event in events if event.key in ("aten::mm", "aten::addmm"))
-    return matmul / sum(event.self_cpu_time_total for event in events)
+    return matrix_product_share({event.key: event.self_cpu_time_total for event in prof.key_averages()})
 
 
 def bench_updates(batch_size: int, width: int, repeats: int) -> dict[str, Any]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -131,6 +132,10 @@ def test_only_fasttd3_joins_a_comparison_with_another_seed():
     args = {"join_invocation": 3, "env": "HalfCheetah-v5", "budget": 900.0, "eval_every": 5000, "eval_episodes": 3}
     assert join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3"], seed=1)) == 3
     assert join_invocation(runs, argparse.Namespace(**args, algos=["sbx_td3"], seed=0)) == 3
+    other_seed = [*runs, {**runs[0], "seed": 1}]  # FastTD3's seed 1 joined: a peer still joins with the peers' seed
+    assert join_invocation(other_seed, argparse.Namespace(**args, algos=["sbx_td3"], seed=0)) == 3
+    with pytest.raises(SystemExit, match="seed"):
+        join_invocation(other_seed, argparse.Namespace(**args, algos=["sbx_td3"], seed=1))
     with pytest.raises(SystemExit, match="seed"):
         join_invocation(runs, argparse.Namespace(**args, algos=["fasttd3", "sbx_td3"], seed=1))
     with pytest.raises(SystemExit, match="budget"):
@@ -140,6 +145,25 @@ def test_only_fasttd3_joins_a_comparison_with_another_seed():
         join_invocation(recorded, argparse.Namespace(**args, algos=["fasttd3"], seed=1))
     assert join_invocation(recorded, argparse.Namespace(**{**args, "eval_episodes": 5}, algos=["fasttd3"], seed=1)) == 3
     assert results_name("HalfCheetah-v5") == "time_to_return" and results_name("Hopper-v5") == "time_to_return_Hopper-v5"
+
+
+def test_time_to_return_keeps_the_thresholds_of_its_record(tmp_path):
+    from benchmarks.time_to_return import results_name
+
+    args = ["--env", "Pendulum-v1", "--budget", "3", "--eval-every", "400", "--eval-episodes", "1"]
+    run_benchmark("time_to_return", "--algos", "fasttd3", *args, "--thresholds", "-1500", "-1000", results=tmp_path)
+    name = results_name("Pendulum-v1")
+    assert json.loads((tmp_path / f"{name}.json").read_text())["thresholds"] == [-1500, -1000]
+    (tmp_path / f"{name}.md").unlink()
+    run_benchmark("time_to_return", "--env", "Pendulum-v1", "--rewrite-markdown", results=tmp_path)
+    assert "| to -1500: s (steps) | to -1000: s (steps) |" in (tmp_path / f"{name}.md").read_text()
+
+
+def test_time_to_return_rewrites_nothing_without_a_record(tmp_path):
+    env = {**os.environ, "BENCHMARK_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "benchmarks.time_to_return", "--env", "Pendulum-v1", "--rewrite-markdown"]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and "no runs on Pendulum-v1" in result.stderr
 
 
 def test_time_to_return_names_variants_and_lists_notes():
@@ -197,6 +221,20 @@ def test_mujoco_suite_runs_one_job_per_core_and_reports(tmp_path):
     assert runs[-1]["set"] == ["batch_size=32"]
     assert "| small | 1 |" in (tmp_path / "mujoco_suite.md").read_text()
     assert (tmp_path / "mujoco_suite_Pendulum-v1.png").is_file()
+
+
+def test_mujoco_suite_sets_only_fasttd3s_hyperparameters():
+    import argparse
+
+    from benchmarks.mujoco_suite import plan_jobs
+
+    args = dict(envs=["Pendulum-v1"], seeds=[0, 1], peer_seeds=[0], label="small", set=["batch_size=32"])
+    jobs = plan_jobs(argparse.Namespace(**args, algos=["fasttd3", "td3"]))
+    assert [(job["algo"], job["label"], job["seed"], job["set"]) for job in jobs] == [
+        ("fasttd3", "small", 0, ["batch_size=32"]),
+        ("fasttd3", "small", 1, ["batch_size=32"]),
+        ("td3", "td3", 0, []),
+    ]
 
 
 def test_mujoco_suite_stops_a_run_at_the_return(tmp_path):
@@ -405,6 +443,7 @@ def test_soak_one_million_transitions_keeps_memory_flat(tmp_path):
 def test_gpu_check_falls_back_to_the_cpu(tmp_path):
     run_benchmark("gpu_check", "--quick", "--repeats", "1", "--device", "cpu", "--profile", results=tmp_path)
     results = read_results(tmp_path, "gpu_check")
+    assert not (tmp_path / "gpu_check.partial.json").exists()  # renamed to the record once finished
     assert results["tests"]["passed"] and not results["tests"]["failed"]  # the tests marked device, on the CPU
     updates = results["updates"]
     assert updates["eager fp32"]["relative_difference_to_eager_fp32"] == 0.0
@@ -417,6 +456,29 @@ def test_gpu_check_falls_back_to_the_cpu(tmp_path):
     profile = results["profile"]
     assert sum(profile["ms_per_update_by_kind"].values()) == pytest.approx(profile["busy_ms_per_update"])
     assert profile["ms_per_update_by_kind"]["matrix products"] > 0 and profile["longest_kernels_ms_per_update"]
+
+
+def test_gpu_check_stopped_midway_leaves_the_last_record_whole(tmp_path):
+    (tmp_path / "gpu_check.json").write_text('{"complete": true}')
+    env = {**os.environ, "BENCHMARK_RESULTS_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "benchmarks.gpu_check", "--quick", "--repeats", "1", "--device", "cpu", "--skip-tests"]
+    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    partial, deadline = tmp_path / "gpu_check.partial.json", time.monotonic() + 300
+    try:
+        while not partial.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        process.kill()
+        process.wait()
+    assert "tests" in json.loads(partial.read_text())  # the sections done so far
+    assert json.loads((tmp_path / "gpu_check.json").read_text()) == {"complete": True}
+
+
+def test_matrix_products_include_the_batched_ones():
+    from benchmarks.common import matrix_product_share
+
+    times = {"aten::addmm": 1.0, "aten::baddbmm": 2.0, "aten::bmm": 1.0, "aten::mm": 1.0, "aten::relu": 5.0}
+    assert matrix_product_share(times) == 0.5
 
 
 def test_gpu_check_sorts_kernels_and_reports_what_stopped_a_section():
