@@ -28,7 +28,7 @@ import torch as th
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.evaluation import evaluate_policy
 
-from benchmarks.common import RESULTS_DIR, CpuSteal, machine_info, run_one_per_core, write_results
+from benchmarks.common import RESULTS_DIR, CpuSteal, append_to_record, machine_info, run_one_per_core, write_results
 from benchmarks.mujoco_suite import (
     MARKS,
     THRESHOLDS,
@@ -148,34 +148,30 @@ def summarize(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def append_runs(runs: list[dict[str, Any]]) -> None:
-    """Add runs to the results file and rewrite its summary."""
-    results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
-    results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
-    results["runs"] += runs
-    results["machine"] = machine_info()
+def render(results: dict[str, Any]) -> None:
+    """Write the record and its Markdown summary."""
     write_results(RESULTS_NAME, results, summarize(results["runs"]))
 
 
 def run_jobs(args: argparse.Namespace) -> None:
     """One job per seed, one per free core at a time; the results are written as each job ends."""
     jobs = [{"env": args.env, "seed": seed, "set": args.set, "spans": args.spans} for seed in args.seeds]
-    outputs: dict[int, tuple[str, CpuSteal]] = {}
+    outputs: dict[int, tuple[str, CpuSteal, dict[str, Any]]] = {}  # per core: the job's output, CPU steal, machine
 
     def start(job: dict[str, Any], core: int) -> Any:
-        outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal())
+        outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal(), machine_info())
         spans = ("--spans", *map(str, args.spans))
         job = {**job, "algo": "fasttd3", "label": "averaged actor"}
         return start_job(job, core, args, outputs[core][0], module="benchmarks.averaged_actor", extra=spans)
 
     for job, core, status in run_one_per_core(jobs, args.cores, start):
-        output, steal = outputs.pop(core)
+        output, steal, machine = outputs.pop(core)
         if status != 0:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
         run = {**job, "budget": args.budget, "core": core, **json.loads(Path(output).read_text())}
         os.unlink(output)
-        append_runs([{**run, "cpu_steal_percent": steal.percent()}])
+        append_to_record(RESULTS_NAME, [{**run, "cpu_steal_percent": steal.percent(), "machine": machine}], render)
 
 
 def main() -> None:
@@ -196,8 +192,7 @@ def main() -> None:
 
 def report() -> None:
     """Rewrite the Markdown from the JSON."""
-    results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
-    write_results(RESULTS_NAME, results, summarize(results["runs"]))
+    render(json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text()))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """Shared pieces of the benchmarks: a cheap environment, machine facts, result files."""
 
+import fcntl
 import json
 import os
 import platform
@@ -127,6 +128,21 @@ def write_results(name: str, results: dict[str, Any], markdown: str) -> None:
         partial.write_text(text)
         os.replace(partial, RESULTS_DIR / f"{name}.{suffix}")
     print(f"wrote {RESULTS_DIR / name}.json and .md")
+
+
+def append_to_record(name: str, runs: list[dict[str, Any]], render: Callable[[dict[str, Any]], None]) -> None:
+    """
+    Append ``runs`` (each with its ``machine``) to ``results/<name>.json`` and ``render`` the record (write it and its
+    summary), holding a lock so that commands running side by side append in turn.
+    """
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    results_file = RESULTS_DIR / f"{name}.json"
+    with open(RESULTS_DIR / f".{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+        results["runs"] += runs
+        results["machine"] = runs[-1]["machine"]
+        render(results)
 
 
 def promote_results(partial_name: str, name: str) -> None:

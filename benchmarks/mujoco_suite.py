@@ -24,7 +24,6 @@ Peers need ``pip install -e ".[benchmarks]"``.
 """
 
 import argparse
-import fcntl
 import json
 import os
 import subprocess
@@ -40,6 +39,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from benchmarks.common import (
     RESULTS_DIR,
     CpuSteal,
+    append_to_record,
     legend_labels,
     machine_info,
     parse_overrides,
@@ -86,17 +86,10 @@ def run_worker(args: argparse.Namespace) -> dict[str, Any]:
     return {"curve": callback.curve, "torch_threads": th.get_num_threads()}
 
 
-def append_run(run: dict[str, Any]) -> None:
-    """Add one run to the results file, holding a lock so that concurrent ``run`` commands do not overwrite it."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    results_file = RESULTS_DIR / f"{RESULTS_NAME}.json"
-    with open(RESULTS_DIR / f".{RESULTS_NAME}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        results = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
-        results["runs"].append(run)
-        results["machine"] = run["machine"]
-        write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
-        plot(results["runs"], results.get("entry_labels", {}))
+def render(results: dict[str, Any]) -> None:
+    """Write the record, its Markdown summary and its plots."""
+    write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
+    plot(results["runs"], results.get("entry_labels", {}))
 
 
 def start_job(
@@ -138,23 +131,23 @@ def plan_jobs(args: argparse.Namespace) -> list[dict[str, Any]]:
 def run_jobs(args: argparse.Namespace) -> None:
     """Every job of :func:`plan_jobs`, one per free core at a time."""
     jobs = plan_jobs(args)
-    outputs: dict[int, tuple[str, CpuSteal]] = {}  # per core: the running job's output file and CPU steal
+    outputs: dict[int, tuple[str, CpuSteal, dict[str, Any]]] = {}  # per core: the job's output, CPU steal, machine
 
     stop = () if args.stop_at is None else ("--stop-at", str(args.stop_at))
 
     def start(job: dict[str, Any], core: int) -> subprocess.Popen:
-        outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal())
+        outputs[core] = (tempfile.mkstemp(suffix=".json")[1], CpuSteal(), machine_info())
         return start_job(job, core, args, outputs[core][0], extra=stop)
 
     for job, core, status in run_one_per_core(jobs, args.cores, start):
-        output, steal = outputs.pop(core)
+        output, steal, machine = outputs.pop(core)
         if status != 0:
             print(f"core {core}: {job} failed with exit status {status}", flush=True)
             continue
         run = {**job, "budget": args.budget, "marks": args.marks, "stop_at": args.stop_at, "core": core}
         run.update(json.loads(Path(output).read_text()))
         os.unlink(output)
-        append_run({**run, "cpu_steal_percent": steal.percent(), "machine": machine_info()})
+        append_to_record(RESULTS_NAME, [{**run, "cpu_steal_percent": steal.percent(), "machine": machine}], render)
 
 
 def value_at(curve: list[dict[str, float]], seconds: float) -> float | None:
@@ -392,9 +385,7 @@ def main() -> None:
 
 def report() -> None:
     """Rewrite the Markdown and the plots from the JSON."""
-    results = json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text())
-    write_results(RESULTS_NAME, results, summarize(results["runs"], results.get("entry_labels")))
-    plot(results["runs"], results.get("entry_labels", {}))
+    render(json.loads((RESULTS_DIR / f"{RESULTS_NAME}.json").read_text()))
 
 
 if __name__ == "__main__":

@@ -265,6 +265,7 @@ def test_averaged_actor_plays_every_actor_on_the_same_episodes(tmp_path):
     # An average over a far longer span stays near the initial actor, which plays differently once the actor learned
     assert curves["average over 1000000000"][-1]["return"] != live[-1]["return"]
     assert sum(point["mark"] for point in live) == 1 and run["torch_threads"] == 1
+    assert run["machine"]["commit"] and run["machine"]["cpu"]  # each run names its CPU and commit
     assert "| 0 | average over 4 |" in (tmp_path / "averaged_actor.md").read_text()
 
 
