@@ -5,7 +5,8 @@ Data-parallel runs for tests/test_distributed.py, launched with torchrun (gloo, 
 
 ``train``: learn, stop from a callback on rank 0, save, resume a one-process model, and update halves of a batch;
 each rank writes what it saw to ``OUT_DIR/rank{r}.pt`` for the test to check. ``compiled``: the same checks with
-``compile=True`` and bf16. ``crash``: rank 1's env raises.
+``compile=True`` and bf16. ``crash``: rank 1's env raises. ``disagree``: ranks that differ in hyperparameters and
+in what they learned before.
 """
 
 import os
@@ -142,10 +143,29 @@ def crash(out: Path) -> None:
     FastTD3("MlpPolicy", env, **KWARGS).learn(10_000)
 
 
+def disagree(out: Path) -> None:
+    """Rank 1 has another batch size and number of updates, then rank 0 has learned alone before: each rank's errors."""
+    rank = int(os.environ["RANK"])
+    first = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), **{**KWARGS, "batch_size": 16 * (1 + rank)})
+    first.gradient_steps += rank
+    second = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=N_ENVS), **KWARGS)
+    if rank == 0:  # then it has counted timesteps and updates, and holds optimizer states, which rank 1 lacks
+        data_parallel, second._data_parallel = second._data_parallel, None
+        second.learn(60)
+        second._data_parallel = data_parallel
+    errors = []
+    for model in (first, second):
+        try:
+            model.learn(60, reset_num_timesteps=False)
+        except ValueError as error:
+            errors.append(str(error))
+    (out / f"disagree{rank}.txt").write_text("\n".join(errors))
+
+
 if __name__ == "__main__":
     th.set_num_threads(1)
     np.set_printoptions(precision=4)
     scenario, out_dir = sys.argv[1], Path(sys.argv[2])
-    {"train": train, "compiled": compiled, "crash": crash}[scenario](out_dir)
+    {"train": train, "compiled": compiled, "crash": crash, "disagree": disagree}[scenario](out_dir)
     if dist.is_initialized():
         dist.destroy_process_group()

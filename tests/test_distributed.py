@@ -17,6 +17,7 @@ from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.common.callbacks import FastTD3CheckpointCallback
 from sb3_fasttd3.common.distributed import DataParallel, _GroupTeardown
 from tests.distributed_run import KWARGS, N_ENVS
 
@@ -130,6 +131,17 @@ def test_a_failing_rank_ends_the_job_with_its_error(tmp_path):
     assert "EnvStepError" in output and "the simulator diverged" in output
 
 
+def test_ranks_that_disagree_fail_alike_naming_what_differs(tmp_path):
+    result = torchrun(str(RUN), "disagree", str(tmp_path), timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]  # every rank raised the same error: no hang, no abort
+    for rank in range(2):
+        settings, history = (tmp_path / f"disagree{rank}.txt").read_text().splitlines()
+        gradient_steps = KWARGS["gradient_steps"] + rank
+        assert settings.startswith(f"The ranks disagree on batch_size, gradient_steps (this rank, {rank}: ")
+        assert f"batch_size={16 * (1 + rank)}, gradient_steps={gradient_steps})" in settings
+        assert history.startswith("The ranks disagree on _n_updates, num_timesteps, the optimizers' states ")
+
+
 def test_zoo_trains_under_torchrun_with_rank_0_outputs(tmp_path):
     zoo = ["-m", "rl_zoo3.train", "--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "800", "-f", "logs"]
     result = torchrun(*zoo, "--hyperparams", "learning_starts:200", timeout=300, cwd=tmp_path)
@@ -144,8 +156,9 @@ def test_zoo_trains_under_torchrun_with_rank_0_outputs(tmp_path):
 
 def test_distributed_argument_is_checked():
     env = make_vec_env("Pendulum-v1", n_envs=1)
-    with pytest.raises(ValueError, match=r"distributed must be one of \['auto', True, False\], got 'yes'"):
-        FastTD3("MlpPolicy", env, distributed="yes")
+    for value in ("yes", 1, 0, 1.0, np.True_, np.False_):  # 1 == True and np.False_ == False, yet they are no bools
+        with pytest.raises(ValueError, match=r"distributed must be one of \['auto', True, False\], got"):
+            FastTD3("MlpPolicy", env, distributed=value)
     assert not dist.is_initialized()
     with pytest.raises(ValueError, match="distributed=True needs several processes: launch the script with torchrun"):
         FastTD3("MlpPolicy", env, distributed=True)
@@ -191,13 +204,25 @@ class StandInRanks:
         return False
 
 
+def test_checkpoints_are_refused_before_anything_runs(tmp_path, monkeypatch):
+    model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), **KWARGS)
+    path = model.learn(4).save_checkpoint(tmp_path / "checkpoint.zip")
+    model._data_parallel = StandInRanks()
+    callback = FastTD3CheckpointCallback(save_freq=10**6, save_path=str(tmp_path))
+    with pytest.raises(NotImplementedError, match="FastTD3CheckpointCallback does not support data-parallel"):
+        callback.init_callback(model)  # at the start of learn(), not when the first save is due
+    monkeypatch.setattr(DataParallel, "resolve", classmethod(lambda cls, distributed, device: StandInRanks()))
+    with pytest.raises(NotImplementedError, match="load_checkpoint does not support data-parallel training yet"):
+        FastTD3.load_checkpoint(path, device="cpu")
+
+
 def test_learn_refuses_what_would_desynchronize_the_ranks(tmp_path):
     model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=1), train_freq=(1, "episode"))
     with pytest.raises(ValueError, match=r"train_freq=\(1, <TrainFrequencyUnit.EPISODE: 'episode'>\) counts episodes"):
-        model._join_ranks(StandInRanks(), None, False)
+        model._join_ranks(StandInRanks(), None, False, 100, True)
     model = FastTD3("MlpPolicy", make_vec_env("Pendulum-v1", n_envs=2))
     with pytest.raises(ValueError, match=r"Every rank must step the same number of envs \(this rank, 1, has n_envs=2\)"):
-        model._join_ranks(StandInRanks(), None, False)
+        model._join_ranks(StandInRanks(), None, False, 100, True)
     model._data_parallel = StandInRanks()
     with pytest.raises(NotImplementedError, match="save_checkpoint does not support data-parallel training yet"):
         model.save_checkpoint(tmp_path / "checkpoint.zip")
@@ -215,6 +240,9 @@ class MirrorRanks:
 
     def all_equal(self, value: int) -> bool:
         return True
+
+    def differing(self, values) -> list[str]:
+        return []
 
     def all_true(self, flag: bool) -> bool:
         return flag

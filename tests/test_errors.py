@@ -11,6 +11,7 @@ from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise
+from stable_baselines3.common.type_aliases import TrainFrequencyUnit
 from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor, VecNormalize
 
 from sb3_fasttd3 import FastTD3
@@ -255,6 +256,8 @@ def test_numpy_integers_are_integers():
     model = make_model(**integers, n_steps=np.int64(3))
     model.learn(40)
     assert model._n_updates == 2 * (40 - TINY["learning_starts"])  # two updates per step after warm-up
+    for train_freq in (np.int64(2), (np.int32(2), "step")):  # SB3's own conversion refuses NumPy integers
+        assert tuple(make_model(train_freq=train_freq).train_freq) == (2, TrainFrequencyUnit.STEP)
 
 
 @pytest.mark.parametrize("name", ["learning_rate", "actor_learning_rate", "critic_learning_rate"])

@@ -51,6 +51,11 @@ class FastTD3CheckpointCallback(CheckpointCallback):
         self._due = False
 
     def _init_callback(self) -> None:
+        if getattr(self.model, "_data_parallel", None) is not None:  # refused now, not when the first save is due
+            raise NotImplementedError(
+                "FastTD3CheckpointCallback does not support data-parallel training yet (each rank holds its own replay "
+                "buffer): use SB3's CheckpointCallback, whose model.save() rank 0 writes, and resume from the model"
+            )
         super()._init_callback()
         # Temporary files of saves killed midway: never a checkpoint, safe to remove
         for stale in Path(self.save_path).glob(f".{self.name_prefix}_*_steps.zip.*.tmp"):

@@ -8,9 +8,11 @@ on the number of transitions and on when to stop.
 
 import atexit
 import datetime
+import hashlib
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch as th
 import torch.distributed as dist
@@ -20,6 +22,11 @@ from sb3_fasttd3.common.normalization import combine_moments
 # torchrun's environment: the variables a process group is initialized from (``init_method="env://"``)
 TORCHRUN_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 DISTRIBUTED_CHOICES = ("auto", True, False)
+
+
+def _digest(value: Any) -> int:
+    """A 56-bit digest of ``repr(value)``: equal on every rank for equal settings, and negatable in an int64."""
+    return int.from_bytes(hashlib.sha256(repr(value).encode()).digest()[:7], "little")
 
 
 def launched_by_torchrun() -> bool:
@@ -97,7 +104,7 @@ class DataParallel:
             error; ``False``: a single process, whatever the environment
         :param device: the model's device (its type picks the backend when a process group is initialized here)
         """
-        if distributed not in DISTRIBUTED_CHOICES:
+        if not (isinstance(distributed, bool) or distributed == "auto"):  # 1 == True: membership would take it
             raise ValueError(f"distributed must be one of {list(DISTRIBUTED_CHOICES)}, got {distributed!r}")
         if distributed is False or not dist.is_available():
             if distributed is True:
@@ -182,6 +189,17 @@ class DataParallel:
         tensor = th.tensor([value, -value], dtype=th.int64, device=self.device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
         return int(tensor[0]) == -int(tensor[1])
+
+    def differing(self, values: Mapping[str, Any]) -> list[str]:
+        """
+        The names of ``values`` (the same names on every rank) whose value is not the same on every rank, compared
+        by a digest of its ``repr`` (one all-reduce, a host sync).
+        """
+        digests = th.tensor([_digest(value) for value in values.values()], dtype=th.int64, device=self.device)
+        extremes = th.cat([digests, -digests])
+        dist.all_reduce(extremes, op=dist.ReduceOp.MAX)
+        highest, lowest = extremes[: len(values)].tolist(), (-extremes[len(values) :]).tolist()
+        return [name for name, high, low in zip(values, highest, lowest, strict=True) if high != low]
 
     @staticmethod
     def _unflatten(flat: th.Tensor, like: Sequence[th.Tensor]) -> list[th.Tensor]:

@@ -95,6 +95,7 @@ class Checkpointing(OffPolicyAlgorithm):
         :return: the model, its replay buffer, exploration noise, RNGs and envs restored
         :raises CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted or not a checkpoint
         :raises ValueError: ``env`` or ``kwargs`` disagree with the checkpoint's replay buffer
+        :raises NotImplementedError: in data-parallel training
         """
         _, members = ckpt.read_checkpoint(path)
         try:
@@ -106,6 +107,12 @@ class Checkpointing(OffPolicyAlgorithm):
             replay_buffer = pickle.loads(members[ckpt.BUFFER])
         except Exception as error:
             raise ckpt.CheckpointError(f"Cannot load the checkpoint {path}: {type(error).__name__}: {error}") from error
+        if getattr(model, "_data_parallel", None) is not None:
+            raise NotImplementedError(
+                "load_checkpoint does not support data-parallel training yet: a checkpoint holds one process's replay "
+                "buffer, envs and random states, so every rank would collect the same data. Load the model with "
+                "FastTD3.load(path, env=env) on every rank and resume from it"
+            )
         # Checked (and re-laid for another number of envs) before anything of the given env is replaced
         source, kept = f"The replay buffer of the checkpoint {path}", "The checkpoint was not loaded."
         model._adopt_replay_buffer(replay_buffer, source, end_episodes=False, kept=kept)

@@ -17,7 +17,7 @@ from stable_baselines3.common.monitor import Monitor
 from stable_baselines3.common.noise import ActionNoise, VectorizedActionNoise
 from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.save_util import load_from_zip_file
-from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TrainFreq, TrainFrequencyUnit
+from stable_baselines3.common.type_aliases import GymEnv, MaybeCallback, Schedule, TrainFreq
 from stable_baselines3.common.utils import FloatSchedule, get_parameters_by_name, update_learning_rate
 from stable_baselines3.common.vec_env import VecEnv, VecMonitor
 from torch.nn import functional as F
@@ -53,6 +53,7 @@ from sb3_fasttd3.fasttd3.policies import (
     MultiInputPolicy,
     critics_are_batched,
 )
+from sb3_fasttd3.fasttd3.ranks import check_ranks
 from sb3_fasttd3.fasttd3.rollouts import RolloutCollection
 from sb3_fasttd3.vec_env.gymnasium_vector import GymnasiumVecEnv
 
@@ -352,6 +353,9 @@ class FastTD3(RolloutCollection, Checkpointing):
         check_hyperparameters(self)
         for name in INTEGER_HYPERPARAMETERS:  # NumPy integers too, which torch's shape arguments refuse
             setattr(self, name, int(getattr(self, name)))
+        if not isinstance(self.train_freq, TrainFreq):  # SB3's conversion refuses NumPy integers
+            frequency, *unit = self.train_freq if isinstance(self.train_freq, tuple) else (self.train_freq,)
+            self.train_freq = (int(frequency), *unit) if unit else int(frequency)  # type: ignore[assignment]
         self._setup_lr_schedule()
         self.actor_lr_schedule = FloatSchedule(
             self.learning_rate if self.actor_learning_rate is None else self.actor_learning_rate
@@ -526,7 +530,9 @@ class FastTD3(RolloutCollection, Checkpointing):
         self.action_noise = action_noise
         self._transitions_per_step = self.n_envs
         if self._data_parallel is not None:
-            callback, progress_bar = self._join_ranks(self._data_parallel, callback, progress_bar)
+            callback, progress_bar = self._join_ranks(
+                self._data_parallel, callback, progress_bar, total_timesteps, reset_num_timesteps
+            )
         # OffPolicyAlgorithm's step is skipped: it marks SB3's lean buffer's newest row done, which
         # end_open_episodes has done where needed (FastTD3's lean buffer keeps that row's next observation)
         result = BaseAlgorithm._setup_learn(self, total_timesteps, callback, reset_num_timesteps, tb_log_name, progress_bar)
@@ -549,33 +555,19 @@ class FastTD3(RolloutCollection, Checkpointing):
         return callback
 
     def _join_ranks(
-        self, data_parallel: DataParallel, callback: MaybeCallback, progress_bar: bool
+        self,
+        data_parallel: DataParallel,
+        callback: MaybeCallback,
+        progress_bar: bool,
+        total_timesteps: int,
+        reset_num_timesteps: bool,
     ) -> tuple[MaybeCallback, bool]:
         """
-        Start a data-parallel ``learn()``: rank 0's weights, normalizer and optimizer states on every rank, and
-        the callbacks, logs and progress bar on rank 0 only (the others get none).
+        Start a data-parallel ``learn()``, once every rank agrees on what keeps them in step (:func:`check_ranks`):
+        rank 0's weights, normalizer and optimizer states on every rank, and the callbacks, logs and progress bar
+        on rank 0 only (the others get none).
         """
-        assert isinstance(self.train_freq, TrainFreq)  # converted by _setup_model
-        if self.train_freq.unit != TrainFrequencyUnit.STEP:
-            raise ValueError(
-                f"train_freq={tuple(self.train_freq)} counts episodes, which end at different steps on each rank: "
-                "distributed training needs a number of steps, e.g. train_freq=1"
-            )
-        if not data_parallel.all_equal(self.n_envs):
-            raise ValueError(
-                f"Every rank must step the same number of envs (this rank, {data_parallel.rank}, has n_envs="
-                f"{self.n_envs}): the ranks update together, once per vector step"
-            )
-        vec_normalize = self.get_vec_normalize_env()
-        updating = (
-            vec_normalize is not None and vec_normalize.training and (vec_normalize.norm_obs or vec_normalize.norm_reward)
-        )
-        if not data_parallel.all_true(not updating):
-            raise ValueError(
-                "A VecNormalize that updates its statistics (training=True) would normalize differently on each rank, "
-                "each from its own envs: remove it (normalize_observations=True merges every rank's observations) or "
-                "freeze the same statistics on every rank (VecNormalize.load(...), then training=False)"
-            )
+        check_ranks(self, data_parallel, total_timesteps, reset_num_timesteps)
         self._transitions_per_step = self.n_envs * data_parallel.world_size
         states = [state for optimizer in (self.actor.optimizer, self.critic.optimizer) for state in optimizer.state.values()]
         optimizer_tensors = [value for state in states for value in state.values() if isinstance(value, th.Tensor)]
@@ -681,10 +673,14 @@ class FastTD3(RolloutCollection, Checkpointing):
         The actor's and the critic's learning rates now. Where not overridden they follow ``lr_schedule`` as it
         is at call time, as SB3's algorithms do (a user may replace it between calls).
         """
-        progress = self._current_progress_remaining
+        actor, critic = self._learning_rate_schedules()
+        return actor(self._current_progress_remaining), critic(self._current_progress_remaining)
+
+    def _learning_rate_schedules(self) -> tuple[Schedule, Schedule]:
+        """The actor's and the critic's learning-rate schedules (``lr_schedule`` where not overridden)."""
         actor = self.lr_schedule if self.actor_learning_rate is None else self.actor_lr_schedule
         critic = self.lr_schedule if self.critic_learning_rate is None else self.critic_lr_schedule
-        return actor(progress), critic(progress)
+        return actor, critic
 
     def _sample_batches(self, gradient_steps: int, batch_size: int) -> Iterator[Any]:
         """
