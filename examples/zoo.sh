@@ -23,7 +23,7 @@ python -m rl_zoo3.record_video --algo fasttd3 --env "$ENV_ID" -f "$LOGS" -n 500 
   echo "record_video failed: MuJoCo rendering needs an OpenGL backend (MUJOCO_GL=egl or osmesa, see docs/guide/install.md)"
 
 # Continue training the last run, and plot the training curves
-LAST=$(ls -d "$LOGS/fasttd3/${ENV_ID}_"* | sort -t_ -k2 -n | tail -1)
+LAST=$(ls -d "$LOGS/fasttd3/${ENV_ID}_"* | sort -V | tail -1)  # the highest run id
 python -m rl_zoo3.train --algo fasttd3 --env "$ENV_ID" -n $((STEPS / 4)) -f "$LOGS" -i "$LAST/$ENV_ID.zip"
 python -m rl_zoo3.plots.plot_train -a fasttd3 -e "$ENV_ID" -f "$LOGS"
 python -m rl_zoo3.plots.all_plots -a fasttd3 -e "$ENV_ID" -f "$LOGS" -o "$LOGS/results"

@@ -144,12 +144,19 @@ def test_ranks_that_disagree_fail_alike_naming_what_differs(tmp_path):
 
 def test_zoo_trains_under_torchrun_with_rank_0_outputs(tmp_path):
     zoo = ["-m", "rl_zoo3.train", "--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "800", "-f", "logs"]
-    result = torchrun(*zoo, "--hyperparams", "learning_starts:200", timeout=300, cwd=tmp_path)
+    frequencies = ["--eval-freq", "400", "--eval-episodes", "1", "--save-freq", "400"]
+    result = torchrun(*zoo, *frequencies, "--hyperparams", "learning_starts:200", "n_envs:2", timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-4000:]
     runs = list((tmp_path / "logs" / "fasttd3").iterdir())
     assert [run.name for run in runs] == ["Pendulum-v1_1"]  # one run folder: rank 1 writes elsewhere
     model = FastTD3.load(runs[0] / "Pendulum-v1.zip")
     assert model.num_timesteps == 800  # over both ranks
+    # The frequencies count both ranks' transitions, as -n does
+    assert np.load(runs[0] / "evaluations.npz")["timesteps"].tolist() == [400, 800]
+    assert sorted(path.name for path in runs[0].glob("rl_model_*_steps.zip")) == [
+        "rl_model_400_steps.zip",
+        "rl_model_800_steps.zip",
+    ]
     n_envs = model.n_envs
     assert sorted(path.name for path in runs[0].glob("*.monitor.csv")) == [f"{i}.monitor.csv" for i in range(n_envs)]
 
@@ -227,7 +234,8 @@ def test_learn_refuses_what_would_desynchronize_the_ranks(tmp_path):
     with pytest.raises(NotImplementedError, match="save_checkpoint does not support data-parallel training yet"):
         model.save_checkpoint(tmp_path / "checkpoint.zip")
     model.save(tmp_path / "model.zip")  # rank 1 writes nothing to a path
-    assert not (tmp_path / "model.zip").exists()
+    model.save_replay_buffer(tmp_path / "buffer.pkl")
+    assert not (tmp_path / "model.zip").exists() and not (tmp_path / "buffer.pkl").exists()
 
 
 class MirrorRanks:

@@ -12,7 +12,7 @@ import pytest
 import torch as th
 import yaml
 from stable_baselines3 import HerReplayBuffer
-from stable_baselines3.common.buffers import NStepReplayBuffer
+from stable_baselines3.common.buffers import NStepReplayBuffer, ReplayBuffer
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.envs import BitFlippingEnv
 from stable_baselines3.common.noise import NormalActionNoise
@@ -208,6 +208,30 @@ def test_entries_write_learning_rate_schedules(tmp_path, monkeypatch):
     assert model.actor.optimizer.param_groups[0]["lr"] == pytest.approx(0.0001)
     assert model.critic.optimizer.param_groups[0]["lr"] < 0.0005 * 0.1
     assert model.learning_rate(0.5) == pytest.approx(0.001)  # the Zoo's own lin_ still reads learning_rate
+
+
+def test_zoo_reads_every_replay_buffer_class_name(tmp_path, monkeypatch):
+    config = tmp_path / "fasttd3.yml"
+    entry = {**zoo_entry("Pendulum-v1"), "replay_buffer_class": "ReplayBuffer", "n_steps": 1}
+    config.write_text(yaml.safe_dump({"Pendulum-v1": entry}))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", sys.argv[:])
+    args = ["--algo", "fasttd3", "--env", "Pendulum-v1", "-n", "300", "-f", "logs", "-conf", str(config)]
+    zoo_main(["train", *args, "--hyperparams", "learning_starts:200"])
+    model = FastTD3.load(tmp_path / "logs" / "fasttd3" / "Pendulum-v1_1" / "Pendulum-v1.zip")
+    assert model.replay_buffer_class is ReplayBuffer
+
+
+def test_zoo_frequencies_count_every_rank_and_optimize_is_refused_under_torchrun(monkeypatch):
+    from sb3_fasttd3.zoo.registration import _rank_arguments
+
+    for name, value in dict(RANK="0", WORLD_SIZE="4", LOCAL_RANK="0", MASTER_ADDR="localhost", MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    arguments = dict(optimize_hyperparameters=False, eval_freq=10_000, save_freq=-1)
+    _rank_arguments(arguments)
+    assert arguments == dict(optimize_hyperparameters=False, eval_freq=2500, save_freq=-1)
+    with pytest.raises(ValueError, match="-optimize under torchrun would run one Optuna study per process"):
+        _rank_arguments(dict(optimize_hyperparameters=True, eval_freq=10_000, save_freq=-1))
 
 
 def test_zoo_normalize_rewards_only(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 import io
 import os
+import pathlib
 import pickle
 from collections.abc import Callable
 from functools import partial
@@ -130,6 +131,17 @@ class Checkpointing(OffPolicyAlgorithm):
         # Last: building the model above draws from the global RNGs
         ckpt.restore_global_rngs(state["rngs"])
         return model
+
+    def save_replay_buffer(self, path: str | pathlib.Path | io.BufferedIOBase) -> None:
+        """
+        Save the replay buffer (see SB3's ``save_replay_buffer``). In data-parallel training each rank holds its own:
+        rank 0 writes its buffer to a path and the other ranks return without writing, as ``save()`` does (a file
+        object is still written); :meth:`load_replay_buffer` on every rank then starts each from rank 0's.
+        """
+        data_parallel = getattr(self, "_data_parallel", None)
+        if data_parallel is not None and data_parallel.rank != 0 and isinstance(path, (str, pathlib.Path)):
+            return
+        super().save_replay_buffer(path)
 
     def load_replay_buffer(self, path: Any, truncate_last_traj: bool = True) -> None:
         """

@@ -19,7 +19,7 @@ from typing import Any
 
 from sb3_fasttd3.common.distributed import launched_by_torchrun
 from sb3_fasttd3.fasttd3 import FastTD3
-from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, SCHEDULE_KEYS, parse_schedule
+from sb3_fasttd3.hyperparams import HYPERPARAMS_FILE, REPLAY_BUFFERS, SCHEDULE_KEYS, parse_schedule
 from sb3_fasttd3.zoo.sampler import convert_fasttd3_params, sample_fasttd3_params
 
 ALGO_NAME = "fasttd3"
@@ -38,10 +38,22 @@ def _register_sampler(hyperparams_opt: ModuleType) -> None:
 
 def _rank_arguments(arguments: dict[str, Any]) -> None:
     """
-    Under torchrun, the ranks other than 0 write their Zoo outputs (monitor files, config, logs) into a temporary
-    folder, quietly: the run's folder holds rank 0's only, and the ranks never race for the same run id.
+    Under torchrun, ``--eval-freq`` and ``--save-freq`` count every rank's transitions, as ``-n`` does (the Zoo
+    divides them by one rank's ``n_envs``), ``-optimize`` is refused (each rank would run its own study), and the
+    ranks other than 0 write their Zoo outputs (monitor files, config, logs) into a temporary folder, quietly: the
+    run's folder holds rank 0's only, and the ranks never race for the same run id.
     """
-    if launched_by_torchrun() and os.environ["RANK"] != "0":
+    if not launched_by_torchrun():
+        return
+    if arguments["optimize_hyperparameters"]:
+        raise ValueError(
+            "-optimize under torchrun would run one Optuna study per process, each sampling its own hyperparameters "
+            "for ranks that must share them: run the search without torchrun, then train its best trial with torchrun"
+        )
+    for key in ("eval_freq", "save_freq"):
+        if arguments[key] > 0:
+            arguments[key] = max(arguments[key] // int(os.environ["WORLD_SIZE"]), 1)
+    if os.environ["RANK"] != "0":
         arguments["log_folder"] = folder = tempfile.mkdtemp(prefix=f"fasttd3_rank{os.environ['RANK']}_")
         atexit.register(shutil.rmtree, folder, ignore_errors=True)
         arguments["tensorboard_log"] = ""
@@ -62,6 +74,7 @@ def _default_config(exp_manager: ModuleType) -> None:
     @functools.wraps(original_init)
     def __init__(*args: Any, **kwargs: Any) -> None:
         bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
         if bound.arguments.get("algo") == ALGO_NAME:
             if not bound.arguments.get("config"):
                 bound.arguments["config"] = str(HYPERPARAMS_FILE)
@@ -96,9 +109,17 @@ def _schedules(exp_manager: ModuleType) -> None:
     manager._preprocess_schedules = staticmethod(_preprocess_schedules)
 
 
+def _replay_buffer_names(exp_manager: ModuleType) -> None:
+    """The Zoo evaluates a ``replay_buffer_class`` string in its own module, which knows ``HerReplayBuffer`` only."""
+    for name, buffer_class in REPLAY_BUFFERS.items():
+        if not hasattr(exp_manager, name):
+            setattr(exp_manager, name, buffer_class)
+
+
 def _patch_exp_manager(exp_manager: ModuleType) -> None:
     _default_config(exp_manager)
     _schedules(exp_manager)
+    _replay_buffer_names(exp_manager)
 
 
 PATCHES = {
