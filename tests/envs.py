@@ -12,13 +12,13 @@ from sb3_fasttd3.vec_env import TorchStep, TorchVecEnv
 
 class CountingEnv(gym.Env):
     """
-    Observation ``[t, episode, x]``; the episode terminates when ``x`` leaves [-5, 5]
+    Observation ``[t, episode, x]``; the episode terminates when ``x`` leaves [-bound, bound]
     (the action adds to ``x``) and is truncated after ``max_steps`` steps. ``nan_at`` makes the
     observation NaN at that global step (to test the finite check).
     """
 
-    def __init__(self, max_steps: int = 10, nan_at: int | None = None, dict_obs: bool = False):
-        self.max_steps = max_steps
+    def __init__(self, max_steps: int = 10, nan_at: int | None = None, dict_obs: bool = False, bound: float = 5.0):
+        self.max_steps, self.bound = max_steps, bound
         self.nan_at = nan_at
         self.dict_obs = dict_obs
         self.action_space = spaces.Box(-2.0, 2.0, shape=(1,), dtype=np.float32)
@@ -51,7 +51,7 @@ class CountingEnv(gym.Env):
         self.global_step += 1
         self.x += float(np.clip(action[0], -2, 2))
         reward = -abs(self.x)
-        terminated = abs(self.x) > 5
+        terminated = abs(self.x) > self.bound
         truncated = self.t >= self.max_steps and not terminated
         return self._obs(), reward, terminated, truncated, {}
 

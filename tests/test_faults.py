@@ -10,6 +10,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.fasttd3.rollouts import EnvStepError
+from tests.buffer_data import stored_samples
 from tests.envs import CountingEnv, CountingTorchVecEnv
 from tests.test_fasttd3 import TINY, stored_transitions
 
@@ -78,3 +79,16 @@ def test_a_failing_env_leaves_a_valid_model_that_saves_and_trains_on(tmp_path, k
     model.set_env(new_env)
     model.learn(20, reset_num_timesteps=False)
     assert model.num_timesteps == 36 and model.replay_buffer.size() == 18
+
+
+def test_learning_on_after_a_failed_step_starts_from_reset_envs():
+    # Env 0 took its ninth step before env 1 failed at its own: the last observation is behind env 0's state
+    env, message = failing_env("numpy")
+    model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 1000, "n_steps": 1})
+    with pytest.raises(EnvStepError, match=message):
+        model.learn(100)
+    env.envs[1].fail_at = None
+    model.learn(20, reset_num_timesteps=False)  # on the same envs, which fail no more
+    # CountingEnv observes [t, episode, x]: with one-step returns, every stored transition steps t by one
+    samples = stored_samples(model.replay_buffer)
+    assert th.equal(samples.next_observations[:, 0], samples.observations[:, 0] + 1)

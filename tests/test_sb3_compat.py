@@ -13,6 +13,7 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from stable_baselines3.common.vec_env import VecNormalize
 
 from sb3_fasttd3 import FastTD3
+from sb3_fasttd3.vec_env import NumpyVecEnv
 from tests.envs import CountingTorchVecEnv
 from tests.test_fasttd3 import TINY, counting_env, make_model, stored_transitions
 
@@ -126,7 +127,7 @@ def test_a_callback_that_stops_training_keeps_the_last_step_and_resumes_in_the_n
 @pytest.mark.parametrize("torch_env", [False, True])
 def test_stop_training_on_max_episodes_counts_the_episodes_of_every_env(torch_env):
     # SB3's callback sums the step's dones with NumPy: on the device loop too, where they are tensors
-    env = CountingTorchVecEnv(3, bound=1e9) if torch_env else counting_env(3)
+    env = CountingTorchVecEnv(3, bound=1e9) if torch_env else counting_env(3, bound=1e9)
     model = FastTD3("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 1000})
     callback = StopTrainingOnMaxEpisodes(max_episodes=2)
     model.learn(1000, callback=callback)
@@ -150,6 +151,28 @@ def test_the_device_loops_callback_locals_read_as_numpy_and_keep_their_tensors()
     array, tensor, shape, length, first = seen["rewards"]
     assert isinstance(array, np.ndarray) and isinstance(tensor, th.Tensor) and np.array_equal(array, tensor.numpy())
     assert shape == (2,) and length == 2 and first == True  # noqa: E712 (a NumPy bool)
+
+
+def test_the_device_loops_callback_locals_take_numpys_operators():
+    counts = {"numpy": [], "device": []}
+
+    class Count(BaseCallback):
+        def __init__(self, loop: str):
+            super().__init__()
+            self.loop = loop
+
+        def _on_step(self) -> bool:
+            dones, rewards = self.locals["dones"], self.locals["rewards"]
+            ops = (dones == True, dones == 1, ~dones, rewards < -0.5, rewards * 0 + 1)  # noqa: E712
+            counts[self.loop].append([int(np.sum(value)) for value in ops])
+            return True
+
+    for loop, env in (
+        ("numpy", NumpyVecEnv(CountingTorchVecEnv(3, max_steps=4))),
+        ("device", CountingTorchVecEnv(3, max_steps=4)),
+    ):
+        FastTD3("MlpPolicy", env, seed=0, **{**TINY, "learning_starts": 1000}).learn(24, callback=Count(loop))
+    assert counts["device"] == counts["numpy"] and sum(count[0] for count in counts["numpy"]) == 6
 
 
 def test_tau_zero_freezes_the_targets():

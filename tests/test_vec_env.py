@@ -17,6 +17,7 @@ from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.fasttd3.rollouts import DEVICE_SYNC_STEPS
 from sb3_fasttd3.vec_env import EpisodeTracker, NumpyVecEnv
 from sb3_fasttd3.vec_env.base import TorchStep
+from tests.buffer_data import sample_columns, stored_samples
 from tests.envs import CountingTorchVecEnv
 
 TINY = dict(policy_kwargs=dict(net_arch=[16]), batch_size=16, learning_starts=20, num_atoms=11, v_min=-50.0, v_max=10.0)
@@ -238,3 +239,27 @@ def test_termination_wins_over_truncation_for_every_backend():
     buffer, stored = model.replay_buffer, slice(0, 20)
     ends = buffer.rewards[:, stored] < -0.5
     assert ends.any() and buffer.dones[:, stored][ends].all() and not buffer.timeouts[:, stored][ends].any()
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        dict(),
+        dict(n_steps=3, dict_obs=True),
+        dict(optimize_memory_usage=True, policy_delay=3, use_target_actor=True, actor_average_tau=0.01, max_grad_norm=1.0),
+        dict(noise_correlation=5.0, stratified_noise=True, warmup_actions="actor", gradient_steps=3),
+    ],
+)
+def test_the_device_loop_stores_and_learns_what_the_numpy_loop_does(kwargs):
+    kwargs = dict(kwargs)
+    dict_obs = kwargs.pop("dict_obs", False)
+    models = []
+    for wrap in (lambda env: env, NumpyVecEnv):
+        env = wrap(CountingTorchVecEnv(num_envs=3, max_steps=7, dict_obs=dict_obs, bound=2.5))
+        policy = "MultiInputPolicy" if dict_obs else "MlpPolicy"
+        models.append(FastTD3(policy, env, seed=0, **{**TINY, **kwargs}).learn(120))
+    device, host = models
+    assert device.replay_buffer.dones.sum() > 5  # episodes ended, by termination and by truncation
+    assert th.equal(sample_columns(stored_samples(device.replay_buffer)), sample_columns(stored_samples(host.replay_buffer)))
+    for name, value in device.policy.state_dict().items():
+        assert th.equal(value, host.policy.state_dict()[name]), name

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch as th
 from gymnasium import spaces
+from numpy.lib.mixins import NDArrayOperatorsMixin
 from stable_baselines3.common.buffers import ReplayBuffer
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.noise import ActionNoise
@@ -31,11 +32,12 @@ if TYPE_CHECKING:
 DEVICE_SYNC_STEPS = 100
 
 
-class HostView:
+class HostView(NDArrayOperatorsMixin):
     """
-    A device tensor as SB3's callbacks read the ``locals`` of a rollout step: NumPy's functions and an ndarray's
-    methods see it as an array (``np.sum(self.locals["dones"])``), copied to the host only when read, so that the
-    on-device loop pays no host sync for callbacks that do not read it. ``tensor`` is the device tensor.
+    A device tensor as SB3's callbacks read the ``locals`` of a rollout step: NumPy's functions, operators and an
+    ndarray's methods see it as an array (``np.sum(self.locals["dones"])``, ``dones == 1``, ``rewards < 0``),
+    copied to the host only when read, so that the on-device loop pays no host sync for callbacks that do not read
+    it. ``tensor`` is the device tensor.
 
     :param tensor: the tensor to show
     """
@@ -44,6 +46,13 @@ class HostView:
 
     def __init__(self, tensor: th.Tensor):
         self.tensor = tensor
+
+    def __array_ufunc__(self, ufunc: np.ufunc, method: str, *inputs: Any, **kwargs: Any) -> Any:
+        arrays = [np.asarray(value) if isinstance(value, HostView) else value for value in inputs]
+        return getattr(ufunc, method)(*arrays, **kwargs)
+
+    def __bool__(self) -> bool:
+        return bool(np.asarray(self))  # as an array's: ambiguous beyond one element
 
     def __array__(self, dtype: Any = None, copy: bool | None = None) -> np.ndarray:
         array = self.tensor.detach().cpu().numpy()
@@ -199,8 +208,9 @@ class RolloutCollection(OffPolicyAlgorithm):
             self._on_step()
 
             done_indices = np.flatnonzero(dones)
+            # At every step, as the device loop does: one seed draws the same noise on both loops
+            self._reset_noise(done_indices, th.as_tensor(dones, device=self.device))
             if len(done_indices) > 0:
-                self._reset_noise(done_indices, th.as_tensor(dones, device=self.device))
                 num_collected_episodes += len(done_indices)
                 self._count_episodes(len(done_indices), log_interval)
 
@@ -218,6 +228,8 @@ class RolloutCollection(OffPolicyAlgorithm):
         try:
             return env.step(actions)
         except Exception as error:
+            # Envs stepped before the failing one are ahead of the last observation: learn() and checkpoints reset them
+            self._last_obs, self._last_obs_tensor = None, None  # type: ignore[assignment]
             env_idx = _failed_env_index(env, error)
             which = "An environment" if env_idx is None else f"Env {env_idx}"
             timestep = self.num_timesteps + self._transitions_per_step
