@@ -109,6 +109,35 @@ def test_vec_env_wrappers_and_queued_seeds_resume_exactly(tmp_path, make_env, at
     assert_same_parameters(model.policy.state_dict(), resumed.policy.state_dict())
 
 
+def test_envs_saved_in_wrappers_need_an_env_to_load_into(tmp_path):
+    model = FastTD3("MlpPolicy", normalized(), seed=0, **TINY)
+    path = model.learn(40).save_checkpoint(tmp_path / "checkpoint.zip")
+    with pytest.raises(ValueError, match=r"The checkpoint's envs were wrapped in \['stable_baselines3.*VecNormalize'\]"):
+        FastTD3.load_checkpoint(path, device="cpu")  # env=None would drop the normalization silently
+
+
+def test_a_buffer_size_given_at_load_is_the_buffers_capacity(checkpoint):
+    resumed = FastTD3.load_checkpoint(checkpoint, device="cpu", buffer_size=2000)
+    stored = resumed.replay_buffer.size()
+    resumed.learn(1000, reset_num_timesteps=False)  # past the checkpoint's 1000 transitions
+    assert resumed.replay_buffer.buffer_size * resumed.n_envs == 2000 and resumed.replay_buffer.size() == stored + 500
+
+
+def test_envs_that_pickle_without_their_state_are_reset(tmp_path):
+    # gymnasium's MuJoCo envs pickle their constructor arguments only (EzPickle): unpickled, they start anew
+    def make_env(seed: int) -> VecEnv:
+        return make_vec_env("InvertedPendulum-v5", n_envs=2, seed=seed)
+
+    model = FastTD3("MlpPolicy", make_env(0), seed=0, **TINY)
+    model.learn(60)
+    with pytest.warns(UserWarning, match="pickle only their constructor arguments"):
+        path = model.save_checkpoint(tmp_path / "mujoco.zip")
+    saved = [generator.bit_generator.state for generator in model.env.get_attr("np_random")]
+    resumed = FastTD3.load_checkpoint(path, env=make_env(7), device="cpu")
+    assert [generator.bit_generator.state for generator in resumed.env.get_attr("np_random")] == saved
+    assert resumed._last_obs is None  # learn() resets the envs
+
+
 def test_envs_under_other_wrappers_are_reset_from_their_own_seeds(tmp_path):
     model = FastTD3("MlpPolicy", frame_stack(), **TINY)  # no seed: loading it seeds nothing
     model.learn(100)
@@ -296,6 +325,10 @@ def test_checkpoints_triggered_by_an_event_callback_are_written(tmp_path):
     make_model().learn(60, callback=EveryNTimesteps(n_steps=20, callback=callback))
     assert [path.name for path in callback.checkpoints()] == ["ckpt_40_steps.zip", "ckpt_60_steps.zip"]
     assert FastTD3.load_checkpoint(tmp_path / "ckpt_60_steps.zip").num_timesteps == 60
+
+
+def test_no_checkpoints_before_the_folder_exists(tmp_path):
+    assert FastTD3CheckpointCallback(10, str(tmp_path / "not_yet")).checkpoints() == []
 
 
 @pytest.mark.parametrize("keep_last", [0, -1, 1.5])

@@ -95,6 +95,8 @@ class FastTD3CheckpointCallback(CheckpointCallback):
         (then of their steps), so that a new run's checkpoints come after those an earlier run left at higher steps.
         """
         pattern = re.compile(rf"{re.escape(self.name_prefix)}_(\d+)_steps\.zip")
+        if not Path(self.save_path).is_dir():  # none written yet
+            return []
         found = [
             (path.stat().st_mtime_ns, int(m.group(1)), path)
             for path in Path(self.save_path).iterdir()

@@ -31,8 +31,10 @@ from pathlib import Path
 from typing import Any
 
 import cloudpickle
+import gymnasium as gym
 import numpy as np
 import torch as th
+from gymnasium.utils import EzPickle
 from stable_baselines3.common.vec_env import DummyVecEnv, VecEnv, VecEnvWrapper
 
 FORMAT = "sb3_fasttd3.checkpoint"
@@ -182,7 +184,12 @@ def capture_envs(env: VecEnv | None) -> tuple[bytes | None, list[dict[str, Any]]
     if env is None:
         return None, None
     dummy = dummy_vec_env(env)
-    if dummy is not None:
+    if dummy is not None and any(_pickles_without_state(inner) for inner in dummy.envs):
+        warnings.warn(
+            "The envs pickle only their constructor arguments (gymnasium's EzPickle, as its MuJoCo and Box2D envs do), "
+            "not their simulator state: only their np_random states are checkpointed, and they are reset on resume"
+        )
+    elif dummy is not None:
         saved = {
             "envs": dummy.envs,
             "wrappers": [(_wrapper_name(wrapper), _wrapper_state(wrapper)) for wrapper in vec_env_wrappers(env)],
@@ -197,6 +204,16 @@ def capture_envs(env: VecEnv | None) -> tuple[bytes | None, list[dict[str, Any]]
         return None, [generator_state(generator) for generator in env.get_attr("np_random")]
     except Exception:
         return None, None
+
+
+def _pickles_without_state(env: gym.Env) -> bool:
+    """Whether ``env`` or a wrapper in it pickles as gymnasium's ``EzPickle``: a new env from its constructor arguments."""
+    while True:
+        if type(env).__getstate__ is EzPickle.__getstate__:
+            return True
+        if not isinstance(env, gym.Wrapper):
+            return False
+        env = env.env
 
 
 def load_envs(envs_bytes: bytes) -> dict[str, Any]:

@@ -95,15 +95,23 @@ class Checkpointing(OffPolicyAlgorithm):
             ``gamma``, ``handle_timeout_termination``)
         :return: the model, its replay buffer, exploration noise, RNGs and envs restored
         :raises CheckpointError: (a ``ValueError``) the file is missing, truncated, corrupted or not a checkpoint
-        :raises ValueError: ``env`` or ``kwargs`` disagree with the checkpoint's replay buffer
+        :raises ValueError: ``env`` or ``kwargs`` disagree with the checkpoint's replay buffer, or ``env=None`` with
+            envs saved in VecEnv wrappers
         :raises NotImplementedError: in data-parallel training
         """
         _, members = ckpt.read_checkpoint(path)
+        envs_bytes = members.get(ckpt.ENVS)
+        saved_envs = None if env is not None or envs_bytes is None else ckpt.load_envs(envs_bytes)
+        if saved_envs is not None and saved_envs["wrappers"]:
+            raise ValueError(
+                f"The checkpoint's envs were wrapped in {[name for name, _ in saved_envs['wrappers']]}, which env=None "
+                "cannot rebuild: pass env= new envs in VecEnv wrappers of the same types, in the same order (their "
+                "state is restored into them). The checkpoint was not loaded."
+            )
         try:
             state = ckpt.tensors_from_bytes(members[ckpt.STATE])
-            envs_bytes = members.get(ckpt.ENVS)
-            if env is None and envs_bytes is not None:
-                env = DummyVecEnv([partial(_identity, saved) for saved in ckpt.load_envs(envs_bytes)["envs"]])
+            if saved_envs is not None:
+                env = DummyVecEnv([partial(_identity, saved) for saved in saved_envs["envs"]])
             model = cls.load(io.BytesIO(members[ckpt.MODEL]), env=env, device=device, force_reset=False, **kwargs)
             replay_buffer = pickle.loads(members[ckpt.BUFFER])
         except Exception as error:
@@ -207,7 +215,11 @@ class Checkpointing(OffPolicyAlgorithm):
                     f"n_envs={self.n_envs}: SB3's {type(replay_buffer).__name__} cannot be re-laid for another number "
                     f"of envs (a DeviceNStepReplayBuffer can). {kept}"
                 )
-        elif (replay_buffer.n_envs, replay_buffer.optimize_memory_usage) != (self.n_envs, lean):
+        elif (replay_buffer.n_envs, replay_buffer.optimize_memory_usage, replay_buffer.buffer_size) != (
+            self.n_envs,
+            lean,
+            max(self.buffer_size // self.n_envs, 1),  # the rows of a buffer of the model's buffer_size
+        ):
             replay_buffer = replay_buffer.relaid(self.n_envs, buffer_size=self.buffer_size, optimize_memory_usage=lean)
         sb3_buffers.attach(replay_buffer, self.env, self.device)
         if end_episodes:
