@@ -14,7 +14,7 @@ from sb3_fasttd3 import FastTD3
 from tests.buffer_data import sample_columns, stored_samples
 from tests.envs import CountingTorchVecEnv
 from tests.test_checkpoints import assert_same_parameters
-from tests.test_fasttd3 import TINY, make_model
+from tests.test_fasttd3 import TINY, counting_env, make_model
 
 
 def transitions(samples, gamma: float) -> set[tuple[float, ...]]:
@@ -122,8 +122,8 @@ def test_her_episodes_end_where_learn_resets_the_envs(recwarn, reset_num_timeste
 
 def test_a_lean_sb3_buffer_marks_its_newest_row_done_where_learn_resets_the_envs():
     lean = dict(optimize_memory_usage=True, replay_buffer_kwargs=dict(handle_timeout_termination=False))  # as SB3 needs
-    model = make_model(1, replay_buffer_class=ReplayBuffer, **lean)
-    model.learn(14)  # inside the second episode of 10 steps
+    model = FastTD3("MlpPolicy", counting_env(1, bound=1e9), seed=0, replay_buffer_class=ReplayBuffer, **{**TINY, **lean})
+    model.learn(14)  # inside the second episode of 10 steps (x is unbounded: episodes are truncated, never terminated)
     assert model.replay_buffer.dones[13, 0] == 0
     model.learn(5)
     assert model.replay_buffer.dones[13, 0] == 1
@@ -158,6 +158,8 @@ def test_her_relabels_with_the_env_set_env_gives():
 def test_her_replay_buffer_save_load(tmp_path):
     model = her_model(learning_starts=8)
     model.learn(40)
+    while (model.replay_buffer._current_ep_start == model.replay_buffer.pos).all():  # until an episode is open
+        model.learn(2, reset_num_timesteps=False)
     model.save_replay_buffer(tmp_path / "buffer")
     observations = model.replay_buffer.observations["observation"].copy()
 
