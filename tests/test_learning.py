@@ -46,7 +46,7 @@ def test_playground_cartpole_balance_learns():
     assert mean_return >= 800
 
 
-def her_success_rate(seed: int, n_bits: int = 8, timesteps: int = 6000, **kwargs) -> float:
+def her_success_rate(seed: int, n_bits: int = 8, timesteps: int = 12_000, **kwargs) -> float:
     """FastTD3 with SB3's HerReplayBuffer on BitFlippingEnv (continuous actions): the share of evaluation episodes won."""
     from stable_baselines3 import HerReplayBuffer
     from stable_baselines3.common.envs import BitFlippingEnv
