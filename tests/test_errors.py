@@ -12,11 +12,11 @@ from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.env_util import make_vec_env
 from stable_baselines3.common.noise import NormalActionNoise
 from stable_baselines3.common.type_aliases import TrainFrequencyUnit
-from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor, VecNormalize
+from stable_baselines3.common.vec_env import VecEnvWrapper, VecMonitor, VecNormalize, VecTransposeImage
 
 from sb3_fasttd3 import FastTD3
 from sb3_fasttd3.hyperparams import parse_schedule
-from tests.envs import CountingEnv, CountingTorchVecEnv
+from tests.envs import BrightnessTargetEnv, CountingEnv, CountingTorchVecEnv
 from tests.test_fasttd3 import TINY, counting_env, make_model
 
 
@@ -162,6 +162,13 @@ def test_vec_normalize_is_accepted_where_it_cannot_normalize_twice(norm_obs):
     assert (model.policy.obs_normalizer is None) is norm_obs
     # A model without its own normalizer accepts any VecNormalize
     FastTD3("MlpPolicy", VecNormalize(counting_env(1)), normalize_observations=False, **TINY)
+
+
+def test_vec_normalize_inside_the_image_transpose_is_refused():
+    venv = make_vec_env(BrightnessTargetEnv, n_envs=1, env_kwargs=dict(channel_last=True))
+    with pytest.raises(ValueError, match="VecNormalize inside a VecTransposeImage"):
+        FastTD3("CnnPolicy", VecTransposeImage(VecNormalize(venv, norm_obs=False)), **TINY)
+    FastTD3("CnnPolicy", VecNormalize(VecTransposeImage(venv), norm_obs=False), **TINY)  # transposed first: accepted
 
 
 @pytest.mark.parametrize("dict_obs", [False, True])

@@ -8,7 +8,7 @@ import torch as th
 from gymnasium import spaces
 from gymnasium.vector import VectorEnv
 from stable_baselines3.common.type_aliases import GymEnv
-from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, unwrap_vec_normalize
+from stable_baselines3.common.vec_env import VecEnv, VecEnvWrapper, VecNormalize, VecTransposeImage, unwrap_vec_normalize
 
 from sb3_fasttd3.common.buffers import STORABLE_SPACES
 from sb3_fasttd3.vec_env.base import TorchVecEnv
@@ -72,7 +72,25 @@ def check_env_spaces(env: GymEnv | str | None) -> None:
         check_spaces(env.single_observation_space, env.single_action_space)
     elif env is not None and not isinstance(env, str):
         _check_torch_vec_env_unwrapped(env)
+        _check_vec_normalize_inside_transpose(env)
         check_spaces(env.observation_space, env.action_space)
+
+
+def _check_vec_normalize_inside_transpose(env: GymEnv) -> None:
+    """
+    Refuse a ``VecNormalize`` inside SB3's ``VecTransposeImage``: its original observations, which the replay buffer
+    stores, keep the channel-last images that the transpose outside it turns channel-first.
+    """
+    transposed, inner = False, env
+    while isinstance(inner, VecEnvWrapper):
+        transposed = transposed or isinstance(inner, VecTransposeImage)
+        if transposed and isinstance(inner, VecNormalize):
+            raise ValueError(
+                "env has a VecNormalize inside a VecTransposeImage (which SB3 adds around channel-last images): the "
+                "original observations the replay buffer stores would be channel-last. Transpose the images first: "
+                "VecNormalize(VecTransposeImage(venv), ...), or give the env channel-first images"
+            )
+        inner = inner.venv
 
 
 def _check_torch_vec_env_unwrapped(env: GymEnv) -> None:
